@@ -1,0 +1,38 @@
+"""The slice cache: one memory-mappable ``.npy`` per source volume.
+
+Each file is a structured array with one record per kept slice: ``image`` (float32 in [0, 1])
+and ``mask`` (uint8 class indices), so a whole volume is one file that ``np.load(...,
+mmap_mode="r")`` opens without reading it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def slice_dtype(size: int) -> np.dtype:
+    """Record type of one cached slice at ``size``²."""
+    return np.dtype([("image", "<f4", (size, size)), ("mask", "u1", (size, size))])
+
+
+def write_cache(path: Path, images: np.ndarray, masks: np.ndarray) -> None:
+    """Write images (n, s, s) and masks (n, s, s) to ``path`` (flushed to disk before returning)."""
+    n, size = images.shape[0], images.shape[1]
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=slice_dtype(size), shape=(n,))
+    out["image"] = images
+    out["mask"] = masks
+    out.flush()
+    del out
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_cache(path: Path) -> np.ndarray:
+    """Memory-map a cache file read-only; ``arr["image"][i]`` and ``arr["mask"][i]`` are slices."""
+    return np.load(path, mmap_mode="r")

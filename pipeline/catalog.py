@@ -1,0 +1,220 @@
+"""The workspace catalog: every SQLAlchemy model lives here, plus engine set-up and sessions.
+
+SQLite is opened in WAL mode with ``synchronous=NORMAL``, a busy timeout and foreign keys on every
+connection; write transactions start with ``BEGIN IMMEDIATE`` so concurrent writers queue on the
+busy timeout instead of failing with "database is locked" when a read lock is upgraded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from pipeline.errors import PipelineError
+
+#: Bump when a table or column changes; add the migration to ``_MIGRATIONS``.
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, for timestamps."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base for every catalog table."""
+
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Meta(Base):
+    """Key/value facts about the workspace: schema version, label schema, slice size."""
+
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[str] = mapped_column(String)
+
+
+class Ingest(Base):
+    """One `pipeline ingest` run that added sources."""
+
+    __tablename__ = "ingests"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    src: Mapped[str] = mapped_column(String)
+    format: Mapped[str] = mapped_column(String)
+    config: Mapped[dict[str, Any]]
+    tool_version: Mapped[str] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PatientSplit(Base):
+    """Which split a patient belongs to. Slices inherit it through their source volume."""
+
+    __tablename__ = "splits"
+    patient: Mapped[str] = mapped_column(String, primary_key=True)
+    split: Mapped[str] = mapped_column(String, index=True)
+    seed: Mapped[int] = mapped_column(Integer)
+    ingest_id: Mapped[int] = mapped_column(ForeignKey("ingests.id"))
+
+
+class Source(Base):
+    """One source volume (a NIfTI pair, or one patient's PNG slices) and its slice-cache file."""
+
+    __tablename__ = "sources"
+    __table_args__ = (UniqueConstraint("content_sha256", name="uq_source_content"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ingest_id: Mapped[int] = mapped_column(ForeignKey("ingests.id"))
+    patient: Mapped[str] = mapped_column(ForeignKey("splits.patient"), index=True)
+    name: Mapped[str] = mapped_column(String)
+    image_path: Mapped[str] = mapped_column(String)
+    label_path: Mapped[str] = mapped_column(String)
+    content_sha256: Mapped[str] = mapped_column(String)
+    format: Mapped[str] = mapped_column(String)
+    units: Mapped[str] = mapped_column(String)  # "HU" or "display"
+    window_lo: Mapped[float] = mapped_column(Float)
+    window_hi: Mapped[float] = mapped_column(Float)
+    original_shape: Mapped[list[Any]]
+    original_spacing: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    spacing: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # after resizing
+    size: Mapped[int] = mapped_column(Integer)
+    cache_file: Mapped[str] = mapped_column(String)
+    n_slices: Mapped[int] = mapped_column(Integer)
+    slices: Mapped[list[Slice]] = relationship(back_populates="source", order_by="Slice.index")
+    split_row: Mapped[PatientSplit] = relationship()
+
+
+class Slice(Base):
+    """One cached 2D axial slice: row ``index`` of its source's cache file."""
+
+    __tablename__ = "slices"
+    __table_args__ = (UniqueConstraint("source_id", "index", name="uq_slice_position"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    z: Mapped[int] = mapped_column(Integer)  # position in the source volume (after reorientation)
+    foreground: Mapped[float] = mapped_column(Float)
+    classes: Mapped[list[Any]]  # class indices present in the mask
+    source: Mapped[Source] = relationship(back_populates="slices")
+
+
+_MIGRATIONS: dict[int, Any] = {}
+
+
+def _configure(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from pysqlite so the "begin" hook below decides.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def create_catalog_engine(path: Path) -> Engine:
+    """An engine for ``catalog.db`` with the connection settings above."""
+    engine = create_engine(f"sqlite:///{path}", future=True)
+    _configure(engine)
+    return engine
+
+
+@contextmanager
+def write_session(engine: Engine) -> Iterator[Session]:
+    """A session whose transaction holds the write lock from its start, committed on success."""
+    with (
+        Session(engine.execution_options(sqlite_begin="IMMEDIATE")) as session,
+        session.begin(),
+    ):
+        yield session
+
+
+def read_session(engine: Engine) -> Session:
+    """A plain session for reads (deferred transaction)."""
+    return Session(engine)
+
+
+def get_meta(session: Session, key: str) -> str | None:
+    """A value from the meta table, or None."""
+    row = session.get(Meta, key)
+    return None if row is None else row.value
+
+
+def set_meta(session: Session, key: str, value: str) -> None:
+    """Insert or replace a meta value."""
+    row = session.get(Meta, key)
+    if row is None:
+        session.add(Meta(key=key, value=value))
+    else:
+        row.value = value
+
+
+def init_catalog(path: Path) -> Engine:
+    """Open ``catalog.db``, creating or migrating it; refuse a newer or foreign schema."""
+    existed = path.exists() and path.stat().st_size > 0
+    engine = create_catalog_engine(path)
+    try:
+        with write_session(engine) as session:
+            if existed:
+                if not _has_table(session, "meta") or get_meta(session, "schema_version") is None:
+                    raise PipelineError(
+                        "not a cardiac-synth catalog (no schema version)", path=path
+                    )
+                version = int(get_meta(session, "schema_version") or 0)
+                if version > SCHEMA_VERSION:
+                    raise PipelineError(
+                        f"catalog schema version {version} is newer than this cardiac-synth "
+                        f"supports ({SCHEMA_VERSION}); upgrade cardiac-synth to open it",
+                        path=path,
+                    )
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    _MIGRATIONS[step](session)
+            Base.metadata.create_all(session.connection())
+            set_meta(session, "schema_version", str(SCHEMA_VERSION))
+    except (DatabaseError, OperationalError) as exc:
+        engine.dispose()
+        raise PipelineError(f"cannot open catalog ({exc.orig})", path=path) from None
+    except PipelineError:
+        engine.dispose()
+        raise
+    return engine
+
+
+def _has_table(session: Session, name: str) -> bool:
+    row = (
+        session.connection()
+        .exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,))
+        .first()
+    )
+    return row is not None
+
+
+def dumps(obj: Any) -> str:
+    """Compact, key-sorted JSON for meta values."""
+    return json.dumps(obj, sort_keys=True)

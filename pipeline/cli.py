@@ -1,0 +1,281 @@
+"""The `pipeline` command line: thin commands that parse options, call the library and print."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.errors import PipelineError
+from pipeline.workspace import DEFAULT_WORKSPACE, ENV_WORKSPACE, open_workspace
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class PipelineGroup(click.Group):
+    """A click group that turns library errors into one line on stderr and the right exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand; PipelineError → ``Error: <file>: <problem>`` and exit 2 (or 1)."""
+        try:
+            return super().invoke(ctx)
+        except PipelineError as exc:
+            err = click.ClickException(str(exc))
+            err.exit_code = exc.exit_code
+            raise err from None
+
+
+def workspace_option(func: F) -> F:
+    """``--workspace DIR`` (env ``PIPELINE_WORKSPACE``, default ``./workspace``) on a command."""
+    return click.option(
+        "--workspace",
+        "-w",
+        type=click.Path(path_type=Path, file_okay=False),
+        envvar=ENV_WORKSPACE,
+        default=DEFAULT_WORKSPACE,
+        show_default=True,
+        help=f"Workspace folder holding all state (env {ENV_WORKSPACE}).",
+    )(func)
+
+
+def json_option(func: F) -> F:
+    """``--json``: print machine-readable results."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(func)
+
+
+def progress_bar(desc: str, unit: str) -> Callable[[Iterable[Any]], Iterable[Any]]:
+    """A tqdm wrapper on stderr that stays silent when stderr is not a terminal (CI, pipes)."""
+
+    def wrap(items: Iterable[Any]) -> Iterable[Any]:
+        items = list(items)
+        return tqdm(items, desc=desc, unit=unit, total=len(items), disable=None, leave=False)
+
+    return wrap
+
+
+def echo_json(data: Any) -> None:
+    """Print indented JSON to stdout."""
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+@click.group(cls=PipelineGroup)
+@click.version_option(__version__, prog_name="cardiac-synth")
+def cli() -> None:
+    """cardiac-synth: segmented cardiac CT in, a reviewed synthetic dataset out."""
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--volumes", default=8, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--size",
+    default=256,
+    show_default=True,
+    type=click.IntRange(16, 2048),
+    help="In-plane matrix (pixels).",
+)
+@click.option(
+    "--slices",
+    default=64,
+    show_default=True,
+    type=click.IntRange(4, 2048),
+    help="Axial slices per volume.",
+)
+@click.option(
+    "--workers", default=0, type=click.IntRange(0, 64), help="Processes (0: one per CPU core)."
+)
+def phantom(out: Path, volumes: int, seed: int, size: int, slices: int, workers: int) -> None:
+    """Write the built-in synthetic cardiac CT set to OUT as NIfTI (HU + MM-WHS labels).
+
+    Also writes OUT/preview.png: mid-heart slices of the first volumes with the labels overlaid.
+    """
+    from pipeline.phantom import write_phantom
+
+    paths = write_phantom(
+        out,
+        volumes=volumes,
+        seed=seed,
+        size=size,
+        n_slices=slices,
+        workers=workers,
+        progress=progress_bar("phantom", "vol"),
+    )
+    click.echo(f"wrote {len(paths)} volume pairs to {out} (preview: {out / 'preview.png'})")
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@workspace_option
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "mmwhs", "nnunet", "png"]),
+    default="auto",
+    show_default=True,
+    help="Source layout.",
+)
+@click.option(
+    "--labels",
+    "labels_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="labels.json (name → value). Default: SRC/labels.json, nnU-Net dataset.json, "
+    "else the MM-WHS codes.",
+)
+@click.option(
+    "--size",
+    default=256,
+    show_default=True,
+    type=click.IntRange(8, 4096),
+    help="Slice size after resizing (square, aspect kept by padding).",
+)
+@click.option(
+    "--split",
+    "split_text",
+    default="0.7,0.15,0.15",
+    show_default=True,
+    help="train,val,test fractions of patients.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Split seed.")
+@click.option(
+    "--min-foreground",
+    default=0.001,
+    show_default=True,
+    type=float,
+    help="Skip slices whose labelled fraction is below this (0 keeps all).",
+)
+@click.option(
+    "--window",
+    default="-1024,2048",
+    show_default=True,
+    help="HU window lo,hi clipped and scaled to [0, 1] (NIfTI sources).",
+)
+@click.option(
+    "--ignore-unknown-labels",
+    is_flag=True,
+    help="Treat label values outside the schema as background instead of failing.",
+)
+@json_option
+def ingest(
+    src: Path,
+    workspace: Path,
+    fmt: str,
+    labels_file: Path | None,
+    size: int,
+    split_text: str,
+    seed: int,
+    min_foreground: float,
+    window: str,
+    ignore_unknown_labels: bool,
+    as_json: bool,
+) -> None:
+    """Read CT volumes with label maps from SRC, split by patient, cache 2D axial slices."""
+    from pipeline.ingest import IngestConfig
+    from pipeline.ingest import ingest as run_ingest
+    from pipeline.splits import parse_fractions
+
+    cfg = IngestConfig(
+        format=fmt,
+        size=size,
+        split=parse_fractions(split_text),
+        seed=seed,
+        min_foreground=min_foreground,
+        window=_parse_window(window),
+        labels_file=str(labels_file) if labels_file else None,
+        ignore_unknown_labels=ignore_unknown_labels,
+    )
+    ws = open_workspace(workspace)
+    try:
+        report = run_ingest(ws, src, cfg, progress=progress_bar("ingest", "vol"))
+    finally:
+        ws.close()
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    click.echo(
+        f"ingested {len(report.added_volumes)} volume(s), {report.added_slices} slices from {src} "
+        f"({report.format}; labels: {report.label_schema_source})"
+    )
+    if report.skipped_volumes:
+        click.echo(f"skipped {len(report.skipped_volumes)} already ingested volume(s)")
+    if report.empty_volumes:
+        click.echo(f"no slice above --min-foreground in: {', '.join(report.empty_volumes)}")
+    click.echo(format_status(report.status))
+
+
+def _parse_window(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise PipelineError(f"--window {text!r}: expected lo,hi in HU") from None
+    if not hi > lo:
+        raise PipelineError(f"--window {text!r}: hi must be above lo")
+    return lo, hi
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Human-readable workspace status."""
+    lines = [
+        f"workspace {status['workspace']}: {status['volumes']} volumes, "
+        f"{status['slices']} slices at {status['slice_size']}² "
+        f"({', '.join(status['units']) or 'no data'})"
+    ]
+    lines.append(f"  {'split':<6} {'patients':>9} {'volumes':>8} {'slices':>7}")
+    for name, row in status["splits"].items():
+        lines.append(f"  {name:<6} {row['patients']:>9} {row['volumes']:>8} {row['slices']:>7}")
+    if status["label_schema"]:
+        schema = ", ".join(f"{k}={v}" for k, v in status["label_schema"].items())
+        lines.append(f"  labels: {schema}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@workspace_option
+@json_option
+def status(workspace: Path, as_json: bool) -> None:
+    """Show what the workspace holds: volumes and slices per split, the label schema."""
+    from pipeline.ingest import workspace_status
+
+    ws = open_workspace(workspace, create=False)
+    try:
+        result = workspace_status(ws)
+    finally:
+        ws.close()
+    echo_json(result) if as_json else click.echo(format_status(result))
+
+
+@cli.command()
+@workspace_option
+@click.option("--volumes", default=10, show_default=True, type=click.IntRange(3, 1000))
+@click.option(
+    "--size",
+    default=64,
+    show_default=True,
+    type=click.IntRange(16, 512),
+    help="Slice size for the demo workspace.",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+def demo(workspace: Path, volumes: int, size: int, seed: int) -> None:
+    """Run the main job on the built-in phantom: phantom → ingest → status."""
+    from pipeline.ingest import IngestConfig
+    from pipeline.ingest import ingest as run_ingest
+    from pipeline.phantom import write_phantom
+
+    src = workspace / "demo-sources" / "phantom"
+    click.echo(f"[1/2] phantom: {volumes} volumes → {src}")
+    write_phantom(src, volumes=volumes, seed=seed, progress=progress_bar("phantom", "vol"))
+    click.echo(f"      preview: {src / 'preview.png'}")
+    click.echo(f"[2/2] ingest → {workspace}")
+    ws = open_workspace(workspace)
+    try:
+        report = run_ingest(
+            ws, src, IngestConfig(size=size, seed=seed), progress=progress_bar("ingest", "vol")
+        )
+    finally:
+        ws.close()
+    click.echo(format_status(report.status))

@@ -1,0 +1,666 @@
+"""`pipeline ingest`: CT volumes (or PNG slices) with label maps into the slice cache and catalog.
+
+Flow: discover image/label pairs → check headers → skip content already ingested → preprocess one
+volume at a time into temporary cache files → assign patient splits → one short write
+transaction that renames the cache files into place and records every row. Any failure removes
+the temporary files and records nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from pipeline import __version__
+from pipeline.cache import write_cache
+from pipeline.catalog import (
+    Ingest,
+    PatientSplit,
+    Slice,
+    Source,
+    get_meta,
+    set_meta,
+    write_session,
+)
+from pipeline.errors import PipelineError
+from pipeline.labels import LabelSchema
+from pipeline.preprocess import (
+    DEFAULT_WINDOW,
+    foreground_fraction,
+    resize_image,
+    resize_mask,
+    resized_spacing,
+    window_to_unit,
+)
+from pipeline.splits import SPLITS, assign_splits, check_required
+from pipeline.workspace import Workspace
+
+FORMATS = ("auto", "mmwhs", "nnunet", "png")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+Progress = Callable[[Iterable[Any]], Iterable[Any]]
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Options of one ingest (stored with it in the catalog)."""
+
+    format: str = "auto"
+    size: int = 256
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+    min_foreground: float = 0.001
+    window: tuple[float, float] = DEFAULT_WINDOW
+    labels_file: str | None = None
+    ignore_unknown_labels: bool = False
+
+
+@dataclass
+class VolumeSpec:
+    """One source volume found on disk: a NIfTI pair, or one patient's PNG slices."""
+
+    patient: str
+    name: str
+    format: str
+    image: Path
+    label: Path
+    png_slices: list[tuple[int, Path, Path]] = field(default_factory=list)
+
+    def files(self) -> list[Path]:
+        """Every file this volume is read from."""
+        if self.png_slices:
+            return [p for _, img, msk in self.png_slices for p in (img, msk)]
+        return [self.image, self.label]
+
+
+@dataclass
+class PreparedVolume:
+    """A preprocessed volume waiting to be recorded."""
+
+    spec: VolumeSpec
+    content_sha256: str
+    units: str
+    window: tuple[float, float]
+    original_shape: list[int]
+    original_spacing: list[float] | None
+    spacing: list[float] | None
+    z: list[int]
+    foreground: list[float]
+    classes: list[list[int]]
+    tmp_cache: Path | None = None
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _strip_nifti(name: str) -> str | None:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def detect_format(src: Path) -> str:
+    """Guess the layout of ``src``: nnU-Net raw, PNG pairs, or MM-WHS-style NIfTI pairs."""
+    if (src / "imagesTr").is_dir():
+        return "nnunet"
+    if (src / "images").is_dir() and (src / "masks").is_dir():
+        return "png"
+    for p in src.iterdir():
+        stem = _strip_nifti(p.name)
+        if stem and (stem.endswith("_image") or stem.endswith("_label")):
+            return "mmwhs"
+    raise PipelineError(
+        "cannot tell the format: expected *_image.nii.gz + *_label.nii.gz files, an nnU-Net "
+        "imagesTr/ + labelsTr/ folder, or images/ + masks/ PNG folders",
+        path=src,
+    )
+
+
+def _pair_by_stem(images: dict[str, Path], labels: dict[str, Path], what: str) -> list[str]:
+    for stem, path in sorted(images.items()):
+        if stem not in labels:
+            raise PipelineError(f"{what} has no matching label file", path=path)
+    for stem, path in sorted(labels.items()):
+        if stem not in images:
+            raise PipelineError(f"label has no matching {what} file", path=path)
+    return sorted(images)
+
+
+def _collect(files: Iterable[Path], pattern: re.Pattern[str]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for p in sorted(files):
+        m = pattern.fullmatch(p.name)
+        if not m:
+            continue
+        key = m.group(1)
+        if key in found:
+            raise PipelineError(f"duplicate patient id {key!r} (also {found[key].name})", path=p)
+        found[key] = p
+    return found
+
+
+def discover(src: Path, fmt: str) -> list[VolumeSpec]:
+    """List the volumes under ``src`` in format ``fmt`` (not ``auto``), checking the pairing."""
+    if fmt == "mmwhs":
+        files = [p for p in src.iterdir() if p.is_file()]
+        images = _collect(files, re.compile(r"(.+)_image\.nii(?:\.gz)?"))
+        labels = _collect(files, re.compile(r"(.+)_label\.nii(?:\.gz)?"))
+        keys = _pair_by_stem(images, labels, "image")
+        return [VolumeSpec(k, k, "mmwhs", images[k], labels[k]) for k in keys]
+    if fmt == "nnunet":
+        img_dir, lab_dir = src / "imagesTr", src / "labelsTr"
+        if not lab_dir.is_dir():
+            raise PipelineError("nnU-Net dataset has imagesTr/ but no labelsTr/", path=src)
+        img_files = [p for p in img_dir.iterdir() if p.is_file()]
+        extra = sorted(
+            p for p in img_files if re.fullmatch(r".+_(?!0000)\d{4}\.nii(\.gz)?", p.name)
+        )
+        if extra:
+            raise PipelineError("multi-channel cases are not supported (CT has one)", path=extra[0])
+        images = _collect(img_files, re.compile(r"(.+)_0000\.nii(?:\.gz)?"))
+        labels = _collect(lab_dir.iterdir(), re.compile(r"(.+?)\.nii(?:\.gz)?"))
+        keys = _pair_by_stem(images, labels, "image")
+        return [VolumeSpec(k, k, "nnunet", images[k], labels[k]) for k in keys]
+    if fmt == "png":
+        img_dir, mask_dir = src / "images", src / "masks"
+        for d in (img_dir, mask_dir):
+            if not d.is_dir():
+                raise PipelineError("PNG dataset needs images/ and masks/ folders", path=d)
+        pattern = re.compile(r"(.+)_(\d+)\.png", re.IGNORECASE)
+
+        def scan(folder: Path) -> dict[tuple[str, int], Path]:
+            out: dict[tuple[str, int], Path] = {}
+            for p in sorted(folder.iterdir()):
+                if p.name.startswith(".") or not p.is_file():
+                    continue
+                m = pattern.fullmatch(p.name)
+                if not m:
+                    raise PipelineError("expected a name <patient>_<slice>.png", path=p)
+                key = (m.group(1), int(m.group(2)))
+                if key in out:
+                    raise PipelineError(f"duplicate slice (also {out[key].name})", path=p)
+                out[key] = p
+            return out
+
+        images, masks = scan(img_dir), scan(mask_dir)
+        for key, p in images.items():
+            if key not in masks:
+                raise PipelineError("image has no matching mask in masks/", path=p)
+        for key, p in masks.items():
+            if key not in images:
+                raise PipelineError("mask has no matching image in images/", path=p)
+        by_patient: dict[str, list[tuple[int, Path, Path]]] = defaultdict(list)
+        for (patient, number), p in sorted(images.items()):
+            by_patient[patient].append((number, p, masks[(patient, number)]))
+        return [
+            VolumeSpec(patient, patient, "png", img_dir, mask_dir, png_slices=slices)
+            for patient, slices in sorted(by_patient.items())
+        ]
+    raise PipelineError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def resolve_schema(src: Path, fmt: str, labels_file: str | None) -> tuple[LabelSchema, str]:
+    """The label schema for this source and where it came from."""
+    if labels_file:
+        return LabelSchema.from_json_file(Path(labels_file)), str(labels_file)
+    if fmt == "nnunet" and (src / "dataset.json").is_file():
+        return LabelSchema.from_json_file(src / "dataset.json"), str(src / "dataset.json")
+    if (src / "labels.json").is_file():
+        return LabelSchema.from_json_file(src / "labels.json"), str(src / "labels.json")
+    return LabelSchema.mmwhs(), "MM-WHS default"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _load_nifti(path: Path) -> nib.Nifti1Image:
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # nibabel raises many types for damaged files
+        raise PipelineError(f"cannot read NIfTI header ({_reason(exc)})", path=path) from None
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise PipelineError("not a NIfTI image", path=path)
+    shape = img.shape
+    if len(shape) > 3 and all(s == 1 for s in shape[3:]):
+        img = img.slicer[(..., *([0] * (len(shape) - 3)))]
+        shape = img.shape
+    if len(shape) != 3:
+        raise PipelineError(
+            f"{len(shape)}-D volume {tuple(shape)}; expected a 3-D volume", path=path
+        )
+    return img
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
+
+
+def check_pair_headers(spec: VolumeSpec) -> None:
+    """Cheap checks before any data is read: 3-D, same grid, same affine."""
+    if spec.png_slices:
+        return
+    img, lab = _load_nifti(spec.image), _load_nifti(spec.label)
+    if img.shape != lab.shape:
+        raise PipelineError(
+            f"label shape {tuple(lab.shape)} differs from image shape {tuple(img.shape)}",
+            path=spec.label,
+        )
+    if not np.allclose(img.affine, lab.affine, atol=1e-3, rtol=1e-4):
+        raise PipelineError(
+            "label affine differs from the image's (not on the same grid)", path=spec.label
+        )
+
+
+def content_hash(spec: VolumeSpec) -> str:
+    """SHA-256 over the bytes of every file of the volume (the identity of a source)."""
+    h = hashlib.sha256()
+    for path in spec.files():
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    try:
+        return np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise PipelineError(
+            f"corrupt or truncated image data ({_reason(exc)})", path=path
+        ) from None
+
+
+def prepare_nifti(
+    spec: VolumeSpec, schema: LabelSchema, cfg: IngestConfig, sha: str
+) -> tuple[PreparedVolume, np.ndarray, np.ndarray]:
+    """Load a NIfTI pair, reorient to RAS+, window, resize and filter its axial slices."""
+    img, lab = _load_nifti(spec.image), _load_nifti(spec.label)
+    ornt = io_orientation(img.affine)
+    affine = img.affine @ inv_ornt_aff(ornt, img.shape)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    hu = apply_orientation(_read_data(img, spec.image), ornt)
+    labels = apply_orientation(_read_data(lab, spec.label), ornt)
+    if not np.issubdtype(hu.dtype, np.number) or np.issubdtype(hu.dtype, np.complexfloating):
+        raise PipelineError(f"image data type {hu.dtype} is not real-valued", path=spec.image)
+    try:
+        classes = schema.to_classes(labels, ignore_unknown=cfg.ignore_unknown_labels)
+    except ValueError as exc:
+        raise PipelineError(str(exc), path=spec.label) from None
+    del labels
+    # Display slice z is volume[::-1, ::-1, z].T: rows anterior→posterior, cols right→left.
+    in_plane = (float(zooms[1]), float(zooms[0]))  # (row, col) spacing of the display slice
+    shape2d = (hu.shape[1], hu.shape[0])
+    images, masks, z_kept, fg, present = [], [], [], [], []
+    for z in range(hu.shape[2]):
+        mask = resize_mask(classes[::-1, ::-1, z].T, cfg.size, spacing=in_plane)
+        frac = foreground_fraction(mask)
+        if frac < cfg.min_foreground or (cfg.min_foreground > 0 and frac == 0):
+            continue
+        unit = window_to_unit(hu[::-1, ::-1, z].T, cfg.window)
+        images.append(resize_image(unit, cfg.size, spacing=in_plane, fill=0.0))
+        masks.append(mask)
+        z_kept.append(z)
+        fg.append(frac)
+        present.append(np.flatnonzero(np.bincount(mask.ravel(), minlength=1)).tolist())
+    px = resized_spacing(shape2d, cfg.size, in_plane)
+    prepared = PreparedVolume(
+        spec=spec,
+        content_sha256=sha,
+        units="HU",
+        window=cfg.window,
+        original_shape=[int(s) for s in hu.shape],
+        original_spacing=[round(float(s), 6) for s in zooms],
+        spacing=[round(px, 6), round(px, 6), round(float(zooms[2]), 6)],
+        z=z_kept,
+        foreground=fg,
+        classes=present,
+    )
+    return prepared, _stack(images, cfg.size, np.float32), _stack(masks, cfg.size, np.uint8)
+
+
+def _read_png(path: Path, *, mask: bool) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise PipelineError(f"unreadable PNG ({_reason(exc)})", path=path) from None
+    if arr.ndim == 3:
+        rgb = arr[..., :3]
+        if not (
+            np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
+        ):
+            kind = "mask" if mask else "image"
+            raise PipelineError(f"{kind} is colour ({mode}); expected single-channel", path=path)
+        arr = rgb[..., 0]
+    if mask:
+        return arr
+    if arr.dtype == np.uint16 or mode.startswith("I;16"):
+        return arr.astype(np.float32) * np.float32(255.0 / 65535.0)
+    return arr.astype(np.float32)
+
+
+def prepare_png(
+    spec: VolumeSpec, schema: LabelSchema, cfg: IngestConfig, sha: str
+) -> tuple[PreparedVolume, np.ndarray, np.ndarray]:
+    """Read one patient's PNG slices (display units 0-255, never HU) and their index masks."""
+    window = (0.0, 255.0)
+    images, masks, z_kept, fg, present = [], [], [], [], []
+    shape0: tuple[int, ...] | None = None
+    for number, img_path, mask_path in spec.png_slices:
+        image = _read_png(img_path, mask=False)
+        raw_mask = _read_png(mask_path, mask=True)
+        if image.shape != raw_mask.shape:
+            raise PipelineError(
+                f"mask size {raw_mask.shape[::-1]} differs from image size {image.shape[::-1]}",
+                path=mask_path,
+            )
+        if shape0 is None:
+            shape0 = image.shape
+        try:
+            classes = schema.to_classes(raw_mask, ignore_unknown=cfg.ignore_unknown_labels)
+        except ValueError as exc:
+            raise PipelineError(str(exc), path=mask_path) from None
+        mask = resize_mask(classes, cfg.size)
+        frac = foreground_fraction(mask)
+        if frac < cfg.min_foreground or (cfg.min_foreground > 0 and frac == 0):
+            continue
+        images.append(resize_image(window_to_unit(image, window), cfg.size))
+        masks.append(mask)
+        z_kept.append(number)
+        fg.append(frac)
+        present.append(np.flatnonzero(np.bincount(mask.ravel(), minlength=1)).tolist())
+    assert shape0 is not None
+    prepared = PreparedVolume(
+        spec=spec,
+        content_sha256=sha,
+        units="display",
+        window=window,
+        original_shape=[int(shape0[0]), int(shape0[1]), len(spec.png_slices)],
+        original_spacing=None,
+        spacing=None,
+        z=z_kept,
+        foreground=fg,
+        classes=present,
+    )
+    return prepared, _stack(images, cfg.size, np.float32), _stack(masks, cfg.size, np.uint8)
+
+
+def _stack(items: list[np.ndarray], size: int, dtype: type) -> np.ndarray:
+    if not items:
+        return np.zeros((0, size, size), dtype=dtype)
+    return np.stack(items).astype(dtype, copy=False)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did, for humans and ``--json``."""
+
+    src: str
+    format: str
+    label_schema: dict[str, int]
+    label_schema_source: str
+    added_volumes: list[str]
+    skipped_volumes: list[str]
+    empty_volumes: list[str]
+    added_slices: int
+    splits: dict[str, str]
+    status: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def ingest(
+    ws: Workspace, src: Path, cfg: IngestConfig, *, progress: Progress = iter
+) -> IngestReport:
+    """Ingest the volumes under ``src`` into ``ws`` atomically; see the module docstring."""
+    src = Path(src)
+    if not src.exists():
+        raise PipelineError("source folder does not exist", path=src)
+    if not src.is_dir():
+        raise PipelineError("source is not a folder", path=src)
+    if not any(src.iterdir()):
+        raise PipelineError("source folder is empty", path=src)
+    if cfg.size < 8:
+        raise PipelineError(f"--size {cfg.size} is too small (at least 8)")
+    if not 0.0 <= cfg.min_foreground < 1.0:
+        raise PipelineError(f"--min-foreground {cfg.min_foreground} must be in [0, 1)")
+    fmt = detect_format(src) if cfg.format == "auto" else cfg.format
+    specs = discover(src, fmt)
+    if not specs:
+        raise PipelineError(f"no {fmt} volumes found", path=src)
+    schema, schema_from = resolve_schema(src, fmt, cfg.labels_file)
+    _check_workspace_compatible(ws, schema, cfg)
+    for spec in specs:
+        check_pair_headers(spec)
+
+    hashes = {spec.name: content_hash(spec) for spec in specs}
+    with Session(ws.engine) as session:
+        known = {row[0] for row in session.execute(select(Source.content_sha256))}
+        existing_splits = dict(
+            session.execute(select(PatientSplit.patient, PatientSplit.split)).all()
+        )
+    new_specs = [s for s in specs if hashes[s.name] not in known]
+    skipped = [s.name for s in specs if hashes[s.name] in known]
+    clash = sorted(s.patient for s in new_specs if s.patient in existing_splits)
+    if clash:
+        raise PipelineError(
+            f"patient id {clash[0]!r} is already in the catalog with different data; "
+            "rename the source files so patient ids are unique",
+            path=next(s.files()[0] for s in new_specs if s.patient == clash[0]),
+        )
+    split_text = ",".join(f"{f:g}" for f in cfg.split)
+    if new_specs:
+        _check_split_feasible(existing_splits, [s.patient for s in new_specs], cfg, split_text)
+
+    prepared: list[PreparedVolume] = []
+    assignment: dict[str, str] = {}
+    with ws.lock("ingest"):
+        _sweep_tmp(ws)
+        try:
+            for spec in progress(new_specs):
+                reader = prepare_png if spec.format == "png" else prepare_nifti
+                vol, images, masks = reader(spec, schema, cfg, hashes[spec.name])
+                if images.shape[0]:
+                    vol.tmp_cache = ws.cache_dir / f".tmp-{uuid.uuid4().hex}.npy"
+                    write_cache(vol.tmp_cache, images, masks)
+                prepared.append(vol)
+                del images, masks
+            kept = [v for v in prepared if v.tmp_cache is not None]
+            assignment = assign_splits(
+                existing_splits, [v.spec.patient for v in kept], cfg.split, cfg.seed
+            )
+            if kept:
+                counts = _split_counts(existing_splits, assignment)
+                check_required(counts, cfg.split, split_text)
+                _record(ws, src, fmt, cfg, schema, kept, assignment)
+        finally:
+            for vol in prepared:
+                if vol.tmp_cache is not None:
+                    vol.tmp_cache.unlink(missing_ok=True)
+
+    return IngestReport(
+        src=str(src),
+        format=fmt,
+        label_schema=schema.to_dict(),
+        label_schema_source=schema_from,
+        added_volumes=[v.spec.name for v in prepared if v.tmp_cache is not None],
+        skipped_volumes=skipped,
+        empty_volumes=[v.spec.name for v in prepared if v.tmp_cache is None],
+        added_slices=sum(len(v.z) for v in prepared if v.tmp_cache is not None),
+        splits=dict(sorted(assignment.items())),
+        status=workspace_status(ws),
+    )
+
+
+def _split_counts(existing: dict[str, str], new: dict[str, str]) -> dict[str, int]:
+    counts = dict.fromkeys(SPLITS, 0)
+    for s in [*existing.values(), *new.values()]:
+        counts[s] += 1
+    return counts
+
+
+def _check_split_feasible(
+    existing: dict[str, str], patients: list[str], cfg: IngestConfig, text: str
+) -> None:
+    if len(set(patients)) != len(patients):
+        dup = next(p for p in patients if patients.count(p) > 1)
+        raise PipelineError(f"duplicate patient id {dup!r} in one ingest")
+    assignment = assign_splits(existing, patients, cfg.split, cfg.seed)
+    check_required(_split_counts(existing, assignment), cfg.split, text)
+
+
+def _check_workspace_compatible(ws: Workspace, schema: LabelSchema, cfg: IngestConfig) -> None:
+    with Session(ws.engine) as session:
+        schema_text = get_meta(session, "label_schema")
+        size_text = get_meta(session, "slice_size")
+    if schema_text is not None:
+        current = LabelSchema.from_mapping(json.loads(schema_text))
+        if current.names != schema.names:
+            raise PipelineError(
+                f"label schema {list(schema.names)} differs from this workspace's "
+                f"{list(current.names)}; use a new workspace or pass --labels",
+                path=ws.root,
+            )
+    if size_text is not None and int(size_text) != cfg.size:
+        raise PipelineError(
+            f"--size {cfg.size} differs from this workspace's slice size {size_text}", path=ws.root
+        )
+
+
+def _sweep_tmp(ws: Workspace) -> None:
+    # Leftovers of a crashed ingest; safe to delete because we hold the ingest lock.
+    for p in ws.cache_dir.glob(".tmp-*.npy"):
+        p.unlink(missing_ok=True)
+
+
+def _record(
+    ws: Workspace,
+    src: Path,
+    fmt: str,
+    cfg: IngestConfig,
+    schema: LabelSchema,
+    volumes: list[PreparedVolume],
+    assignment: dict[str, str],
+) -> None:
+    renamed: list[Path] = []
+    try:
+        with write_session(ws.engine) as session:
+            if get_meta(session, "label_schema") is None:
+                set_meta(session, "label_schema", schema.to_json())
+                set_meta(session, "slice_size", str(cfg.size))
+            config = {**asdict(cfg), "format": fmt, "label_schema": schema.to_dict()}
+            run = Ingest(
+                src=str(src.resolve()), format=fmt, config=config, tool_version=__version__
+            )
+            session.add(run)
+            session.flush()
+            for patient, split in sorted(assignment.items()):
+                session.add(
+                    PatientSplit(patient=patient, split=split, seed=cfg.seed, ingest_id=run.id)
+                )
+            session.flush()
+            for vol in volumes:
+                final = ws.cache_dir / f"{vol.content_sha256[:24]}.npy"
+                source = Source(
+                    ingest_id=run.id,
+                    patient=vol.spec.patient,
+                    name=vol.spec.name,
+                    image_path=str(vol.spec.image.resolve()),
+                    label_path=str(vol.spec.label.resolve()),
+                    content_sha256=vol.content_sha256,
+                    format=vol.spec.format,
+                    units=vol.units,
+                    window_lo=vol.window[0],
+                    window_hi=vol.window[1],
+                    original_shape=vol.original_shape,
+                    original_spacing=vol.original_spacing,
+                    spacing=vol.spacing,
+                    size=cfg.size,
+                    cache_file=final.name,
+                    n_slices=len(vol.z),
+                )
+                session.add(source)
+                session.flush()
+                session.add_all(
+                    Slice(source_id=source.id, index=i, z=z, foreground=round(f, 6), classes=c)
+                    for i, (z, f, c) in enumerate(
+                        zip(vol.z, vol.foreground, vol.classes, strict=True)
+                    )
+                )
+                assert vol.tmp_cache is not None
+                vol.tmp_cache.replace(final)
+                renamed.append(final)
+                vol.tmp_cache = None
+    except BaseException:
+        for path in renamed:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def workspace_status(ws: Workspace) -> dict[str, Any]:
+    """Counts per split, label schema, units and sizes: what `pipeline status` prints."""
+    with Session(ws.engine) as session:
+        schema_text = get_meta(session, "label_schema")
+        size_text = get_meta(session, "slice_size")
+        per_split = dict.fromkeys(SPLITS, None)
+        for name in SPLITS:
+            patients = session.scalar(
+                select(func.count()).select_from(PatientSplit).where(PatientSplit.split == name)
+            )
+            volumes = session.scalar(
+                select(func.count(Source.id)).join(PatientSplit).where(PatientSplit.split == name)
+            )
+            slices = session.scalar(
+                select(func.count(Slice.id))
+                .join(Source)
+                .join(PatientSplit)
+                .where(PatientSplit.split == name)
+            )
+            per_split[name] = {"patients": patients, "volumes": volumes, "slices": slices}
+        units = sorted({u for (u,) in session.execute(select(Source.units).distinct())})
+        n_sources = session.scalar(select(func.count(Source.id)))
+        n_slices = session.scalar(select(func.count(Slice.id)))
+    return {
+        "workspace": str(ws.root),
+        "volumes": n_sources,
+        "slices": n_slices,
+        "splits": per_split,
+        "label_schema": json.loads(schema_text) if schema_text else None,
+        "slice_size": int(size_text) if size_text else None,
+        "units": units,
+    }
+
+
+def iter_split_slices(session: Session, split: str) -> Iterator[tuple[Source, Slice]]:
+    """Every (source, slice) of one split, in catalog order."""
+    stmt = (
+        select(Source, Slice)
+        .join(Slice, Slice.source_id == Source.id)
+        .join(PatientSplit, PatientSplit.patient == Source.patient)
+        .where(PatientSplit.split == split)
+        .order_by(Source.id, Slice.index)
+    )
+    yield from session.execute(stmt).tuples()

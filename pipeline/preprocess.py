@@ -1,0 +1,106 @@
+"""Pure preprocessing of slices: HU windowing, square padding, anti-aliased and nearest resizing."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+#: Default HU window: air to dense contrast/bone; recorded per source so exports map back to HU.
+DEFAULT_WINDOW: tuple[float, float] = (-1024.0, 2048.0)
+
+
+def window_to_unit(hu: np.ndarray, window: tuple[float, float] = DEFAULT_WINDOW) -> np.ndarray:
+    """Clip HU to ``window`` and scale linearly to [0, 1] (float32)."""
+    lo, hi = window
+    if not hi > lo:
+        raise ValueError(f"window {window} is empty")
+    out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def unit_to_hu(unit: np.ndarray, window: tuple[float, float] = DEFAULT_WINDOW) -> np.ndarray:
+    """Inverse of :func:`window_to_unit` (exact inside the window), as float32 HU."""
+    lo, hi = window
+    return np.asarray(unit, dtype=np.float32) * np.float32(hi - lo) + np.float32(lo)
+
+
+def ras_to_display(volume: np.ndarray) -> np.ndarray:
+    """(x, y, z) RAS+ array → (z, rows, cols) in radiological view.
+
+    Rows run anterior → posterior and columns patient-right → patient-left, as a reader shows an
+    axial CT slice.
+    """
+    return np.ascontiguousarray(np.transpose(volume[::-1, ::-1, :], (2, 1, 0)))
+
+
+def display_to_ras(slices: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`ras_to_display`: (z, rows, cols) → (x, y, z) RAS+."""
+    return np.ascontiguousarray(np.transpose(slices, (2, 1, 0))[::-1, ::-1, :])
+
+
+def fitted_shape(
+    shape: tuple[int, int], size: int, spacing: tuple[float, float] = (1.0, 1.0)
+) -> tuple[int, int]:
+    """(rows, cols) that a slice of ``shape`` and pixel ``spacing`` takes inside a ``size``² square.
+
+    The longer physical side fills the square; the other keeps the true aspect ratio, so
+    anisotropic pixels become square ones.
+    """
+    extent_r, extent_c = shape[0] * spacing[0], shape[1] * spacing[1]
+    scale = size / max(extent_r, extent_c)
+    rows = min(size, max(1, round(extent_r * scale)))
+    cols = min(size, max(1, round(extent_c * scale)))
+    return rows, cols
+
+
+def _pad_to_square(array: np.ndarray, size: int, fill: float | int) -> np.ndarray:
+    dr, dc = size - array.shape[0], size - array.shape[1]
+    if dr == 0 and dc == 0:
+        return np.ascontiguousarray(array)
+    pad = ((dr // 2, dr - dr // 2), (dc // 2, dc - dc // 2))
+    return np.pad(array, pad, constant_values=fill)
+
+
+def resize_image(
+    image: np.ndarray,
+    size: int,
+    *,
+    spacing: tuple[float, float] = (1.0, 1.0),
+    fill: float = 0.0,
+) -> np.ndarray:
+    """Resize a 2D float slice into a ``size``² square (aspect kept, padded with ``fill``).
+
+    Anti-aliased: Pillow's bilinear filter widens its support by the scale factor when it
+    shrinks (a triangle low-pass). The result is clipped to the input's range.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    rows, cols = fitted_shape(image.shape, size, spacing)
+    if (rows, cols) != image.shape:
+        resized = Image.fromarray(image, mode="F").resize((cols, rows), Image.Resampling.BILINEAR)
+        lo, hi = float(image.min()), float(image.max())
+        image = np.clip(np.asarray(resized, dtype=np.float32), lo, hi)
+    return _pad_to_square(image, size, fill)
+
+
+def resize_mask(
+    mask: np.ndarray, size: int, *, spacing: tuple[float, float] = (1.0, 1.0)
+) -> np.ndarray:
+    """Resize a 2D class-index mask like :func:`resize_image`, by nearest neighbour only (uint8)."""
+    mask = np.asarray(mask, dtype=np.uint8)
+    rows, cols = fitted_shape(mask.shape, size, spacing)
+    if (rows, cols) != mask.shape:
+        resized = Image.fromarray(mask, mode="L").resize((cols, rows), Image.Resampling.NEAREST)
+        mask = np.asarray(resized, dtype=np.uint8)
+    return _pad_to_square(mask, size, 0)
+
+
+def resized_spacing(
+    shape: tuple[int, int], size: int, spacing: tuple[float, float] = (1.0, 1.0)
+) -> float:
+    """In-plane pixel spacing after :func:`resize_image` (the same on both axes)."""
+    return float(max(shape[0] * spacing[0], shape[1] * spacing[1]) / size)
+
+
+def foreground_fraction(mask: np.ndarray) -> float:
+    """Share of pixels that are not background."""
+    return float(np.count_nonzero(mask)) / float(mask.size)

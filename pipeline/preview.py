@@ -1,0 +1,77 @@
+"""PNG previews: windowed slices with per-structure colour overlays, tiled into grids."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+#: One colour per class index (0 = background, unused), chosen to stay distinct on grey.
+PALETTE = np.array(
+    [
+        (0, 0, 0),
+        (230, 25, 75),
+        (60, 180, 75),
+        (255, 225, 25),
+        (0, 130, 200),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+        (240, 50, 230),
+        (210, 245, 60),
+        (250, 190, 212),
+        (0, 128, 128),
+    ],
+    dtype=np.uint8,
+)
+
+
+def to_uint8(unit: np.ndarray) -> np.ndarray:
+    """[0, 1] floats → 8-bit grey."""
+    return (np.clip(unit, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def overlay(unit: np.ndarray, mask: np.ndarray, *, alpha: float = 0.35) -> np.ndarray:
+    """RGB uint8 of a [0, 1] slice with each structure tinted and outlined in its colour."""
+    grey = np.repeat(to_uint8(unit)[..., None], 3, axis=2).astype(np.float32)
+    colours = PALETTE[np.asarray(mask) % len(PALETTE)].astype(np.float32)
+    inside = mask > 0
+    grey[inside] = (1 - alpha) * grey[inside] + alpha * colours[inside]
+    edge = (
+        inside & ~ndimage.binary_erosion(inside)
+        | (ndimage.grey_dilation(mask, size=3) != ndimage.grey_erosion(mask, size=3)) & inside
+    )
+    grey[edge] = colours[edge]
+    return grey.astype(np.uint8)
+
+
+def grid(tiles: list[np.ndarray], *, columns: int) -> np.ndarray:
+    """Tile equally sized RGB (or grey) images row-major into one image."""
+    if not tiles:
+        raise ValueError("no tiles")
+    tiles = [t if t.ndim == 3 else np.repeat(t[..., None], 3, axis=2) for t in tiles]
+    h, w = tiles[0].shape[:2]
+    rows = -(-len(tiles) // columns)
+    out = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        out[r * h : (r + 1) * h, c * w : (c + 1) * w] = tile
+    return out
+
+
+def save_png(image: np.ndarray, path: Path) -> Path:
+    """Write an RGB/grey uint8 array as PNG atomically (temp file in the same folder, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
