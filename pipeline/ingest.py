@@ -483,12 +483,12 @@ def ingest(
             for spec in progress(new_specs):
                 reader = prepare_png if spec.format == "png" else prepare_nifti
                 vol, images, masks = reader(spec, schema, cfg, hashes[spec.name])
-                if images.shape[0]:
+                if vol.z:
                     vol.tmp_cache = ws.cache_dir / f".tmp-{uuid.uuid4().hex}.npy"
                     write_cache(vol.tmp_cache, images, masks)
                 prepared.append(vol)
                 del images, masks
-            kept = [v for v in prepared if v.tmp_cache is not None]
+            kept = [v for v in prepared if v.z]
             assignment = assign_splits(
                 existing_splits, [v.spec.patient for v in kept], cfg.split, cfg.seed
             )
@@ -506,10 +506,10 @@ def ingest(
         format=fmt,
         label_schema=schema.to_dict(),
         label_schema_source=schema_from,
-        added_volumes=[v.spec.name for v in prepared if v.tmp_cache is not None],
+        added_volumes=[v.spec.name for v in prepared if v.z],
         skipped_volumes=skipped,
-        empty_volumes=[v.spec.name for v in prepared if v.tmp_cache is None],
-        added_slices=sum(len(v.z) for v in prepared if v.tmp_cache is not None),
+        empty_volumes=[v.spec.name for v in prepared if not v.z],
+        added_slices=sum(len(v.z) for v in prepared),
         splits=dict(sorted(assignment.items())),
         status=workspace_status(ws),
     )
