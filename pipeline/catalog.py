@@ -152,6 +152,7 @@ def write_session(engine: Engine) -> Iterator[Session]:
         Session(engine.execution_options(sqlite_begin="IMMEDIATE")) as session,
         session.begin(),
     ):
+        session.connection()  # emit BEGIN IMMEDIATE now, not at the first statement
         yield session
 
 

@@ -1,0 +1,1 @@
+"""Building and verifying release bundles."""

@@ -1,0 +1,1 @@
+"""The Streamlit reviewer app (login, review queue, decisions)."""

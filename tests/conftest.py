@@ -1,0 +1,51 @@
+"""Shared fixtures: small phantoms, workspaces, the real CT data in ../shared/data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.phantom import write_phantom
+from pipeline.workspace import open_workspace
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def phantom_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six small phantom volumes (64² × 16), written once per session."""
+    out = tmp_path_factory.mktemp("phantom")
+    write_phantom(out, volumes=6, seed=3, size=64, n_slices=16, workers=1)
+    return out
+
+
+@pytest.fixture
+def phantom_dir(phantom_master: Path, tmp_path: Path) -> Path:
+    """A private copy of the small phantom that a test may damage."""
+    dst = tmp_path / "src"
+    shutil.copytree(phantom_master, dst)
+    return dst
+
+
+@pytest.fixture
+def ws_path(tmp_path: Path) -> Path:
+    """Path of a fresh workspace (not yet created)."""
+    return tmp_path / "ws"
+
+
+@pytest.fixture
+def ws(ws_path: Path):
+    """An opened fresh workspace, closed after the test."""
+    workspace = open_workspace(ws_path)
+    yield workspace
+    workspace.close()
+
+
+def shared_dataset(name: str) -> Path:
+    """A folder of ../shared/data, or skip the test naming what is missing."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real CT data not present: {path} (team machines only)")
+    return path
