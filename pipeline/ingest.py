@@ -298,17 +298,18 @@ def prepare_nifti(
     labels = apply_orientation(_read_data(lab, spec.label), ornt)
     if not np.issubdtype(hu.dtype, np.number) or np.issubdtype(hu.dtype, np.complexfloating):
         raise PipelineError(f"image data type {hu.dtype} is not real-valued", path=spec.image)
-    try:
-        classes = schema.to_classes(labels, ignore_unknown=cfg.ignore_unknown_labels)
-    except ValueError as exc:
-        raise PipelineError(str(exc), path=spec.label) from None
-    del labels
     # Display slice z is volume[::-1, ::-1, z].T: rows anterior→posterior, cols right→left.
     in_plane = (float(zooms[1]), float(zooms[0]))  # (row, col) spacing of the display slice
     shape2d = (hu.shape[1], hu.shape[0])
     images, masks, z_kept, fg, present = [], [], [], [], []
     for z in range(hu.shape[2]):
-        mask = resize_mask(classes[::-1, ::-1, z].T, cfg.size, spacing=in_plane)
+        try:
+            classes = schema.to_classes(
+                labels[::-1, ::-1, z].T, ignore_unknown=cfg.ignore_unknown_labels
+            )
+        except ValueError as exc:
+            raise PipelineError(f"{exc} (slice z={z})", path=spec.label) from None
+        mask = resize_mask(classes, cfg.size, spacing=in_plane)
         frac = foreground_fraction(mask)
         if frac < cfg.min_foreground or (cfg.min_foreground > 0 and frac == 0):
             continue

@@ -93,42 +93,56 @@ class LabelSchema:
         """Stable JSON text for the catalog."""
         return json.dumps(self.to_dict())
 
-    def lookup_table(self, max_value: int) -> np.ndarray:
-        """Array ``lut`` with ``lut[source_value] = class index``, and -1 for unknown values."""
-        lut = np.full(max(max_value, max(self.values)) + 1, -1, dtype=np.int16)
-        for index, value in enumerate(self.values):
-            lut[value] = index
-        return lut
-
-    def to_classes(self, labels: np.ndarray, *, ignore_unknown: bool = False) -> np.ndarray:
-        """Map source label values to class indices (uint8).
-
-        Raises ``ValueError`` naming the unknown values unless ``ignore_unknown``, in which case
-        they become background.
-        """
-        if labels.size == 0:
-            return labels.astype(np.uint8)
-        if labels.dtype.kind == "f":
-            rounded = np.rint(labels)
-            if not np.array_equal(rounded, labels):
-                bad = labels[rounded != labels]
-                raise ValueError(f"non-integer label values (e.g. {float(bad.flat[0]):g})")
-            labels = rounded
-        elif labels.dtype.kind not in "iub":
-            raise ValueError(f"label data of type {labels.dtype} is not integer")
-        values = np.unique(labels).astype(np.int64)
-        unknown = [int(v) for v in values if v < 0 or v not in self.values]
+    def check_values(self, values: np.ndarray, *, ignore_unknown: bool = False) -> None:
+        """Raise ``ValueError`` naming the values not in the schema, unless ``ignore_unknown``."""
+        unknown = [int(v) for v in values if int(v) not in self.values]
         if unknown and not ignore_unknown:
             shown = ", ".join(str(v) for v in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
             raise ValueError(
                 f"label values {shown} are not in the schema {self.to_dict()} "
                 "(pass --labels or --ignore-unknown-labels)"
             )
-        lut = self.lookup_table(int(values.max()))
-        lut[lut < 0] = 0
-        idx = labels.astype(np.int64)
-        idx = np.where(idx < 0, 0, idx)  # negatives only reach here when ignored
-        out = lut[idx]
-        if unknown:
-            out[labels < 0] = 0
-        return out.astype(np.uint8)
+
+    def to_classes(self, labels: np.ndarray, *, ignore_unknown: bool = False) -> np.ndarray:
+        """Map source label values to class indices (uint8).
+
+        Raises ``ValueError`` for non-integer values, and for values outside the schema unless
+        ``ignore_unknown``, in which case they become background.
+        """
+        labels = np.asarray(labels)
+        values = present_values(labels)
+        if values.size == 0:
+            return np.zeros(labels.shape, dtype=np.uint8)
+        self.check_values(values, ignore_unknown=ignore_unknown)
+        lo = min(int(values[0]), 0)
+        hi = max(int(values[-1]), max(self.values))
+        lut = np.zeros(hi - lo + 1, dtype=np.uint8)  # unknown values → background
+        for index, value in enumerate(self.values):
+            lut[value - lo] = index
+        ints = np.rint(labels) if labels.dtype.kind == "f" else labels
+        return lut[ints.astype(np.int64) - lo]
+
+
+def present_values(labels: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an integer-valued array (``ValueError`` for non-integers)."""
+    a = np.asarray(labels)
+    if a.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise ValueError("non-finite label values (NaN or infinity)")
+        rounded = np.rint(a)
+        if not np.array_equal(rounded, a):
+            bad = a[rounded != a]
+            raise ValueError(f"non-integer label values (e.g. {float(bad.flat[0]):g})")
+        a = rounded
+    elif a.dtype.kind == "b":
+        a = a.astype(np.uint8)
+    elif a.dtype.kind not in "iu":
+        raise ValueError(f"label data of type {a.dtype} is not integer")
+    lo, hi = int(a.min()), int(a.max())
+    if hi - lo < (1 << 20):
+        # a histogram is much faster than sorting for the small ranges label codes live in
+        counts = np.bincount((a.astype(np.int64) - lo).ravel(), minlength=hi - lo + 1)
+        return (np.flatnonzero(counts) + lo).astype(np.int64)
+    return np.unique(a).astype(np.int64)
