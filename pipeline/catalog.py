@@ -88,7 +88,8 @@ class Source(Base):
     name: Mapped[str] = mapped_column(String)
     image_path: Mapped[str] = mapped_column(String)
     label_path: Mapped[str] = mapped_column(String)
-    content_sha256: Mapped[str] = mapped_column(String)
+    content_sha256: Mapped[str] = mapped_column(String)  # image + labels
+    image_sha256: Mapped[str] = mapped_column(String, index=True)  # the image (slices) alone
     format: Mapped[str] = mapped_column(String)
     units: Mapped[str] = mapped_column(String)  # "HU" or "display"
     window_lo: Mapped[float] = mapped_column(Float)

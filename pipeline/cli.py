@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,7 +14,7 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
-from pipeline.workspace import DEFAULT_WORKSPACE, ENV_WORKSPACE, open_workspace
+from pipeline.workspace import DEFAULT_WORKSPACE, ENV_WORKSPACE, Workspace, open_workspace
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,6 +58,21 @@ def progress_bar(desc: str, unit: str) -> Callable[[Iterable[Any]], Iterable[Any
         return tqdm(items, desc=desc, unit=unit, total=len(items), disable=None, leave=False)
 
     return wrap
+
+
+@contextmanager
+def opened_workspace(path: Path, *, create: bool) -> Iterator[Workspace]:
+    """Open a workspace for one command; one this command created is removed again if it fails."""
+    created = create and not path.exists()
+    ws = open_workspace(path, create=create)
+    try:
+        yield ws
+    except BaseException:
+        ws.close()
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    ws.close()
 
 
 def echo_json(data: Any) -> None:
@@ -189,11 +206,8 @@ def ingest(
         labels_file=str(labels_file) if labels_file else None,
         ignore_unknown_labels=ignore_unknown_labels,
     )
-    ws = open_workspace(workspace)
-    try:
+    with opened_workspace(workspace, create=True) as ws:
         report = run_ingest(ws, src, cfg, progress=progress_bar("ingest", "vol"))
-    finally:
-        ws.close()
     if as_json:
         echo_json(report.to_dict())
         return
@@ -241,11 +255,8 @@ def status(workspace: Path, as_json: bool) -> None:
     """Show what the workspace holds: volumes and slices per split, the label schema."""
     from pipeline.ingest import workspace_status
 
-    ws = open_workspace(workspace, create=False)
-    try:
+    with opened_workspace(workspace, create=False) as ws:
         result = workspace_status(ws)
-    finally:
-        ws.close()
     echo_json(result) if as_json else click.echo(format_status(result))
 
 
@@ -271,11 +282,8 @@ def demo(workspace: Path, volumes: int, size: int, seed: int) -> None:
     write_phantom(src, volumes=volumes, seed=seed, progress=progress_bar("phantom", "vol"))
     click.echo(f"      preview: {src / 'preview.png'}")
     click.echo(f"[2/2] ingest → {workspace}")
-    ws = open_workspace(workspace)
-    try:
+    with opened_workspace(workspace, create=True) as ws:
         report = run_ingest(
             ws, src, IngestConfig(size=size, seed=seed), progress=progress_bar("ingest", "vol")
         )
-    finally:
-        ws.close()
     click.echo(format_status(report.status))

@@ -91,7 +91,7 @@ class PreparedVolume:
     """A preprocessed volume waiting to be recorded."""
 
     spec: VolumeSpec
-    content_sha256: str
+    sha: ContentHash
     units: str
     window: tuple[float, float]
     original_shape: list[int]
@@ -266,15 +266,32 @@ def check_pair_headers(spec: VolumeSpec) -> None:
         )
 
 
-def content_hash(spec: VolumeSpec) -> str:
-    """SHA-256 over the bytes of every file of the volume (the identity of a source)."""
-    h = hashlib.sha256()
-    for path in spec.files():
-        h.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
+@dataclass(frozen=True)
+class ContentHash:
+    """SHA-256 of a volume's image bytes, and of image + label bytes (its identity)."""
+
+    image: str
+    content: str
+
+
+def content_hash(spec: VolumeSpec) -> ContentHash:
+    """Hash the bytes (not the names) of a volume's files, so a renamed copy is recognised."""
+    pairs = (
+        [(img, msk) for _, img, msk in spec.png_slices]
+        if spec.png_slices
+        else [(spec.image, spec.label)]
+    )
+    image_h, label_h = hashlib.sha256(), hashlib.sha256()
+    for image, label in pairs:
+        for path, h in ((image, image_h), (label, label_h)):
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+            h.update(b"\0")
+    image_hex = image_h.hexdigest()
+    return ContentHash(
+        image_hex, hashlib.sha256(f"{image_hex}:{label_h.hexdigest()}".encode()).hexdigest()
+    )
 
 
 def _read_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
@@ -287,7 +304,7 @@ def _read_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
 
 
 def prepare_nifti(
-    spec: VolumeSpec, schema: LabelSchema, cfg: IngestConfig, sha: str
+    spec: VolumeSpec, schema: LabelSchema, cfg: IngestConfig, sha: ContentHash
 ) -> tuple[PreparedVolume, np.ndarray, np.ndarray]:
     """Load a NIfTI pair, reorient to RAS+, window, resize and filter its axial slices."""
     img, lab = _load_nifti(spec.image), _load_nifti(spec.label)
@@ -322,7 +339,7 @@ def prepare_nifti(
     px = resized_spacing(shape2d, cfg.size, in_plane)
     prepared = PreparedVolume(
         spec=spec,
-        content_sha256=sha,
+        sha=sha,
         units="HU",
         window=cfg.window,
         original_shape=[int(s) for s in hu.shape],
@@ -359,7 +376,7 @@ def _read_png(path: Path, *, mask: bool) -> np.ndarray:
 
 
 def prepare_png(
-    spec: VolumeSpec, schema: LabelSchema, cfg: IngestConfig, sha: str
+    spec: VolumeSpec, schema: LabelSchema, cfg: IngestConfig, sha: ContentHash
 ) -> tuple[PreparedVolume, np.ndarray, np.ndarray]:
     """Read one patient's PNG slices (display units 0-255, never HU) and their index masks."""
     window = (0.0, 255.0)
@@ -391,7 +408,7 @@ def prepare_png(
     assert shape0 is not None
     prepared = PreparedVolume(
         spec=spec,
-        content_sha256=sha,
+        sha=sha,
         units="display",
         window=window,
         original_shape=[int(shape0[0]), int(shape0[1]), len(spec.png_slices)],
@@ -459,12 +476,14 @@ def ingest(
 
     hashes = {spec.name: content_hash(spec) for spec in specs}
     with Session(ws.engine) as session:
-        known = {row[0] for row in session.execute(select(Source.content_sha256))}
+        known = dict(session.execute(select(Source.content_sha256, Source.patient)).all())
+        known_images = dict(session.execute(select(Source.image_sha256, Source.patient)).all())
         existing_splits = dict(
             session.execute(select(PatientSplit.patient, PatientSplit.split)).all()
         )
-    new_specs = [s for s in specs if hashes[s.name] not in known]
-    skipped = [s.name for s in specs if hashes[s.name] in known]
+    new_specs = [s for s in specs if hashes[s.name].content not in known]
+    skipped = [s.name for s in specs if hashes[s.name].content in known]
+    _check_duplicate_images(new_specs, hashes, known_images)
     clash = sorted(s.patient for s in new_specs if s.patient in existing_splits)
     if clash:
         raise PipelineError(
@@ -514,6 +533,27 @@ def ingest(
         splits=dict(sorted(assignment.items())),
         status=workspace_status(ws),
     )
+
+
+def _check_duplicate_images(
+    specs: list[VolumeSpec], hashes: dict[str, ContentHash], known_images: dict[str, str]
+) -> None:
+    # The same scan under two names (or with other labels) could land in two splits: refuse.
+    seen: dict[str, VolumeSpec] = {}
+    for spec in specs:
+        h = hashes[spec.name].image
+        if h in known_images:
+            raise PipelineError(
+                f"same image data as patient {known_images[h]!r} already in the catalog "
+                "(with other labels); a scan may be ingested once",
+                path=spec.files()[0],
+            )
+        if h in seen:
+            raise PipelineError(
+                f"same image data as {seen[h].name!r}; a scan may be ingested once",
+                path=spec.files()[0],
+            )
+        seen[h] = spec
 
 
 def _split_counts(existing: dict[str, str], new: dict[str, str]) -> dict[str, int]:
@@ -584,14 +624,15 @@ def _record(
                 )
             session.flush()
             for vol in volumes:
-                final = ws.cache_dir / f"{vol.content_sha256[:24]}.npy"
+                final = ws.cache_dir / f"{vol.sha.content[:24]}.npy"
                 source = Source(
                     ingest_id=run.id,
                     patient=vol.spec.patient,
                     name=vol.spec.name,
                     image_path=str(vol.spec.image.resolve()),
                     label_path=str(vol.spec.label.resolve()),
-                    content_sha256=vol.content_sha256,
+                    content_sha256=vol.sha.content,
+                    image_sha256=vol.sha.image,
                     format=vol.spec.format,
                     units=vol.units,
                     window_lo=vol.window[0],

@@ -110,6 +110,28 @@ def ingest_args(src, ws_path, *extra):
 
 def test_missing_folder(tmp_path, ws_path):
     assert_refused(run(*ingest_args(tmp_path / "absent", ws_path)), "absent", "does not exist")
+    assert not ws_path.exists()  # a workspace this command would have created is not left behind
+
+
+def test_same_scan_twice(good, ws_path):
+    shutil.copy(good / "v0_image.nii.gz", good / "copy_image.nii.gz")
+    shutil.copy(good / "v1_label.nii.gz", good / "copy_label.nii.gz")
+    assert_refused(
+        run(*ingest_args(good, ws_path)),
+        "copy_image.nii.gz",
+        "same image data as 'v0'",
+        ws_path=ws_path,
+    )
+
+
+def test_renamed_copy_is_recognised(good, ws_path, tmp_path):
+    assert run(*ingest_args(good, ws_path)).exit_code == 0
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for k in ("image", "label"):
+        shutil.copy(good / f"v0_{k}.nii.gz", renamed / f"other_{k}.nii.gz")
+    result = run(*ingest_args(renamed, ws_path, "--split", "1,0,0"))
+    assert result.exit_code == 0 and "skipped 1 already ingested" in result.stdout
 
 
 def test_empty_folder(tmp_path, ws_path):
