@@ -118,8 +118,8 @@ def test_same_scan_twice(good, ws_path):
     shutil.copy(good / "v1_label.nii.gz", good / "copy_label.nii.gz")
     assert_refused(
         run(*ingest_args(good, ws_path)),
-        "copy_image.nii.gz",
-        "same image data as 'v0'",
+        "v0_image.nii.gz",
+        "same image data as 'copy'",
         ws_path=ws_path,
     )
 
@@ -280,9 +280,10 @@ def test_bad_labels_file(good, ws_path, tmp_path):
 def png_set(root, n=2):
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
-    for p in ("a", "b", "c"):
+    for i, p in enumerate(("a", "b", "c")):
         for k in range(n):
-            Image.fromarray(np.full((24, 24), 100, np.uint8)).save(root / "images" / f"{p}_{k}.png")
+            image = np.full((24, 24), 100 + 10 * i + k, np.uint8)  # every patient's scan differs
+            Image.fromarray(image).save(root / "images" / f"{p}_{k}.png")
             m = np.zeros((24, 24), np.uint8)
             m[5:15, 5:15] = 1
             Image.fromarray(m).save(root / "masks" / f"{p}_{k}.png")
