@@ -18,19 +18,28 @@ def slice_dtype(size: int) -> np.dtype:
     return np.dtype([("image", "<f4", (size, size)), ("mask", "u1", (size, size))])
 
 
-def write_cache(path: Path, images: np.ndarray, masks: np.ndarray) -> None:
-    """Write images (n, s, s) and masks (n, s, s) to ``path`` (flushed to disk before returning)."""
-    n, size = images.shape[0], images.shape[1]
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=slice_dtype(size), shape=(n,))
-    out["image"] = images
-    out["mask"] = masks
-    out.flush()
-    del out
+def create_cache(path: Path, n: int, size: int) -> np.memmap:
+    """A new cache file for ``n`` slices at ``size``², memory-mapped for writing."""
+    return np.lib.format.open_memmap(path, mode="w+", dtype=slice_dtype(size), shape=(n,))
+
+
+def close_cache(cache: np.memmap, path: Path) -> None:
+    """Flush a cache opened by :func:`create_cache` and sync it to disk."""
+    cache.flush()
+    del cache
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_cache(path: Path, images: np.ndarray, masks: np.ndarray) -> None:
+    """Write images (n, s, s) float32 and masks (n, s, s) uint8 as one cache file."""
+    cache = create_cache(path, images.shape[0], images.shape[1])
+    cache["image"] = images
+    cache["mask"] = masks
+    close_cache(cache, path)
 
 
 def open_cache(path: Path) -> np.ndarray:

@@ -14,6 +14,7 @@ import re
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline import __version__
-from pipeline.cache import write_cache
+from pipeline.cache import close_cache, create_cache
 from pipeline.catalog import (
     Ingest,
     PatientSplit,
@@ -303,10 +304,25 @@ def _read_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
         ) from None
 
 
-def prepare_nifti(
-    spec: VolumeSpec, schema: LabelSchema, cfg: IngestConfig, sha: ContentHash
-) -> tuple[PreparedVolume, np.ndarray, np.ndarray]:
-    """Load a NIfTI pair, reorient to RAS+, window, resize and filter its axial slices."""
+@dataclass
+class LoadedVolume:
+    """One source's raw slices in display orientation, before windowing and resizing."""
+
+    spec: VolumeSpec
+    units: str
+    window: tuple[float, float]
+    images: list[np.ndarray]
+    labels: list[np.ndarray]
+    numbers: list[int]  # z index (NIfTI) or slice number (PNG) of each slice
+    label_files: list[Path]  # where each label slice came from, for error messages
+    in_plane: tuple[float, float]  # (row, col) pixel spacing; (1, 1) when unknown
+    original_shape: list[int]
+    original_spacing: list[float] | None
+    z_spacing: float | None
+
+
+def load_nifti(spec: VolumeSpec, cfg: IngestConfig) -> LoadedVolume:
+    """Read a NIfTI pair and reorient it to RAS+ (views, no copies of the voxel data)."""
     img, lab = _load_nifti(spec.image), _load_nifti(spec.label)
     ornt = io_orientation(img.affine)
     affine = img.affine @ inv_ornt_aff(ornt, img.shape)
@@ -315,41 +331,21 @@ def prepare_nifti(
     labels = apply_orientation(_read_data(lab, spec.label), ornt)
     if not np.issubdtype(hu.dtype, np.number) or np.issubdtype(hu.dtype, np.complexfloating):
         raise PipelineError(f"image data type {hu.dtype} is not real-valued", path=spec.image)
+    n = hu.shape[2]
     # Display slice z is volume[::-1, ::-1, z].T: rows anterior→posterior, cols right→left.
-    in_plane = (float(zooms[1]), float(zooms[0]))  # (row, col) spacing of the display slice
-    shape2d = (hu.shape[1], hu.shape[0])
-    images, masks, z_kept, fg, present = [], [], [], [], []
-    for z in range(hu.shape[2]):
-        try:
-            classes = schema.to_classes(
-                labels[::-1, ::-1, z].T, ignore_unknown=cfg.ignore_unknown_labels
-            )
-        except ValueError as exc:
-            raise PipelineError(f"{exc} (slice z={z})", path=spec.label) from None
-        mask = resize_mask(classes, cfg.size, spacing=in_plane)
-        frac = foreground_fraction(mask)
-        if frac < cfg.min_foreground or (cfg.min_foreground > 0 and frac == 0):
-            continue
-        unit = window_to_unit(hu[::-1, ::-1, z].T, cfg.window)
-        images.append(resize_image(unit, cfg.size, spacing=in_plane, fill=0.0))
-        masks.append(mask)
-        z_kept.append(z)
-        fg.append(frac)
-        present.append(np.flatnonzero(np.bincount(mask.ravel(), minlength=1)).tolist())
-    px = resized_spacing(shape2d, cfg.size, in_plane)
-    prepared = PreparedVolume(
+    return LoadedVolume(
         spec=spec,
-        sha=sha,
         units="HU",
         window=cfg.window,
+        images=[hu[::-1, ::-1, z].T for z in range(n)],
+        labels=[labels[::-1, ::-1, z].T for z in range(n)],
+        numbers=list(range(n)),
+        label_files=[spec.label] * n,
+        in_plane=(float(zooms[1]), float(zooms[0])),
         original_shape=[int(s) for s in hu.shape],
         original_spacing=[round(float(s), 6) for s in zooms],
-        spacing=[round(px, 6), round(px, 6), round(float(zooms[2]), 6)],
-        z=z_kept,
-        foreground=fg,
-        classes=present,
+        z_spacing=float(zooms[2]),
     )
-    return prepared, _stack(images, cfg.size, np.float32), _stack(masks, cfg.size, np.uint8)
 
 
 def _read_png(path: Path, *, mask: bool) -> np.ndarray:
@@ -375,56 +371,89 @@ def _read_png(path: Path, *, mask: bool) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def prepare_png(
-    spec: VolumeSpec, schema: LabelSchema, cfg: IngestConfig, sha: ContentHash
-) -> tuple[PreparedVolume, np.ndarray, np.ndarray]:
+def load_png(spec: VolumeSpec) -> LoadedVolume:
     """Read one patient's PNG slices (display units 0-255, never HU) and their index masks."""
-    window = (0.0, 255.0)
-    images, masks, z_kept, fg, present = [], [], [], [], []
-    shape0: tuple[int, ...] | None = None
-    for number, img_path, mask_path in spec.png_slices:
-        image = _read_png(img_path, mask=False)
-        raw_mask = _read_png(mask_path, mask=True)
-        if image.shape != raw_mask.shape:
+    images, labels = [], []
+    for _, img_path, mask_path in spec.png_slices:
+        image, mask = _read_png(img_path, mask=False), _read_png(mask_path, mask=True)
+        if image.shape != mask.shape:
             raise PipelineError(
-                f"mask size {raw_mask.shape[::-1]} differs from image size {image.shape[::-1]}",
+                f"mask size {mask.shape[::-1]} differs from image size {image.shape[::-1]}",
                 path=mask_path,
             )
-        if shape0 is None:
-            shape0 = image.shape
+        images.append(image)
+        labels.append(mask)
+    return LoadedVolume(
+        spec=spec,
+        units="display",
+        window=(0.0, 255.0),
+        images=images,
+        labels=labels,
+        numbers=[number for number, _, _ in spec.png_slices],
+        label_files=[mask_path for _, _, mask_path in spec.png_slices],
+        in_plane=(1.0, 1.0),
+        original_shape=[int(images[0].shape[0]), int(images[0].shape[1]), len(images)],
+        original_spacing=None,
+        z_spacing=None,
+    )
+
+
+def load_volume(spec: VolumeSpec, cfg: IngestConfig) -> LoadedVolume:
+    """Read one source volume, whatever its format."""
+    return load_png(spec) if spec.format == "png" else load_nifti(spec, cfg)
+
+
+def prepare(
+    vol: LoadedVolume, schema: LabelSchema, cfg: IngestConfig, sha: ContentHash, out: Path
+) -> PreparedVolume:
+    """Map labels to classes, drop near-empty slices, window and resize into cache file ``out``.
+
+    Two passes: masks first (cheap) to know which slices stay, then each kept image is written
+    straight into the memory-mapped cache file, so no second copy of the volume is held.
+    """
+    masks, kept, fg, present = [], [], [], []
+    for k, raw in enumerate(vol.labels):
         try:
-            classes = schema.to_classes(raw_mask, ignore_unknown=cfg.ignore_unknown_labels)
+            classes = schema.to_classes(raw, ignore_unknown=cfg.ignore_unknown_labels)
         except ValueError as exc:
-            raise PipelineError(str(exc), path=mask_path) from None
-        mask = resize_mask(classes, cfg.size)
+            where = f" (slice z={vol.numbers[k]})" if vol.units == "HU" else ""
+            raise PipelineError(f"{exc}{where}", path=vol.label_files[k]) from None
+        mask = resize_mask(classes, cfg.size, spacing=vol.in_plane)
         frac = foreground_fraction(mask)
         if frac < cfg.min_foreground or (cfg.min_foreground > 0 and frac == 0):
             continue
-        images.append(resize_image(window_to_unit(image, window), cfg.size))
         masks.append(mask)
-        z_kept.append(number)
+        kept.append(k)
         fg.append(frac)
-        present.append(np.flatnonzero(np.bincount(mask.ravel(), minlength=1)).tolist())
-    assert shape0 is not None
-    prepared = PreparedVolume(
-        spec=spec,
+        present.append(np.flatnonzero(np.bincount(mask.ravel())).tolist())
+    written: Path | None = None
+    if kept:
+        cache = create_cache(out, len(kept), cfg.size)
+        for i, k in enumerate(kept):
+            unit = window_to_unit(vol.images[k], vol.window)
+            cache["image"][i] = resize_image(unit, cfg.size, spacing=vol.in_plane, fill=0.0)
+            cache["mask"][i] = masks[i]
+        close_cache(cache, out)
+        written = out
+    shape2d = (vol.original_shape[1], vol.original_shape[0])
+    if vol.units == "HU":
+        px = round(resized_spacing(shape2d, cfg.size, vol.in_plane), 6)
+        spacing = [px, px, round(float(vol.z_spacing or 0.0), 6)]
+    else:
+        spacing = None
+    return PreparedVolume(
+        spec=vol.spec,
         sha=sha,
-        units="display",
-        window=window,
-        original_shape=[int(shape0[0]), int(shape0[1]), len(spec.png_slices)],
-        original_spacing=None,
-        spacing=None,
-        z=z_kept,
+        units=vol.units,
+        window=vol.window,
+        original_shape=vol.original_shape,
+        original_spacing=vol.original_spacing,
+        spacing=spacing,
+        z=[vol.numbers[k] for k in kept],
         foreground=fg,
         classes=present,
+        tmp_cache=written,
     )
-    return prepared, _stack(images, cfg.size, np.float32), _stack(masks, cfg.size, np.uint8)
-
-
-def _stack(items: list[np.ndarray], size: int, dtype: type) -> np.ndarray:
-    if not items:
-        return np.zeros((0, size, size), dtype=dtype)
-    return np.stack(items).astype(dtype, copy=False)
 
 
 # --------------------------------------------------------------------------- the command
@@ -500,14 +529,20 @@ def ingest(
     with ws.lock("ingest"):
         _sweep_tmp(ws)
         try:
-            for spec in progress(new_specs):
-                reader = prepare_png if spec.format == "png" else prepare_nifti
-                vol, images, masks = reader(spec, schema, cfg, hashes[spec.name])
-                if vol.z:
-                    vol.tmp_cache = ws.cache_dir / f".tmp-{uuid.uuid4().hex}.npy"
-                    write_cache(vol.tmp_cache, images, masks)
-                prepared.append(vol)
-                del images, masks
+            # Read ahead: the next volume decompresses in a thread (zlib releases the GIL)
+            # while this one is resampled, so ingest costs little more than reading.
+            with ThreadPoolExecutor(max_workers=1) as reader:
+                ahead = [reader.submit(load_volume, s, cfg) for s in new_specs[:1]]
+                for i, spec in enumerate(progress(new_specs)):
+                    loaded = ahead.pop().result()
+                    ahead = [reader.submit(load_volume, s, cfg) for s in new_specs[i + 1 : i + 2]]
+                    tmp = ws.cache_dir / f".tmp-{uuid.uuid4().hex}.npy"
+                    try:
+                        prepared.append(prepare(loaded, schema, cfg, hashes[spec.name], tmp))
+                    except BaseException:
+                        tmp.unlink(missing_ok=True)
+                        raise
+                    del loaded
             kept = [v for v in prepared if v.z]
             assignment = assign_splits(
                 existing_splits, [v.spec.patient for v in kept], cfg.split, cfg.seed

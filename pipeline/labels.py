@@ -37,6 +37,8 @@ class LabelSchema:
             raise PipelineError("label schema maps two names to the same value")
         if len(set(self.names)) != len(self.names):
             raise PipelineError("label schema repeats a name")
+        if len(self.names) > 255:
+            raise PipelineError("label schema has more than 255 classes")
         if 0 not in self.values:
             raise PipelineError("label schema has no background value 0")
         if self.values[0] != 0:
@@ -110,39 +112,36 @@ class LabelSchema:
         ``ignore_unknown``, in which case they become background.
         """
         labels = np.asarray(labels)
-        values = present_values(labels)
-        if values.size == 0:
+        if labels.size == 0:
             return np.zeros(labels.shape, dtype=np.uint8)
-        self.check_values(values, ignore_unknown=ignore_unknown)
-        lo = min(int(values[0]), 0)
-        hi = max(int(values[-1]), max(self.values))
-        lut = np.zeros(hi - lo + 1, dtype=np.uint8)  # unknown values → background
+        if labels.dtype.kind == "f":
+            if not np.isfinite(labels).all():
+                raise ValueError("non-finite label values (NaN or infinity)")
+            rounded = np.rint(labels)
+            if not np.array_equal(rounded, labels):
+                bad = labels[rounded != labels]
+                raise ValueError(f"non-integer label values (e.g. {float(bad.flat[0]):g})")
+            labels = rounded.astype(np.int64)
+        elif labels.dtype.kind == "b":
+            labels = labels.astype(np.uint8)
+        elif labels.dtype.kind not in "iu":
+            raise ValueError(f"label data of type {labels.dtype} is not integer")
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi > (1 << 24):
+            outside = labels[(labels < 0) | (labels > max(self.values))]
+            self.check_values(np.unique(outside), ignore_unknown=ignore_unknown)
+            labels = np.where((labels < 0) | (labels > max(self.values)), 0, labels)
+            hi = max(self.values)
+        # One table lookup per voxel; _UNKNOWN marks values outside the schema.
+        lut = np.full(max(hi, max(self.values)) + 1, _UNKNOWN, dtype=np.uint8)
         for index, value in enumerate(self.values):
-            lut[value - lo] = index
-        ints = np.rint(labels) if labels.dtype.kind == "f" else labels
-        return lut[ints.astype(np.int64) - lo]
+            lut[value] = index
+        out = lut[labels]
+        unknown = out == _UNKNOWN
+        if unknown.any():
+            self.check_values(np.unique(labels[unknown]), ignore_unknown=ignore_unknown)
+            out[unknown] = 0
+        return out
 
 
-def present_values(labels: np.ndarray) -> np.ndarray:
-    """Sorted distinct values of an integer-valued array (``ValueError`` for non-integers)."""
-    a = np.asarray(labels)
-    if a.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if a.dtype.kind == "f":
-        if not np.isfinite(a).all():
-            raise ValueError("non-finite label values (NaN or infinity)")
-        rounded = np.rint(a)
-        if not np.array_equal(rounded, a):
-            bad = a[rounded != a]
-            raise ValueError(f"non-integer label values (e.g. {float(bad.flat[0]):g})")
-        a = rounded
-    elif a.dtype.kind == "b":
-        a = a.astype(np.uint8)
-    elif a.dtype.kind not in "iu":
-        raise ValueError(f"label data of type {a.dtype} is not integer")
-    lo, hi = int(a.min()), int(a.max())
-    if hi - lo < (1 << 20):
-        # a histogram is much faster than sorting for the small ranges label codes live in
-        counts = np.bincount((a.astype(np.int64) - lo).ravel(), minlength=hi - lo + 1)
-        return (np.flatnonzero(counts) + lo).astype(np.int64)
-    return np.unique(a).astype(np.int64)
+_UNKNOWN = 255  # schemas have at most 255 classes
