@@ -32,7 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from pipeline.errors import PipelineError
 
 #: Bump when a table or column changes; add the migration to ``_MIGRATIONS``.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 
 
@@ -118,7 +118,26 @@ class Slice(Base):
     source: Mapped[Source] = relationship(back_populates="slices")
 
 
-_MIGRATIONS: dict[int, Any] = {}
+class PrivacyCalibration(Base):
+    """A calibrated "too similar" threshold for one build of the source index."""
+
+    __tablename__ = "privacy_calibrations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    index_fingerprint: Mapped[str] = mapped_column(String, index=True)
+    embedder: Mapped[str] = mapped_column(String)
+    k: Mapped[int] = mapped_column(Integer)
+    quantile: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: user threshold
+    threshold: Mapped[float] = mapped_column(Float)
+    n_baseline: Mapped[int] = mapped_column(Integer)
+    baseline: Mapped[list[Any]]  # the held-out-vs-training scores
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def _tables_only(session: Session) -> None:
+    """A migration that only adds tables: ``create_all`` after the migrations creates them."""
+
+
+_MIGRATIONS: dict[int, Any] = {2: _tables_only}  # 2: privacy_calibrations
 
 
 def _configure(engine: Engine) -> None:

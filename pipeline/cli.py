@@ -287,3 +287,130 @@ def demo(workspace: Path, volumes: int, size: int, seed: int) -> None:
             ws, src, IngestConfig(size=size, seed=seed), progress=progress_bar("ingest", "vol")
         )
     click.echo(format_status(report.status))
+
+
+@cli.command("index")
+@workspace_option
+@click.option(
+    "--embedder",
+    type=click.Choice(["pixel", "encoder"]),
+    default="pixel",
+    show_default=True,
+    help="Slice embedding used for the nearest-neighbour search.",
+)
+@click.option(
+    "--k",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="Neighbours re-scored with SSIM per image (and per mirror image).",
+)
+@click.option(
+    "--quantile",
+    default=0.99,
+    show_default=True,
+    type=click.FloatRange(0.5, 0.9999),
+    help="Quantile of held-out-vs-training similarity used as the threshold.",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(-1.0, 1.0),
+    default=None,
+    help="Explicit SSIM threshold instead of calibration (needed without held-out patients).",
+)
+@click.option(
+    "--max-shift",
+    default=4,
+    show_default=True,
+    type=click.IntRange(0, 32),
+    help="Pixels of shift searched when re-scoring.",
+)
+@click.option(
+    "--smooth",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 8.0),
+    help="Gaussian sigma (px) applied before SSIM, so added noise cannot hide a copy.",
+)
+@click.option("--encoder-steps", default=300, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--rebuild", is_flag=True, help="Embed everything again instead of adding new slices."
+)
+@json_option
+def index_cmd(
+    workspace: Path,
+    embedder: str,
+    k: int,
+    quantile: float,
+    threshold: float | None,
+    max_shift: int,
+    encoder_steps: int,
+    seed: int,
+    rebuild: bool,
+    as_json: bool,
+) -> None:
+    """Embed every source slice into the FAISS index and calibrate the 'too similar' threshold."""
+    from pipeline.filtering import FilterConfig, build_index
+
+    cfg = FilterConfig(
+        embedder=embedder,
+        k=k,
+        max_shift=max_shift,
+        quantile=quantile,
+        threshold=threshold,
+        encoder_steps=encoder_steps,
+        seed=seed,
+    )
+    with opened_workspace(workspace, create=False) as ws:
+        manifest = build_index(ws, cfg, rebuild=rebuild, progress=progress_bar("index", "batch"))
+    if as_json:
+        echo_json(manifest)
+        return
+    cal = manifest["calibration"]
+    how = (
+        "explicit"
+        if cal["explicit"]
+        else f"q{cal['quantile']} of {cal['n_baseline']} held-out-vs-training scores"
+    )
+    click.echo(
+        f"indexed {manifest['count']} slices ({manifest['embedder']}, {manifest['dim']}-d, "
+        f"{manifest['index']['type']}; {manifest['reused_embeddings']} embeddings reused)\n"
+        f"too-similar threshold: SSIM > {cal['threshold']:.4f} ({how})"
+    )
+
+
+@cli.command("filter")
+@workspace_option
+@click.option(
+    "--images",
+    "images",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A folder (or file) of PNG / NIfTI images to score.",
+)
+@json_option
+def filter_cmd(workspace: Path, images: Path, as_json: bool) -> None:
+    """Score images against every source slice; flag those too similar to one."""
+    from pipeline.filtering import dumps_results, filter_images
+
+    with opened_workspace(workspace, create=False) as ws:
+        results, summary, notes = filter_images(
+            ws, images, progress=progress_bar("filter", "batch")
+        )
+    if as_json:
+        click.echo(dumps_results(results, summary, notes))
+        return
+    for note in notes:
+        click.echo(f"warning: {note}", err=True)
+    click.echo(f"{'image':<32}{'score':>8}{'margin':>9}  {'nearest (patient)':<24}flag")
+    for r in results:
+        flag = "TOO SIMILAR" if r.flagged else ""
+        click.echo(
+            f"{r.name[:31]:<32}{r.score:>8.4f}{r.margin:>9.4f}  "
+            f"{f'{r.nearest_slice} ({r.nearest_patient})':<24}{flag}"
+        )
+    click.echo(
+        f"{summary['flagged']} of {summary['images']} flagged "
+        f"(threshold SSIM > {summary['threshold']:.4f}, {summary['embedder']} index)"
+    )

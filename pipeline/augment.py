@@ -1,0 +1,103 @@
+"""Label-free image transforms that a near-copy of a scan survives.
+
+They plant copies for the privacy benchmark and tests, and make the two views of a slice for the
+encoder's contrastive training. Every function takes an explicit ``numpy.random.Generator``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from scipy import ndimage
+
+
+def hflip(image: np.ndarray) -> np.ndarray:
+    """Mirror left-right."""
+    return np.ascontiguousarray(image[:, ::-1])
+
+
+def shift(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Move by whole pixels, filling the uncovered border with the image's minimum (air)."""
+    out = np.full_like(image, image.min())
+    h, w = image.shape
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    out[yd, xd] = image[ys, xs]
+    return out
+
+
+def add_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Additive Gaussian noise, clipped to [0, 1]."""
+    noisy = image + rng.normal(0.0, sigma, image.shape).astype(image.dtype)
+    return np.clip(noisy, 0.0, 1.0)
+
+
+def scale_intensity(image: np.ndarray, factor: float) -> np.ndarray:
+    """Multiply intensities, clipped to [0, 1]."""
+    return np.clip(image * np.float32(factor), 0.0, 1.0)
+
+
+def elastic(
+    image: np.ndarray, rng: np.random.Generator, *, alpha: float = 2.0, sigma: float = 8.0
+) -> np.ndarray:
+    """Mild elastic deformation: a smooth random displacement field of about ``alpha`` px.
+
+    ``sigma`` is the field's smoothness in pixels at 256² and scales with the image size.
+    """
+    h, w = image.shape
+    s = sigma * h / 256.0
+    fields = []
+    for _ in range(2):
+        f = ndimage.gaussian_filter(rng.standard_normal((h, w)), s)
+        f *= alpha / (np.abs(f).max() + 1e-9)
+        fields.append(f)
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    coords = np.stack([yy + fields[0], xx + fields[1]])
+    return ndimage.map_coordinates(image, coords, order=1, mode="nearest").astype(image.dtype)
+
+
+def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
+    """Small in-plane rotation about the centre (bilinear, border = nearest)."""
+    return ndimage.rotate(image, degrees, reshape=False, order=1, mode="nearest").astype(
+        image.dtype
+    )
+
+
+def blend(image: np.ndarray, other: np.ndarray, weight: float = 0.7) -> np.ndarray:
+    """``weight`` of ``image`` plus the rest of ``other``."""
+    return (weight * image + (1 - weight) * other).astype(image.dtype)
+
+
+#: The planted near-copies the privacy filter must catch (name → transform of a source slice).
+#: ``other`` is a different slice, used only by the blend.
+PLANTED: dict[str, Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]] = {
+    "copy": lambda x, o, r: x.copy(),
+    "hflip": lambda x, o, r: hflip(x),
+    "shift+3": lambda x, o, r: shift(x, 3, 3),
+    "shift-3": lambda x, o, r: shift(x, -3, -3),
+    "noise0.02": lambda x, o, r: add_noise(x, 0.02, r),
+    "intensity0.95": lambda x, o, r: scale_intensity(x, 0.95),
+    "intensity1.05": lambda x, o, r: scale_intensity(x, 1.05),
+    "elastic": lambda x, o, r: elastic(x, r),
+    "blend70/30": lambda x, o, r: blend(x, o, 0.7),
+}
+
+
+def random_view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One random near-copy (for contrastive training): any mix of the transforms above."""
+    out = image
+    if rng.random() < 0.5:
+        out = hflip(out)
+    if rng.random() < 0.5:
+        out = rotate(out, float(rng.uniform(-8, 8)))
+    if rng.random() < 0.7:
+        m = max(1, image.shape[0] // 64)
+        out = shift(out, int(rng.integers(-3 * m, 3 * m + 1)), int(rng.integers(-3 * m, 3 * m + 1)))
+    if rng.random() < 0.5:
+        out = elastic(out, rng, alpha=float(rng.uniform(0.5, 2.0)))
+    if rng.random() < 0.7:
+        out = scale_intensity(out, float(rng.uniform(0.9, 1.1)))
+    if rng.random() < 0.5:
+        out = add_noise(out, float(rng.uniform(0.0, 0.03)), rng)
+    return out.astype(np.float32)

@@ -1,0 +1,192 @@
+"""`pipeline index` and `pipeline filter` end to end on small phantoms: copies are caught."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from sqlalchemy import func, select
+
+from pipeline.augment import add_noise, hflip, shift
+from pipeline.catalog import PrivacyCalibration, read_session
+from pipeline.cli import cli
+from pipeline.embed import centre
+from pipeline.index import SliceStore, slice_refs
+from pipeline.phantom import make_volume
+from pipeline.preprocess import unit_to_hu
+from pipeline.workspace import open_workspace
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def indexed(phantom_dir, ws_path):
+    """Six phantom volumes at 64², split 4/1/1, indexed with calibration."""
+    assert (
+        run("ingest", phantom_dir, "-w", ws_path, "--size", 64, "--split", "0.6,0.2,0.2").exit_code
+        == 0
+    )
+    result = run("index", "-w", ws_path, "--json")
+    assert result.exit_code == 0, result.stderr
+    return ws_path, json.loads(result.stdout)
+
+
+def train_slices(ws_path, n=6):
+    ws = open_workspace(ws_path, create=False)
+    with read_session(ws.engine) as s:
+        refs = [r for r in slice_refs(s) if r.split == "train"]
+    picked = refs[:: max(1, len(refs) // n)][:n]
+    images = SliceStore(ws.cache_dir, refs).images([r.slice_id for r in picked])
+    ws.close()
+    return picked, images
+
+
+def save_nifti_hu(folder, name, unit):
+    hu = unit_to_hu(unit).astype(np.int16)[:, :, None]
+    nib.save(nib.Nifti1Image(hu.transpose(1, 0, 2)[::-1, ::-1], np.eye(4)), folder / name)
+
+
+def test_index_manifest_and_calibration(indexed):
+    ws_path, manifest = indexed
+    assert manifest["count"] == 96 and manifest["index"]["type"] == "flat"
+    cal = manifest["calibration"]
+    assert cal["n_baseline"] == 32 and 0 < cal["threshold"] <= 1 and cal["quantile"] == 0.99
+    assert (ws_path / "index" / "faiss.index").exists()
+    ws = open_workspace(ws_path, create=False)
+    with read_session(ws.engine) as s:
+        assert s.scalar(select(func.count()).select_from(PrivacyCalibration)) == 1
+    ws.close()
+
+
+def test_planted_copies_are_flagged_and_new_patients_are_not(indexed, tmp_path):
+    ws_path, _ = indexed
+    picked, images = train_slices(ws_path)
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    rng = np.random.default_rng(0)
+    for i, im in enumerate(images):
+        save_nifti_hu(planted, f"copy{i}.nii.gz", im)
+        save_nifti_hu(planted, f"flip{i}.nii.gz", hflip(im))
+        save_nifti_hu(planted, f"noise{i}.nii.gz", add_noise(im, 0.02, rng))
+        save_nifti_hu(planted, f"shift{i}.nii.gz", shift(im, 2, -2))
+    result = run("filter", "-w", ws_path, "--images", planted, "--json")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["summary"]["images"] == 4 * len(images)
+    missed = [r["name"] for r in out["images"] if not r["flagged"]]
+    assert missed == []
+    patients = {r.patient for r in picked}
+    assert {r["nearest_patient"] for r in out["images"]} <= patients
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    vol = make_volume(4242, size=64, n_slices=16)
+    for z in range(0, 16, 2):
+        unit = np.clip((vol.hu[z].astype(np.float32) + 1024) / 3072, 0, 1)
+        Image.fromarray((unit * 255).astype(np.uint8)).save(fresh / f"new{z}.png")
+    result = run("filter", "-w", ws_path, "--images", fresh, "--json")
+    out = json.loads(result.stdout)
+    assert sum(r["flagged"] for r in out["images"]) <= 1  # a new patient is not a copy
+    text = run("filter", "-w", ws_path, "--images", fresh)
+    assert text.exit_code == 0 and "flagged" in text.stdout
+
+
+def test_stale_index_is_refused_then_updated_incrementally(indexed, tmp_path):
+    ws_path, _ = indexed
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    from pipeline.phantom import volume_to_nifti
+
+    img, lab = volume_to_nifti(make_volume(77, size=64, n_slices=8))
+    nib.save(img, extra / "late_image.nii.gz")
+    nib.save(lab, extra / "late_label.nii.gz")
+    assert run("ingest", extra, "-w", ws_path, "--size", 64).exit_code == 0
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(images / "a.png")
+    result = run("filter", "-w", ws_path, "--images", images)
+    assert (
+        result.exit_code == 2
+        and "stale" in result.stderr
+        and "run 'pipeline index'" in result.stderr
+    )
+    result = run("index", "-w", ws_path, "--json")
+    manifest = json.loads(result.stdout)
+    assert manifest["count"] == 104 and manifest["reused_embeddings"] == 96
+    assert run("filter", "-w", ws_path, "--images", images).exit_code == 0
+
+
+def test_index_needs_held_out_patients_or_a_threshold(phantom_dir, ws_path):
+    assert (
+        run("ingest", phantom_dir, "-w", ws_path, "--size", 64, "--split", "1,0,0").exit_code == 0
+    )
+    result = run("index", "-w", ws_path)
+    assert result.exit_code == 2 and "held-out" in result.stderr and "--threshold" in result.stderr
+    assert not (ws_path / "index" / "manifest.json").exists()
+    result = run("index", "-w", ws_path, "--threshold", "0.9")
+    assert result.exit_code == 0 and "explicit" in result.stdout
+
+
+def test_filter_bad_input(indexed, tmp_path):
+    ws_path, _ = indexed
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run("filter", "-w", ws_path, "--images", empty)
+    assert result.exit_code == 2 and "no PNG or NIfTI" in result.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = np.zeros((64, 64, 1), np.float32)
+    data[3, 3, 0] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), bad / "nan.nii.gz")
+    result = run("filter", "-w", ws_path, "--images", bad)
+    assert result.exit_code == 2 and "nan.nii.gz" in result.stderr and "NaN" in result.stderr
+    colour = tmp_path / "colour"
+    colour.mkdir()
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[..., 0] = 200
+    Image.fromarray(rgb).save(colour / "c.png")
+    result = run("filter", "-w", ws_path, "--images", colour)
+    assert result.exit_code == 2 and "c.png" in result.stderr and "colour" in result.stderr
+    big = tmp_path / "big"
+    big.mkdir()
+    Image.fromarray(np.full((100, 100), 50, np.uint8)).save(big / "b.png")
+    result = run("filter", "-w", ws_path, "--images", big, "--json")
+    assert result.exit_code == 0
+    assert "resized to 64x64" in json.loads(result.stdout)["warnings"][0]
+    assert run("filter", "-w", tmp_path / "nows", "--images", big).exit_code == 2
+
+
+def test_filter_without_index(phantom_dir, ws_path, tmp_path):
+    assert run("ingest", phantom_dir, "-w", ws_path, "--size", 64).exit_code == 0
+    result = run("filter", "-w", ws_path, "--images", tmp_path)
+    assert result.exit_code == 2 and "no source index" in result.stderr
+
+
+def test_centre_undoes_a_shift():
+    im = np.zeros((32, 32), np.float32)
+    im[10:16, 12:20] = 1.0
+    np.testing.assert_array_equal(centre(im), centre(shift(im, 3, -4)))
+
+
+@pytest.mark.slow
+def test_encoder_embedder_trains_saves_and_reloads(phantom_dir, ws_path, tmp_path):
+    assert (
+        run("ingest", phantom_dir, "-w", ws_path, "--size", 64, "--split", "0.6,0.2,0.2").exit_code
+        == 0
+    )
+    result = run("index", "-w", ws_path, "--embedder", "encoder", "--encoder-steps", 5, "--json")
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert manifest["embedder"] == "encoder" and manifest["dim"] == 128
+    assert (ws_path / "index" / "encoder.weights.h5").exists()
+    _, images = train_slices(ws_path, n=2)
+    folder = tmp_path / "q"
+    folder.mkdir()
+    for i, im in enumerate(images):
+        save_nifti_hu(folder, f"copy{i}.nii.gz", im)
+    out = json.loads(run("filter", "-w", ws_path, "--images", folder, "--json").stdout)
+    assert all(r["flagged"] for r in out["images"])
