@@ -272,20 +272,24 @@ def status(workspace: Path, as_json: bool) -> None:
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo(workspace: Path, volumes: int, size: int, seed: int) -> None:
-    """Run the main job on the built-in phantom: phantom → ingest → status."""
+    """Run the main job on the built-in phantom: phantom → ingest → index → status."""
+    from pipeline.filtering import FilterConfig, build_index
     from pipeline.ingest import IngestConfig
     from pipeline.ingest import ingest as run_ingest
     from pipeline.phantom import write_phantom
 
     src = workspace / "demo-sources" / "phantom"
-    click.echo(f"[1/2] phantom: {volumes} volumes → {src}")
+    click.echo(f"[1/3] phantom: {volumes} volumes → {src}")
     write_phantom(src, volumes=volumes, seed=seed, progress=progress_bar("phantom", "vol"))
     click.echo(f"      preview: {src / 'preview.png'}")
-    click.echo(f"[2/2] ingest → {workspace}")
+    click.echo(f"[2/3] ingest → {workspace}")
     with opened_workspace(workspace, create=True) as ws:
         report = run_ingest(
             ws, src, IngestConfig(size=size, seed=seed), progress=progress_bar("ingest", "vol")
         )
+        click.echo(f"[3/3] privacy index → {ws.index_dir}")
+        manifest = build_index(ws, FilterConfig(seed=seed), progress=progress_bar("index", "batch"))
+    click.echo(describe_index(manifest))
     click.echo(format_status(report.status))
 
 
@@ -369,13 +373,18 @@ def index_cmd(
     if as_json:
         echo_json(manifest)
         return
+    click.echo(describe_index(manifest))
+
+
+def describe_index(manifest: dict[str, Any]) -> str:
+    """Two lines on an index build: what is indexed, and the threshold with its provenance."""
     cal = manifest["calibration"]
     how = (
         "explicit"
         if cal["explicit"]
         else f"q{cal['quantile']} of {cal['n_baseline']} held-out-vs-training scores"
     )
-    click.echo(
+    return (
         f"indexed {manifest['count']} slices ({manifest['embedder']}, {manifest['dim']}-d, "
         f"{manifest['index']['type']}; {manifest['reused_embeddings']} embeddings reused)\n"
         f"too-similar threshold: SSIM > {cal['threshold']:.4f} ({how})"
