@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from pipeline.augment import shift
 from pipeline.preprocess import resize_image
 
 EMBEDDERS = ("pixel", "encoder")
@@ -47,13 +48,7 @@ def centre(image: np.ndarray) -> np.ndarray:
     cy = float((weights.sum(axis=1) * np.arange(h)).sum() / total)
     cx = float((weights.sum(axis=0) * np.arange(w)).sum() / total)
     dy, dx = round((h - 1) / 2 - cy), round((w - 1) / 2 - cx)
-    if dy == 0 and dx == 0:
-        return image
-    out = np.full_like(image, image.min())
-    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
-    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
-    out[yd, xd] = image[ys, xs]
-    return out
+    return image if dy == 0 and dx == 0 else shift(image, dy, dx)
 
 
 @dataclass(frozen=True)

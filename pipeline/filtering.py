@@ -12,7 +12,6 @@ from typing import Any
 import faiss
 import nibabel as nib
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -32,6 +31,7 @@ from pipeline.index import (
     slice_refs,
     write_index,
 )
+from pipeline.ingest import read_png
 from pipeline.preprocess import ras_to_display, resize_image, window_to_unit
 from pipeline.privacy import DEFAULT_QUANTILE, Calibration, aligned_ssim, calibrate
 from pipeline.workspace import Workspace
@@ -286,25 +286,7 @@ def read_images(path: Path, *, size: int, window: tuple[float, float] | None) ->
     notes: list[str] = []
     for f in _image_files(path):
         if f.name.lower().endswith(".png"):
-            try:
-                with Image.open(f) as im:
-                    im.load()
-                    arr = np.asarray(im)
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise PipelineError(f"unreadable PNG ({exc})", path=f) from None
-            if arr.ndim == 3:
-                rgb = arr[..., :3].astype(np.float32)
-                if not (
-                    np.array_equal(rgb[..., 0], rgb[..., 1])
-                    and np.array_equal(rgb[..., 0], rgb[..., 2])
-                ):
-                    raise PipelineError(
-                        f"colour image ({arr.shape[2]} channels); expected grey", path=f
-                    )
-                notes.append(f"{f.name}: {arr.shape[2]}-channel grey PNG read as one channel")
-                arr = rgb[..., 0]
-            scale = 65535.0 if arr.dtype == np.uint16 else 255.0
-            planes = [(f.name, arr.astype(np.float32) / scale)]
+            planes = [(f.name, read_png(f, mask=False) / np.float32(255.0))]
         else:
             if window is None:
                 raise PipelineError("NIfTI input needs a workspace of HU sources", path=f)

@@ -348,7 +348,11 @@ def load_nifti(spec: VolumeSpec, cfg: IngestConfig) -> LoadedVolume:
     )
 
 
-def _read_png(path: Path, *, mask: bool) -> np.ndarray:
+def read_png(path: Path, *, mask: bool) -> np.ndarray:
+    """A grey PNG as an array: masks as stored, images as float32 display units 0-255.
+
+    Grey stored as RGB(A) is accepted; real colour, or an unreadable file, is a PipelineError.
+    """
     try:
         with Image.open(path) as im:
             im.load()
@@ -375,7 +379,7 @@ def load_png(spec: VolumeSpec) -> LoadedVolume:
     """Read one patient's PNG slices (display units 0-255, never HU) and their index masks."""
     images, labels = [], []
     for _, img_path, mask_path in spec.png_slices:
-        image, mask = _read_png(img_path, mask=False), _read_png(mask_path, mask=True)
+        image, mask = read_png(img_path, mask=False), read_png(mask_path, mask=True)
         if image.shape != mask.shape:
             raise PipelineError(
                 f"mask size {mask.shape[::-1]} differs from image size {image.shape[::-1]}",
