@@ -12,6 +12,7 @@ from typing import Any
 import faiss
 import nibabel as nib
 import numpy as np
+from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -287,6 +288,9 @@ def read_images(path: Path, *, size: int, window: tuple[float, float] | None) ->
     for f in _image_files(path):
         if f.name.lower().endswith(".png"):
             planes = [(f.name, read_png(f, mask=False) / np.float32(255.0))]
+            with Image.open(f) as probe:
+                if probe.mode not in ("L", "P", "I", "I;16", "I;16B"):
+                    notes.append(f"{f.name}: {probe.mode} PNG of grey values read as one channel")
         else:
             if window is None:
                 raise PipelineError("NIfTI input needs a workspace of HU sources", path=f)

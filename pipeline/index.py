@@ -152,6 +152,17 @@ def tune_nprobe(
     return min(nprobe, index.nlist), recall
 
 
+def on_gpu_if_available(index: faiss.Index) -> faiss.Index:
+    """The index on all GPUs when faiss-gpu sees one (the ``gpu`` extra), else unchanged.
+
+    faiss-gpu imports on machines without a GPU but does not fall back by itself, so ask first.
+    """
+    get = getattr(faiss, "get_num_gpus", None)
+    if get is None or get() < 1:
+        return index
+    return faiss.index_cpu_to_all_gpus(index)
+
+
 def search_both_ways(
     index: faiss.Index, embedder: Embedder, images: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -236,4 +247,5 @@ def load_index(ws: Workspace) -> LoadedIndex:
     embedder = load_embedder(
         manifest["embedder"], ws.index_dir, manifest.get("embedder_params", {})
     )
-    return LoadedIndex(index, manifest, embedder, refs, SliceStore(ws.cache_dir, refs))
+    store = SliceStore(ws.cache_dir, refs)
+    return LoadedIndex(on_gpu_if_available(index), manifest, embedder, refs, store)

@@ -151,6 +151,12 @@ def test_filter_bad_input(indexed, tmp_path):
     Image.fromarray(rgb).save(colour / "c.png")
     result = run("filter", "-w", ws_path, "--images", colour)
     assert result.exit_code == 2 and "c.png" in result.stderr and "colour" in result.stderr
+    grey_rgb = tmp_path / "greyrgb"
+    grey_rgb.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(grey_rgb / "g.png")
+    result = run("filter", "-w", ws_path, "--images", grey_rgb, "--json")
+    assert result.exit_code == 0
+    assert "RGB PNG of grey values read as one channel" in result.stdout
     big = tmp_path / "big"
     big.mkdir()
     Image.fromarray(np.full((100, 100), 50, np.uint8)).save(big / "b.png")
