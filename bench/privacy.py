@@ -119,6 +119,7 @@ def run_dataset(name: str, embedders: list[str], args) -> list[dict]:
             "recall": {},
         }
         found_all, total = [0, 0], 0
+        kind_scores = {}
         for kind, fn in PLANTED.items():
             planted = np.stack(
                 [
@@ -131,6 +132,7 @@ def run_dataset(name: str, embedders: list[str], args) -> list[dict]:
                 ]
             ).astype(np.float32)
             s, sim = scores(full, planted)
+            kind_scores[kind] = s
             # the true source must also be among the neighbours searched
             _, nn = search_both_ways(full, embedder, planted, args.k * RERANK)
             in_topk = np.mean([train[p].slice_id in nn[j] for j, p in enumerate(picks)])
@@ -149,6 +151,20 @@ def run_dataset(name: str, embedders: list[str], args) -> list[dict]:
         row["score_seconds_per_image"] = (time.perf_counter() - t0) / (
             total + len(cal_refs) + len(neg_refs)
         )
+        row["sweep"] = []
+        for q in (0.99, 0.975, 0.95):
+            thr = calibrate(cal_ssim, quantile=q).threshold
+            per_kind = {k: float(np.mean(v > thr)) for k, v in kind_scores.items()}
+            row["sweep"].append(
+                {
+                    "quantile": q,
+                    "threshold": thr,
+                    "fp": float(np.mean(neg_ssim > thr)),
+                    "recall_all": float(np.mean(np.concatenate(list(kind_scores.values())) > thr)),
+                    "worst_kind": min(per_kind, key=per_kind.get),
+                    "worst_recall": min(per_kind.values()),
+                }
+            )
         rows.append(row)
         print_row(row)
     ws.close()
@@ -172,6 +188,12 @@ def print_row(row: dict) -> None:
         f"  {'ALL planted':<15}{row['recall_all_ssim']:>12.1%}{row['recall_all_embedding']:>11.1%}"
     )
     print(f"  {'false pos.':<15}{row['fp_ssim']:>12.1%}{row['fp_embedding']:>11.1%}")
+    print(f"  {'quantile':<10}{'threshold':>10}{'recall':>8}{'false pos.':>11}  worst kind")
+    for s in row["sweep"]:
+        print(
+            f"  {s['quantile']:<10}{s['threshold']:>10.3f}{s['recall_all']:>8.1%}{s['fp']:>11.1%}"
+            f"  {s['worst_kind']} {s['worst_recall']:.0%}"
+        )
     print(
         f"  embed {row['embed_seconds']:.1f}s, score {row['score_seconds_per_image'] * 1e3:.0f}"
         " ms/image"
