@@ -32,6 +32,8 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/privacy.py
+	$(BIN)/python bench/privacy.py --scale
 
 clean:
 	rm -rf $(VENV) demo-workspace .pytest_cache .ruff_cache .hypothesis

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -17,6 +18,8 @@ from pipeline.errors import PipelineError
 from pipeline.workspace import DEFAULT_WORKSPACE, ENV_WORKSPACE, Workspace, open_workspace
 
 F = TypeVar("F", bound=Callable[..., Any])
+# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) is noise to a CLI user.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 class PipelineGroup(click.Group):

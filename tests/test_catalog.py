@@ -81,3 +81,20 @@ def test_two_processes_writing_concurrently_lose_nothing(ws):
     with read_session(ws.engine) as session:
         n = session.scalar(select(func.count()).select_from(Meta).where(Meta.key.like("w%")))
     assert n == 400
+
+
+def test_version_1_catalog_is_migrated(ws_path):
+    import sqlite3
+
+    open_workspace(ws_path).close()
+    con = sqlite3.connect(ws_path / "catalog.db")
+    con.execute("DROP TABLE privacy_calibrations")
+    con.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    con.commit()
+    con.close()
+    ws = open_workspace(ws_path)
+    with ws.engine.connect() as conn:
+        tables = {r[0] for r in conn.execute(text("SELECT name FROM sqlite_master"))}
+        version = conn.execute(text("SELECT value FROM meta WHERE key='schema_version'")).scalar()
+    ws.close()
+    assert "privacy_calibrations" in tables and version == str(SCHEMA_VERSION)
