@@ -82,9 +82,9 @@ def run_dataset(name: str, embedders: list[str], args) -> list[dict]:
         vectors = embed_refs(store, refs, embedder)
         ids = np.array([r.slice_id for r in refs], dtype=np.int64)
         t_embed = time.perf_counter() - t0
-        # the index holds every source slice except the negatives (never-seen patients)
-        neg_ids = {r.slice_id for r in neg_refs}
-        keep = np.array([i for i, r in enumerate(refs) if r.slice_id not in neg_ids])
+        # the index holds every source slice except the negatives' patients (never seen)
+        neg_patients = {r.patient for r in neg_refs}
+        keep = np.array([i for i, r in enumerate(refs) if r.patient not in neg_patients])
         full, _ = make_index(vectors[keep], ids[keep])
         train_pos = np.array([i for i, r in enumerate(refs) if r.split == "train"])
         train_index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
