@@ -44,3 +44,19 @@ def test_calibration_quantile():
     assert cal.flag(0.995) and not cal.flag(0.98)
     with pytest.raises(ValueError, match="held-out"):
         calibrate(np.array([]))
+
+
+def test_ivf_index_is_tuned_to_the_recall_target():
+    from pipeline.index import make_index
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(100, 3100, dtype=np.int64)
+    index, info = make_index(vectors, ids, k=5, flat_max=1000)
+    assert info["type"] == "ivf" and info["recall_at_k"] >= 0.99
+    assert 1 <= info["nprobe"] <= info["nlist"]
+    _, found = index.search(vectors[:50], 1)
+    assert (found[:, 0] == ids[:50]).mean() >= 0.98
+    flat, flat_info = make_index(vectors, ids, k=5)
+    assert flat_info["type"] == "flat" and flat.ntotal == 3000
