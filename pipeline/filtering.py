@@ -319,7 +319,9 @@ def read_images(path: Path, *, size: int, window: tuple[float, float] | None) ->
             if not np.isfinite(plane).all():
                 raise PipelineError("NaN or infinite pixel values", path=f)
             if plane.shape != (size, size):
-                notes.append(f"{name}: {plane.shape[1]}x{plane.shape[0]} resized to {size}x{size}")
+                note = f"{f.name}: {plane.shape[1]}x{plane.shape[0]} resized to {size}x{size}"
+                if note not in notes:  # once per file, not per slice of a volume
+                    notes.append(note)
                 plane = resize_image(plane, size)
             names.append(name)
             slices.append(np.clip(plane, 0.0, 1.0).astype(np.float32))
