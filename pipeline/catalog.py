@@ -127,9 +127,11 @@ class PrivacyCalibration(Base):
     embedder: Mapped[str] = mapped_column(String)
     k: Mapped[int] = mapped_column(Integer)
     quantile: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: user threshold
-    threshold: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)  # SSIM
+    texture_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     n_baseline: Mapped[int] = mapped_column(Integer)
-    baseline: Mapped[list[Any]]  # the held-out-vs-training scores
+    baseline: Mapped[list[Any]]  # the held-out-vs-training SSIM scores
+    texture_baseline: Mapped[list[Any]]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -390,7 +390,13 @@ def describe_index(manifest: dict[str, Any]) -> str:
     return (
         f"indexed {manifest['count']} slices ({manifest['embedder']}, {manifest['dim']}-d, "
         f"{manifest['index']['type']}; {manifest['reused_embeddings']} embeddings reused)\n"
-        f"too-similar threshold: SSIM > {cal['threshold']:.4f} ({how})"
+        f"too similar: SSIM > {cal['threshold']:.4f}"
+        + (
+            f" or texture > {cal['texture_threshold']:.4f}"
+            if cal["texture_threshold"] is not None
+            else ""
+        )
+        + f" ({how})"
     )
 
 
@@ -417,14 +423,22 @@ def filter_cmd(workspace: Path, images: Path, as_json: bool) -> None:
         return
     for note in notes:
         click.echo(f"warning: {note}", err=True)
-    click.echo(f"{'image':<32}{'score':>8}{'margin':>9}  {'nearest (patient)':<24}flag")
+    click.echo(
+        f"{'image':<32}{'SSIM':>8}{'texture':>9}{'margin':>9}  {'nearest (patient)':<24}flag"
+    )
     for r in results:
         flag = "TOO SIMILAR" if r.flagged else ""
         click.echo(
-            f"{r.name[:31]:<32}{r.score:>8.4f}{r.margin:>9.4f}  "
+            f"{r.name[:31]:<32}{r.score:>8.4f}{r.texture:>9.4f}{r.margin:>9.4f}  "
             f"{f'{r.nearest_slice} ({r.nearest_patient})':<24}{flag}"
         )
     click.echo(
         f"{summary['flagged']} of {summary['images']} flagged "
-        f"(threshold SSIM > {summary['threshold']:.4f}, {summary['embedder']} index)"
+        f"(SSIM > {summary['threshold']:.4f}"
+        + (
+            f" or texture > {summary['texture_threshold']:.4f}"
+            if summary["texture_threshold"] is not None
+            else ""
+        )
+        + f", {summary['embedder']} index)"
     )

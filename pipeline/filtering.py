@@ -34,7 +34,7 @@ from pipeline.index import (
 )
 from pipeline.ingest import read_png
 from pipeline.preprocess import ras_to_display, resize_image, window_to_unit
-from pipeline.privacy import DEFAULT_QUANTILE, Calibration, aligned_ssim, calibrate
+from pipeline.privacy import DEFAULT_QUANTILE, Calibration, aligned_scores, calibrate
 from pipeline.workspace import Workspace
 
 Progress = Callable[[Iterable[Any]], Iterable[Any]]
@@ -99,16 +99,17 @@ def score_against(
     k: int,
     max_shift: int,
     smooth: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For each image: best aligned SSIM over its top-k neighbours, in both orientations.
 
     The image's own neighbours are compared with the image, its mirror image's neighbours with
-    the mirror image (each over the small shift search). Returns (scores, nearest slice ids,
-    best embedding similarity).
+    the mirror image (each over the small shift search). Returns (SSIM scores, nearest slice
+    ids, best embedding similarity, best texture correlation).
     """
     sims, ids = search_both_ways(index, embedder, images, k * RERANK)
     half = ids.shape[1] // 2
     scores = np.zeros(len(images))
+    texture = np.zeros(len(images))
     nearest = np.full(len(images), -1, dtype=np.int64)
     for i, image in enumerate(images):
         for view, found in ((image, ids[i, :half]), (image[:, ::-1], ids[i, half:])):
@@ -119,11 +120,14 @@ def score_against(
             if len(cand) > k:  # full-resolution correlation picks the k to re-score
                 order = np.argsort(-full_correlation(view, sources), kind="stable")[:k]
                 cand, sources = [cand[o] for o in order], sources[order]
-            ssim = aligned_ssim(view, sources, max_shift=max_shift, flips=False, smooth=smooth)
+            ssim, tex = aligned_scores(
+                view, sources, max_shift=max_shift, flips=False, smooth=smooth
+            )
             j = int(np.argmax(ssim))
             if nearest[i] < 0 or ssim[j] > scores[i]:
                 scores[i], nearest[i] = ssim[j], cand[j]
-    return scores, nearest, sims.max(axis=1)
+            texture[i] = max(texture[i], float(tex.max()))
+    return scores, nearest, sims.max(axis=1), texture
 
 
 def calibrate_index(
@@ -148,15 +152,16 @@ def calibrate_index(
         held = sorted(rng.choice(held, size=cfg.calibration_max, replace=False).tolist())
     sub = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
     sub.add_with_ids(vectors[train], np.array([refs[i].slice_id for i in train], dtype=np.int64))
-    scores = []
+    scores, textures = [], []
     chunks = [held[i : i + 64] for i in range(0, len(held), 64)]
     for chunk in progress(chunks):
         images = store.images([refs[i].slice_id for i in chunk])
-        s, _, _ = score_against(
+        s, _, _, tex = score_against(
             sub, embedder, store, images, k=cfg.k, max_shift=cfg.max_shift, smooth=cfg.smooth
         )
         scores.extend(s.tolist())
-    return calibrate(np.array(scores), quantile=cfg.quantile)
+        textures.extend(tex.tolist())
+    return calibrate(np.array(scores), np.array(textures), quantile=cfg.quantile)
 
 
 def build_index(
@@ -225,6 +230,7 @@ def build_index(
         "calibration": {
             "quantile": None if cal.n_baseline == 0 else cal.quantile,
             "threshold": cal.threshold,
+            "texture_threshold": cal.texture_threshold,
             "n_baseline": cal.n_baseline,
             "explicit": cal.n_baseline == 0,
         },
@@ -240,8 +246,10 @@ def build_index(
                 k=cfg.k,
                 quantile=None if cal.n_baseline == 0 else cal.quantile,
                 threshold=cal.threshold,
+                texture_threshold=cal.texture_threshold,
                 n_baseline=cal.n_baseline,
                 baseline=list(cal.baseline),
+                texture_baseline=list(cal.texture_baseline),
             )
         )
     return {k: v for k, v in manifest.items() if k != "ids"}
@@ -333,12 +341,14 @@ class ImageScore:
     """The privacy verdict on one image."""
 
     name: str
-    score: float
+    score: float  # best SSIM to a source slice
     threshold: float
+    texture: float  # best correlation of fine texture with a source slice
+    texture_threshold: float | None
     flagged: bool
     nearest_slice: int
     nearest_patient: str
-    margin: float  # threshold - score: how far below the line (negative when flagged)
+    margin: float  # distance below the nearest threshold (negative when flagged)
 
 
 def score_images(
@@ -346,12 +356,19 @@ def score_images(
 ) -> list[ImageScore]:
     """Score images against the index with the calibrated threshold (same path for candidates)."""
     cfg = loaded.manifest["config"]
-    threshold = float(loaded.manifest["calibration"]["threshold"])
+    stored = loaded.manifest["calibration"]
+    cal = Calibration(
+        quantile=stored["quantile"] or float("nan"),
+        threshold=float(stored["threshold"]),
+        n_baseline=int(stored["n_baseline"]),
+        baseline=(),
+        texture_threshold=stored.get("texture_threshold"),
+    )
     results: list[ImageScore] = []
     chunks = [range(i, min(i + 64, len(images))) for i in range(0, len(images), 64)]
     for chunk in progress(chunks):
         sub = images[chunk.start : chunk.stop]
-        scores, nearest, _ = score_against(
+        scores, nearest, _, texture = score_against(
             loaded.index,
             loaded.embedder,
             loaded.store,
@@ -366,11 +383,13 @@ def score_images(
                 ImageScore(
                     name=names[i],
                     score=round(float(scores[j]), 6),
-                    threshold=threshold,
-                    flagged=bool(scores[j] > threshold),
+                    threshold=cal.threshold,
+                    texture=round(float(texture[j]), 6),
+                    texture_threshold=cal.texture_threshold,
+                    flagged=cal.flag(float(scores[j]), float(texture[j])),
                     nearest_slice=int(nearest[j]),
                     nearest_patient=ref.patient if ref else "",
-                    margin=round(threshold - scores[j], 6),
+                    margin=round(cal.margin(float(scores[j]), float(texture[j])), 6),
                 )
             )
     return results
@@ -399,6 +418,7 @@ def filter_images(
         "images": len(results),
         "flagged": sum(r.flagged for r in results),
         "threshold": loaded.manifest["calibration"]["threshold"],
+        "texture_threshold": loaded.manifest["calibration"].get("texture_threshold"),
         "quantile": loaded.manifest["calibration"]["quantile"],
         "n_baseline": loaded.manifest["calibration"]["n_baseline"],
         "embedder": loaded.manifest["embedder"],

@@ -7,6 +7,7 @@ Arrays in, numbers out: no files, no database, no index. The index search lives 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -76,7 +77,21 @@ def _overlap(a: np.ndarray, b: np.ndarray, dy: int, dx: int) -> tuple[np.ndarray
     return a[ay, ax], b[by, bx]
 
 
-def aligned_ssim(
+def highpass(images: np.ndarray, sigma: float = 2.0) -> np.ndarray:
+    """Image minus its Gaussian blur: the fine texture (noise grain, small vessels) of a scan."""
+    images = np.asarray(images, dtype=np.float64)
+    blur = (0,) * (images.ndim - 2) + (sigma, sigma)
+    return images - ndimage.gaussian_filter(images, blur)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+def aligned_scores(
     candidate: np.ndarray,
     sources: np.ndarray,
     *,
@@ -84,70 +99,120 @@ def aligned_ssim(
     flips: bool = True,
     smooth: float = 0.0,
     data_range: float = 1.0,
-) -> np.ndarray:
-    """Best SSIM of ``candidate`` against each of ``sources`` (k, H, W) over a small search.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best SSIM and best texture correlation of ``candidate`` against each source (k, H, W).
 
-    The search covers the identity and the horizontally flipped candidate, each unshifted and at
-    the integer shift (within ±``max_shift`` px) that maximises their cross-correlation, so a
-    flipped or slightly moved copy scores as high as a plain one. ``smooth`` > 0 compares
-    Gaussian-smoothed images (sigma in pixels), so that pixel noise added to a copy does not
-    hide the anatomy it copied.
+    The search covers the identity and (with ``flips``) the mirrored candidate, each unshifted
+    and at the integer shift (within ±``max_shift`` px) that maximises their cross-correlation,
+    so a mirrored or slightly moved copy scores like a plain one. SSIM compares the images after
+    a Gaussian of ``smooth`` px (added noise cannot hide the anatomy a copy took); the texture
+    score is the Pearson correlation of their high-pass residuals (:func:`highpass`), which a
+    copy or a blend keeps from its source and a different patient does not share.
     """
-    candidate = np.asarray(candidate, dtype=np.float64)
-    sources = np.asarray(sources, dtype=np.float64)
+    raw = np.asarray(candidate, dtype=np.float64)
+    raw_sources = np.asarray(sources, dtype=np.float64)
+    cand, srcs = raw, raw_sources
     if smooth > 0:
-        candidate = ndimage.gaussian_filter(candidate, smooth)
-        sources = ndimage.gaussian_filter(sources, (0, smooth, smooth))
-    variants = [candidate, candidate[:, ::-1]] if flips else [candidate]
+        cand = ndimage.gaussian_filter(raw, smooth)
+        srcs = ndimage.gaussian_filter(raw_sources, (0, smooth, smooth))
+    hp_cand, hp_srcs = highpass(raw), highpass(raw_sources)
+    views = [(cand, hp_cand), (cand[:, ::-1], hp_cand[:, ::-1])] if flips else [(cand, hp_cand)]
     firsts, seconds, owners = [], [], []
-    for j, src in enumerate(sources):
-        for v in variants:
-            firsts.append(src)
-            seconds.append(v)
-            owners.append(j)
+    texture = np.full(len(srcs), -1.0)
+    for j, src in enumerate(srcs):
+        for view, hp_view in views:
+            shifts = [(0, 0)]
             if max_shift > 0:
-                dy, dx = best_shift(src, v, max_shift)
-                if dy or dx:
-                    a, b = _overlap(src, v, dy, dx)
-                    firsts.append(a)
-                    seconds.append(b)
-                    owners.append(j)
-    scores = np.full(len(sources), -1.0)
+                best = best_shift(src, view, max_shift)
+                if best != (0, 0):
+                    shifts.append(best)
+            for dy, dx in shifts:
+                a, b = _overlap(src, view, dy, dx)
+                firsts.append(a)
+                seconds.append(b)
+                owners.append(j)
+                ha, hb = _overlap(hp_srcs[j], hp_view, dy, dx)
+                texture[j] = max(texture[j], _pearson(ha, hb))
+    ssim = np.full(len(srcs), -1.0)
     # group pairs by shape so each group is one batched SSIM
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, a in enumerate(firsts):
         by_shape.setdefault(a.shape, []).append(i)
     for idx in by_shape.values():
-        s = ssim_batch(
+        values = ssim_batch(
             np.stack([firsts[i] for i in idx]),
             np.stack([seconds[i] for i in idx]),
             data_range=data_range,
         )
-        for i, value in zip(idx, s, strict=True):
-            scores[owners[i]] = max(scores[owners[i]], float(value))
-    return scores
+        for i, value in zip(idx, values, strict=True):
+            ssim[owners[i]] = max(ssim[owners[i]], float(value))
+    return ssim, texture
+
+
+def aligned_ssim(candidate: np.ndarray, sources: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """The SSIM half of :func:`aligned_scores`."""
+    return aligned_scores(candidate, sources, **kwargs)[0]
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """The "different person" baseline and the threshold taken from it."""
+    """The "different person" baseline and the thresholds taken from it.
+
+    Two detectors: SSIM (anatomy) and, when calibrated, texture correlation (the fine grain a
+    copy or blend keeps). A candidate is flagged when either is above its threshold; each is set
+    at half the tail (``1 - (1 - quantile) / 2``) so together they flag at most ``1 - quantile``
+    of different-person slices.
+    """
 
     quantile: float
-    threshold: float
+    threshold: float  # SSIM
     n_baseline: int
-    baseline: tuple[float, ...]  # the scores themselves, for histograms and audits
+    baseline: tuple[float, ...]  # the SSIM scores themselves, for histograms and audits
+    texture_threshold: float | None = None
+    texture_baseline: tuple[float, ...] = ()
 
-    def flag(self, score: float) -> bool:
-        """True when ``score`` is more similar than the threshold: too close to a source."""
-        return score > self.threshold
+    def flag(self, score: float, texture: float | None = None) -> bool:
+        """True when the image is more similar to a source than a different person would be."""
+        if score > self.threshold:
+            return True
+        return (
+            self.texture_threshold is not None
+            and texture is not None
+            and (texture > self.texture_threshold)
+        )
+
+    def margin(self, score: float, texture: float | None = None) -> float:
+        """Distance below the nearest threshold (negative when flagged)."""
+        m = self.threshold - score
+        if self.texture_threshold is not None and texture is not None:
+            m = min(m, self.texture_threshold - texture)
+        return m
 
 
-def calibrate(baseline_scores: np.ndarray, *, quantile: float = DEFAULT_QUANTILE) -> Calibration:
-    """Threshold = the ``quantile`` of held-out-vs-training similarity scores."""
+def calibrate(
+    baseline_scores: np.ndarray,
+    texture_scores: np.ndarray | None = None,
+    *,
+    quantile: float = DEFAULT_QUANTILE,
+) -> Calibration:
+    """Thresholds from held-out-vs-training scores at ``quantile`` (split between detectors)."""
     scores = np.asarray(baseline_scores, dtype=np.float64)
     if scores.size == 0:
         raise ValueError("no baseline scores: calibration needs held-out patients")
     if not 0.5 <= quantile < 1.0:
         raise ValueError(f"quantile {quantile} must be in [0.5, 1)")
-    threshold = float(np.quantile(scores, quantile))
-    return Calibration(quantile, threshold, int(scores.size), tuple(float(s) for s in scores))
+    if texture_scores is None:
+        threshold = float(np.quantile(scores, quantile))
+        return Calibration(quantile, threshold, int(scores.size), tuple(float(s) for s in scores))
+    texture = np.asarray(texture_scores, dtype=np.float64)
+    if texture.shape != scores.shape:
+        raise ValueError("texture and SSIM baselines differ in length")
+    each = 1 - (1 - quantile) / 2
+    return Calibration(
+        quantile=quantile,
+        threshold=float(np.quantile(scores, each)),
+        n_baseline=int(scores.size),
+        baseline=tuple(float(s) for s in scores),
+        texture_threshold=float(np.quantile(texture, each)),
+        texture_baseline=tuple(float(t) for t in texture),
+    )

@@ -73,10 +73,13 @@ def test_planted_copies_are_flagged_and_new_patients_are_not(indexed, tmp_path):
         save_nifti_hu(planted, f"flip{i}.nii.gz", hflip(im))
         save_nifti_hu(planted, f"noise{i}.nii.gz", add_noise(im, 0.02, rng))
         save_nifti_hu(planted, f"shift{i}.nii.gz", shift(im, 2, -2))
+        # (blends are measured at 256² in bench/privacy.py: at 64² little scan grain survives)
     result = run("filter", "-w", ws_path, "--images", planted, "--json")
     assert result.exit_code == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["summary"]["images"] == 4 * len(images)
+    assert out["summary"]["texture_threshold"] is not None
+    assert all("texture" in r for r in out["images"])
     missed = [r["name"] for r in out["images"] if not r["flagged"]]
     assert missed == []
     patients = {r.patient for r in picked}

@@ -60,3 +60,29 @@ def test_ivf_index_is_tuned_to_the_recall_target():
     assert (found[:, 0] == ids[:50]).mean() >= 0.98
     flat, flat_info = make_index(vectors, ids, k=5)
     assert flat_info["type"] == "flat" and flat.ntotal == 3000
+
+
+def test_texture_score_sees_a_blend_and_not_a_stranger():
+    from pipeline.privacy import aligned_scores
+
+    rng = np.random.default_rng(1)
+    a = np.clip(camera() + rng.normal(0, 0.01, (128, 128)), 0, 1)  # a scan's own grain
+    b = np.clip(data.moon()[::4, ::4] / 255.0 + rng.normal(0, 0.01, (128, 128)), 0, 1)
+    blend = 0.7 * a + 0.3 * b
+    ssim, texture = aligned_scores(blend, np.stack([a, b]), smooth=1.0)
+    assert texture[0] > 0.8 > texture[1]
+    assert ssim[0] > ssim[1]
+
+
+def test_two_detector_calibration_splits_the_tail():
+    ssim = np.linspace(0, 1, 201)
+    texture = np.linspace(0, 0.5, 201)
+    cal = calibrate(ssim, texture, quantile=0.99)
+    assert cal.threshold == pytest.approx(np.quantile(ssim, 0.995))
+    assert cal.texture_threshold == pytest.approx(np.quantile(texture, 0.995))
+    assert cal.flag(0.2, 0.499) and cal.flag(0.999, 0.0) and not cal.flag(0.2, 0.1)
+    assert cal.margin(0.2, 0.1) == pytest.approx(min(cal.threshold - 0.2,
+                                                     cal.texture_threshold - 0.1))
+    # together the two detectors flag at most 1% of the baseline
+    flagged = [cal.flag(s, t) for s, t in zip(ssim, texture[::-1], strict=True)]
+    assert np.mean(flagged) <= 0.02
