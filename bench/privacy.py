@@ -157,40 +157,41 @@ def run_dataset(name: str, embedders: list[str], args) -> list[dict]:
         row["score_seconds_per_image"] = (time.perf_counter() - t0) / (
             total + len(cal_refs) + len(neg_refs)
         )
+
+        def product(cal, k):  # the shipped rule: SSIM or texture over its threshold
+            return (kind_scores[k] > cal.threshold) | (kind_tex[k] > cal.texture_threshold)
+
         row["sweep"] = []
         for q in (0.99, 0.975, 0.95):
-            thr = calibrate(cal_ssim, quantile=q).threshold
-            per_kind = {k: float(np.mean(v > thr)) for k, v in kind_scores.items()}
+            cal = calibrate(cal_ssim, cal_tex, quantile=q)
+            ssim_only = calibrate(cal_ssim, quantile=q).threshold
+            per_kind = {k: float(np.mean(product(cal, k))) for k in kind_scores}
             row["sweep"].append(
                 {
                     "quantile": q,
-                    "threshold": thr,
-                    "fp": float(np.mean(neg_ssim > thr)),
-                    "recall_all": float(np.mean(np.concatenate(list(kind_scores.values())) > thr)),
+                    "ssim_threshold": cal.threshold,
+                    "texture_threshold": cal.texture_threshold,
+                    "recall_all": float(
+                        np.mean(np.concatenate([product(cal, k) for k in kind_scores]))
+                    ),
+                    "fp": float(
+                        np.mean((neg_ssim > cal.threshold) | (neg_tex > cal.texture_threshold))
+                    ),
                     "worst_kind": min(per_kind, key=per_kind.get),
                     "worst_recall": min(per_kind.values()),
+                    "ssim_only_recall_all": float(
+                        np.mean(np.concatenate(list(kind_scores.values())) > ssim_only)
+                    ),
+                    "ssim_only_fp": float(np.mean(neg_ssim > ssim_only)),
                 }
             )
-        # SSIM or texture, each calibrated at half the tail: union FP stays ≤ 1 - q
-        q_each = 1 - (1 - args.quantile) / 2
-        t_s = calibrate(cal_ssim, quantile=q_each).threshold
-        t_t = calibrate(cal_tex, quantile=q_each).threshold
-        union = {
-            k: float(np.mean((kind_scores[k] > t_s) | (kind_tex[k] > t_t))) for k in kind_scores
-        }
-        row["union"] = {
-            "quantile_each": q_each,
-            "ssim_threshold": t_s,
-            "texture_threshold": t_t,
-            "recall": union,
-            "recall_all": float(
-                np.mean(
-                    np.concatenate(
-                        [(kind_scores[k] > t_s) | (kind_tex[k] > t_t) for k in kind_scores]
-                    )
-                )
-            ),
-            "fp": float(np.mean((neg_ssim > t_s) | (neg_tex > t_t))),
+        cal = calibrate(cal_ssim, cal_tex, quantile=args.quantile)
+        row["product"] = {
+            "ssim_threshold": cal.threshold,
+            "texture_threshold": cal.texture_threshold,
+            "recall": {k: float(np.mean(product(cal, k))) for k in kind_scores},
+            "recall_all": float(np.mean(np.concatenate([product(cal, k) for k in kind_scores]))),
+            "fp": float(np.mean((neg_ssim > cal.threshold) | (neg_tex > cal.texture_threshold))),
             "texture_median": {k: float(np.median(v)) for k, v in kind_tex.items()},
             "texture_median_negatives": float(np.median(neg_tex)),
         }
@@ -201,36 +202,35 @@ def run_dataset(name: str, embedders: list[str], args) -> list[dict]:
 
 
 def print_row(row: dict) -> None:
+    p = row["product"]
     print(
-        f"\n{row['dataset']} / {row['embedder']} (k={row['k']}, smooth={row['smooth']}, "
-        f"side={row['side']}): threshold SSIM > "
-        f"{row['threshold_ssim']:.3f}, embedding > {row['threshold_embedding']:.3f} "
+        f"\n{row['dataset']} / {row['embedder']} (k={row['k']}, smooth={row['smooth']}): "
+        f"flag if SSIM > {p['ssim_threshold']:.3f} or texture > {p['texture_threshold']:.3f} "
         f"(calibration n={row['n_calibration']}, negatives n={row['n_negatives']})"
     )
-    print(f"  {'planted':<15}{'recall+SSIM':>12}{'recall emb':>11}{'in top-k':>9}{'med SSIM':>9}")
+    print(
+        f"  {'planted':<15}{'product':>9}{'SSIM only':>10}{'emb only':>9}{'in top-k':>9}"
+        f"{'med SSIM':>9}{'med tex':>8}"
+    )
     for kind, r in row["recall"].items():
         print(
-            f"  {kind:<15}{r['ssim']:>12.1%}{r['embedding']:>11.1%}{r['source_in_topk']:>9.0%}"
-            f"{r['median_ssim']:>9.3f}"
+            f"  {kind:<15}{p['recall'][kind]:>9.1%}{r['ssim']:>10.1%}{r['embedding']:>9.1%}"
+            f"{r['source_in_topk']:>9.0%}{r['median_ssim']:>9.3f}{p['texture_median'][kind]:>8.2f}"
         )
     print(
-        f"  {'ALL planted':<15}{row['recall_all_ssim']:>12.1%}{row['recall_all_embedding']:>11.1%}"
+        f"  {'ALL planted':<15}{p['recall_all']:>9.1%}{row['recall_all_ssim']:>10.1%}"
+        f"{row['recall_all_embedding']:>9.1%}"
     )
-    print(f"  {'false pos.':<15}{row['fp_ssim']:>12.1%}{row['fp_embedding']:>11.1%}")
-    u = row["union"]
     print(
-        f"  SSIM-or-texture (each at q{u['quantile_each']}: SSIM > {u['ssim_threshold']:.3f}, "
-        f"texture > {u['texture_threshold']:.3f}): recall {u['recall_all']:.1%}, "
-        f"FP {u['fp']:.1%}; worst {min(u['recall'], key=u['recall'].get)} "
-        f"{min(u['recall'].values()):.0%}; texture median planted "
-        + ", ".join(f"{k} {v:.2f}" for k, v in u["texture_median"].items())
-        + f"; negatives {u['texture_median_negatives']:.2f}"
+        f"  {'false pos.':<15}{p['fp']:>9.1%}{row['fp_ssim']:>10.1%}{row['fp_embedding']:>9.1%}"
+        f"{'':>18}{p['texture_median_negatives']:>8.2f}"
     )
-    print(f"  {'quantile':<10}{'threshold':>10}{'recall':>8}{'false pos.':>11}  worst kind")
+    print(f"  {'quantile':<10}{'recall':>8}{'FP':>7}  worst kind    | SSIM only: recall, FP")
     for s in row["sweep"]:
         print(
-            f"  {s['quantile']:<10}{s['threshold']:>10.3f}{s['recall_all']:>8.1%}{s['fp']:>11.1%}"
-            f"  {s['worst_kind']} {s['worst_recall']:.0%}"
+            f"  {s['quantile']:<10}{s['recall_all']:>8.1%}{s['fp']:>7.1%}  "
+            f"{s['worst_kind']} {s['worst_recall']:.0%}  | {s['ssim_only_recall_all']:.1%}, "
+            f"{s['ssim_only_fp']:.1%}"
         )
     print(
         f"  embed {row['embed_seconds']:.1f}s, score {row['score_seconds_per_image'] * 1e3:.0f}"
