@@ -158,7 +158,7 @@ def run_dataset(name: str, embedders: list[str], args) -> list[dict]:
             total + len(cal_refs) + len(neg_refs)
         )
 
-        def product(cal, k):  # the shipped rule: SSIM or texture over its threshold
+        def product(cal, k, kind_scores=kind_scores, kind_tex=kind_tex):  # the shipped rule
             return (kind_scores[k] > cal.threshold) | (kind_tex[k] > cal.texture_threshold)
 
         row["sweep"] = []
