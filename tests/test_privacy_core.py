@@ -81,8 +81,9 @@ def test_two_detector_calibration_splits_the_tail():
     assert cal.threshold == pytest.approx(np.quantile(ssim, 0.995))
     assert cal.texture_threshold == pytest.approx(np.quantile(texture, 0.995))
     assert cal.flag(0.2, 0.499) and cal.flag(0.999, 0.0) and not cal.flag(0.2, 0.1)
-    assert cal.margin(0.2, 0.1) == pytest.approx(min(cal.threshold - 0.2,
-                                                     cal.texture_threshold - 0.1))
+    assert cal.margin(0.2, 0.1) == pytest.approx(
+        min(cal.threshold - 0.2, cal.texture_threshold - 0.1)
+    )
     # together the two detectors flag at most 1% of the baseline
     flagged = [cal.flag(s, t) for s, t in zip(ssim, texture[::-1], strict=True)]
     assert np.mean(flagged) <= 0.02
