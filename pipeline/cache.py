@@ -34,14 +34,6 @@ def close_cache(cache: np.memmap, path: Path) -> None:
         os.close(fd)
 
 
-def write_cache(path: Path, images: np.ndarray, masks: np.ndarray) -> None:
-    """Write images (n, s, s) float32 and masks (n, s, s) uint8 as one cache file."""
-    cache = create_cache(path, images.shape[0], images.shape[1])
-    cache["image"] = images
-    cache["mask"] = masks
-    close_cache(cache, path)
-
-
 def open_cache(path: Path) -> np.ndarray:
     """Memory-map a cache file read-only; ``arr["image"][i]`` and ``arr["mask"][i]`` are slices."""
     return np.load(path, mmap_mode="r")

@@ -7,7 +7,6 @@ busy timeout instead of failing with "database is locked" when a read lock is up
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -236,8 +235,3 @@ def _has_table(session: Session, name: str) -> bool:
         .first()
     )
     return row is not None
-
-
-def dumps(obj: Any) -> str:
-    """Compact, key-sorted JSON for meta values."""
-    return json.dumps(obj, sort_keys=True)

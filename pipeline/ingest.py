@@ -13,7 +13,7 @@ import json
 import re
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -733,15 +733,3 @@ def workspace_status(ws: Workspace) -> dict[str, Any]:
         "slice_size": int(size_text) if size_text else None,
         "units": units,
     }
-
-
-def iter_split_slices(session: Session, split: str) -> Iterator[tuple[Source, Slice]]:
-    """Every (source, slice) of one split, in catalog order."""
-    stmt = (
-        select(Source, Slice)
-        .join(Slice, Slice.source_id == Source.id)
-        .join(PatientSplit, PatientSplit.patient == Source.patient)
-        .where(PatientSplit.split == split)
-        .order_by(Source.id, Slice.index)
-    )
-    yield from session.execute(stmt).tuples()
