@@ -1,0 +1,180 @@
+"""The paper's conditional GAN: config presets, U-Net generator, PatchGAN discriminator, losses.
+
+Model code only (no I/O, no config files): builders are functions of a frozen ``GanConfig``.
+The training loop, distribution strategy and checkpoints belong to ``pipeline`` (issue 3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import keras
+from keras import layers, ops
+
+PRESETS = ("paper", "seed-code", "tiny")
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    """Everything that shapes the models and their optimisation."""
+
+    preset: str = "paper"
+    size: int = 256
+    num_classes: int = 8  # background + structures
+    condition: str = "onehot"  # "onehot" (num_classes channels) or "labelmap" (one channel)
+    g_filters: tuple[int, ...] = (64, 128, 256, 512, 512, 512, 512)  # one per stride-2 step
+    skips: bool = True
+    up_block: str = "paper"  # "paper": transposed conv + conv; "seed-code": see DESIGN.md
+    d_filters: tuple[int, ...] = (64, 128, 256, 512, 512)  # one per stride-2 layer
+    bn_momentum: float = 0.9
+    batch: int = 16  # global
+    steps: int = 100_000
+    g_lr: float = 1.3e-4
+    d_lr: float = 1.3e-4
+    beta1: float = 0.5
+    adv_weight: float = 0.012
+    l1_weight: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def depth(self) -> int:
+        """Generator stride-2 steps."""
+        return len(self.g_filters)
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels of the generator input."""
+        return self.num_classes if self.condition == "onehot" else 1
+
+    @property
+    def patch_map(self) -> int:
+        """Side of the discriminator's output map."""
+        return self.size // 2 ** len(self.d_filters)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (for ``runs/<run>/config.json``)."""
+        return asdict(self)
+
+
+def preset(name: str, **overrides: Any) -> GanConfig:
+    """A named preset with field overrides; the generator's depth follows the image size.
+
+    ``tiny`` (32–64 px, base width 16) keeps the bottleneck at least 1×1: below 128² seven
+    stride-2 steps no longer fit, so depth = min(7, log2(size)).
+    """
+    if name == "paper":
+        cfg = GanConfig()
+    elif name == "seed-code":
+        cfg = GanConfig(
+            preset="seed-code",
+            condition="labelmap",
+            skips=False,
+            up_block="seed-code",
+            d_filters=(64, 128, 256, 512),
+            bn_momentum=0.8,
+            batch=8,
+            d_lr=1.5e-4,
+            adv_weight=1.0,
+            l1_weight=100.0,
+        )
+    elif name == "tiny":
+        cfg = GanConfig(
+            preset="tiny",
+            size=64,
+            g_filters=(16, 32, 64, 128, 128, 128, 128),
+            d_filters=(16, 32, 64),
+            batch=16,
+            steps=600,
+            g_lr=2e-4,
+            d_lr=2e-4,
+        )
+    else:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = replace(cfg, **overrides)
+    if cfg.size < 4 or cfg.size & (cfg.size - 1):
+        raise ValueError(f"size {cfg.size} must be a power of two ≥ 4")
+    depth = min(len(cfg.g_filters), int(math.log2(cfg.size)))
+    cfg = replace(cfg, g_filters=tuple(cfg.g_filters[:depth]))
+    if cfg.size // 2 ** len(cfg.d_filters) < 1:
+        raise ValueError(f"{len(cfg.d_filters)} discriminator layers do not fit {cfg.size}²")
+    return cfg
+
+
+def _norm(cfg: GanConfig, name: str) -> layers.Layer:
+    # synchronized: under MirroredStrategy every replica normalises with the global batch's stats
+    return layers.BatchNormalization(momentum=cfg.bn_momentum, synchronized=True, name=name)
+
+
+def build_generator(cfg: GanConfig) -> keras.Model:
+    """U-Net: ``depth`` stride-2 4×4 convs down (BN except the first, LeakyReLU 0.2), as many
+    up-steps (with skip connections unless ``cfg.skips`` is off), a stride-1 4×4 conv, sigmoid.
+
+    Deterministic: no dropout, no noise input.
+    """
+    inputs = keras.Input((cfg.size, cfg.size, cfg.condition_channels), name="condition")
+    x = inputs
+    skips = []
+    for i, f in enumerate(cfg.g_filters):
+        x = layers.Conv2D(f, 4, strides=2, padding="same", use_bias=i == 0, name=f"down{i}")(x)
+        if i > 0:
+            x = _norm(cfg, f"down{i}_bn")(x)
+        x = layers.LeakyReLU(0.2, name=f"down{i}_act")(x)
+        skips.append(x)
+    up_filters = [*reversed(cfg.g_filters[:-1]), cfg.g_filters[0]]
+    if cfg.up_block == "seed-code":  # its last up-step is the transposed conv to one channel
+        up_filters = up_filters[:-1]
+    for i, f in enumerate(up_filters):
+        if cfg.up_block == "seed-code":
+            x = layers.Conv2DTranspose(f, 4, strides=2, padding="same", name=f"up{i}_tconv")(x)
+            x = layers.Conv2D(f, 4, padding="same", activation="relu", name=f"up{i}_conv")(x)
+            x = _norm(cfg, f"up{i}_bn")(x)
+        else:
+            x = layers.Conv2DTranspose(
+                f, 4, strides=2, padding="same", use_bias=False, name=f"up{i}_tconv"
+            )(x)
+            x = layers.Conv2D(f, 4, padding="same", use_bias=False, name=f"up{i}_conv")(x)
+            x = _norm(cfg, f"up{i}_bn")(x)
+            x = layers.ReLU(name=f"up{i}_act")(x)
+        skip_index = cfg.depth - 2 - i
+        if cfg.skips and skip_index >= 0:
+            x = layers.Concatenate(name=f"up{i}_skip")([x, skips[skip_index]])
+    if cfg.up_block == "seed-code":
+        x = layers.Conv2DTranspose(1, 4, strides=2, padding="same", name="out_tconv")(x)
+    outputs = layers.Conv2D(1, 4, padding="same", activation="sigmoid", name="out")(x)
+    return keras.Model(inputs, outputs, name="generator")
+
+
+def build_discriminator(cfg: GanConfig) -> keras.Model:
+    """PatchGAN on concat(image, condition): stride-2 4×4 convs (no BN on the first), then a
+    stride-1 4×4 conv to one channel; at 256² with 5 layers each output cell judges 32×32 px.
+    """
+    image = keras.Input((cfg.size, cfg.size, 1), name="image")
+    condition = keras.Input((cfg.size, cfg.size, cfg.condition_channels), name="condition")
+    x = layers.Concatenate(name="pair")([image, condition])
+    for i, f in enumerate(cfg.d_filters):
+        x = layers.Conv2D(f, 4, strides=2, padding="same", use_bias=i == 0, name=f"d{i}")(x)
+        if i > 0:
+            x = _norm(cfg, f"d{i}_bn")(x)
+        x = layers.LeakyReLU(0.2, name=f"d{i}_act")(x)
+    outputs = layers.Conv2D(1, 4, padding="same", name="patches")(x)
+    return keras.Model([image, condition], outputs, name="discriminator")
+
+
+def discriminator_loss(real_out: Any, fake_out: Any) -> Any:
+    """Least squares, per example: mean over patches of (1 − D(y, x))² + D(y, G(y))²."""
+    return ops.mean(ops.square(1.0 - real_out), axis=(1, 2, 3)) + ops.mean(
+        ops.square(fake_out), axis=(1, 2, 3)
+    )
+
+
+def generator_losses(fake_out: Any, real: Any, fake: Any, cfg: GanConfig) -> tuple[Any, Any]:
+    """Per example (adversarial, L1): (1 − D(y, G(y)))² and |x − G(y)|₁, each a patch/pixel mean.
+
+    The caller weights them (``cfg.adv_weight``, ``cfg.l1_weight``) and averages over the global
+    batch (``tf.nn.compute_average_loss``) so any replica count gives the same update.
+    """
+    adv = ops.mean(ops.square(1.0 - fake_out), axis=(1, 2, 3))
+    l1 = ops.mean(ops.abs(real - fake), axis=(1, 2, 3))
+    return adv, l1

@@ -1,0 +1,107 @@
+"""Architecture of the paper's cGAN: shapes, depth, parameter counts derived by hand, losses."""
+
+import numpy as np
+import pytest
+
+from models.gan import (
+    build_discriminator,
+    build_generator,
+    discriminator_loss,
+    generator_losses,
+    preset,
+)
+
+
+def conv(k, cin, cout, bias):
+    return k * k * cin * cout + (cout if bias else 0)
+
+
+def bn(c):
+    return 4 * c  # gamma, beta (trainable) + moving mean, variance
+
+
+def expected_discriminator_params(cfg):
+    """Derivation: concat(image 1 ch, condition C ch) → stride-2 4×4 convs (bias only on the
+    first, BN after the others) → 4×4 stride-1 conv to one channel with bias."""
+    cin, total = 1 + cfg.condition_channels, 0
+    for i, f in enumerate(cfg.d_filters):
+        total += conv(4, cin, f, bias=i == 0) + (bn(f) if i > 0 else 0)
+        cin = f
+    return total + conv(4, cin, 1, bias=True)
+
+
+def expected_generator_params(cfg):
+    """Derivation: downs as in the discriminator; each paper up-step is a bias-free 4×4
+    transposed conv and 4×4 conv plus BN, its output concatenated with the matching down
+    activation; a 4×4 conv with bias to one sigmoid channel."""
+    cin, total = cfg.condition_channels, 0
+    for i, f in enumerate(cfg.g_filters):
+        total += conv(4, cin, f, bias=i == 0) + (bn(f) if i > 0 else 0)
+        cin = f
+    ups = [*reversed(cfg.g_filters[:-1]), cfg.g_filters[0]]
+    for i, f in enumerate(ups):
+        total += conv(4, cin, f, bias=False) + conv(4, f, f, bias=False) + bn(f)
+        skip = cfg.depth - 2 - i
+        cin = f + (cfg.g_filters[skip] if cfg.skips and skip >= 0 else 0)
+    return total + conv(4, cin, 1, bias=True)
+
+
+def test_paper_shapes_and_counts():
+    cfg = preset("paper")
+    g, d = build_generator(cfg), build_discriminator(cfg)
+    assert g.output_shape == (None, 256, 256, 1) and g.input_shape == (None, 256, 256, 8)
+    assert d.output_shape == (None, 8, 8, 1)  # each cell judges a 32×32 patch
+    names = [layer.name for layer in g.layers]
+    assert sum(n.startswith("down") and n[4:].isdigit() for n in names) == 7
+    assert sum(n.endswith("_tconv") for n in names) == 7
+    assert sum(n.endswith("_skip") for n in names) == 6
+    assert g.count_params() == expected_generator_params(cfg)
+    assert d.count_params() == expected_discriminator_params(cfg)
+
+
+def test_seed_code_preset():
+    cfg = preset("seed-code")
+    assert (cfg.batch, cfg.d_lr, cfg.adv_weight, cfg.l1_weight) == (8, 1.5e-4, 1.0, 100.0)
+    g, d = build_generator(cfg), build_discriminator(cfg)
+    assert g.input_shape == (None, 256, 256, 1)  # integer label map
+    assert d.output_shape == (None, 16, 16, 1)
+    assert not any(layer.name.endswith("_skip") for layer in g.layers)
+    assert g.output_shape == (None, 256, 256, 1)
+    assert d.count_params() == expected_discriminator_params(cfg)
+
+
+@pytest.mark.parametrize(("size", "depth"), [(32, 5), (64, 6), (128, 7)])
+def test_tiny_depth_follows_size(size, depth):
+    cfg = preset("tiny", size=size)
+    assert cfg.depth == depth and cfg.g_filters[0] == 16
+    g = build_generator(cfg)
+    bottleneck = g.get_layer(f"down{depth - 1}").output.shape
+    assert bottleneck[1] == bottleneck[2] == max(1, size // 2**depth) >= 1
+    assert g.output_shape == (None, size, size, 1)
+    assert g.count_params() == expected_generator_params(cfg)
+
+
+def test_generation_is_deterministic():
+    cfg = preset("tiny", size=32)
+    g = build_generator(cfg)
+    x = np.random.default_rng(0).random((2, 32, 32, 8)).astype("float32")
+    a = np.asarray(g(x, training=False))
+    b = np.asarray(g(x, training=False))
+    assert np.array_equal(a, b) and a.min() >= 0 and a.max() <= 1
+
+
+def test_lsgan_losses():
+    ones, zeros = np.ones((2, 4, 4, 1), "float32"), np.zeros((2, 4, 4, 1), "float32")
+    np.testing.assert_allclose(discriminator_loss(ones, zeros), [0.0, 0.0])
+    np.testing.assert_allclose(discriminator_loss(zeros, ones), [2.0, 2.0])
+    img = np.full((2, 8, 8, 1), 0.5, "float32")
+    adv, l1 = generator_losses(zeros, img, img + 0.25, preset("paper"))
+    np.testing.assert_allclose(adv, [1.0, 1.0])
+    np.testing.assert_allclose(l1, [0.25, 0.25])
+
+
+def test_bad_presets():
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+    with pytest.raises(ValueError, match="power of two"):
+        preset("tiny", size=48)
