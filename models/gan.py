@@ -178,3 +178,63 @@ def generator_losses(fake_out: Any, real: Any, fake: Any, cfg: GanConfig) -> tup
     adv = ops.mean(ops.square(1.0 - fake_out), axis=(1, 2, 3))
     l1 = ops.mean(ops.abs(real - fake), axis=(1, 2, 3))
     return adv, l1
+
+
+class ConditionalGAN:
+    """Generator, discriminator and their optimizers, with the per-replica train step.
+
+    ``train_step`` is written for ``strategy.run``: every loss is summed per example and divided
+    by the *global* batch (``tf.nn.compute_average_loss``), so the all-reduced (summed)
+    gradients equal one device's on the whole batch, whatever the replica count. Build it
+    inside ``strategy.scope()``.
+    """
+
+    def __init__(self, cfg: GanConfig, *, optimizer: str = "adam") -> None:
+        self.cfg = cfg
+        self.generator = build_generator(cfg)
+        self.discriminator = build_discriminator(cfg)
+        if optimizer == "adam":
+            self.g_opt = keras.optimizers.Adam(cfg.g_lr, beta_1=cfg.beta1)
+            self.d_opt = keras.optimizers.Adam(cfg.d_lr, beta_1=cfg.beta1)
+        elif optimizer == "sgd":  # for equivalence tests: Adam would hide a scaled gradient
+            self.g_opt = keras.optimizers.SGD(cfg.g_lr)
+            self.d_opt = keras.optimizers.SGD(cfg.d_lr)
+        else:
+            raise ValueError(f"unknown optimizer {optimizer!r}")
+
+    def train_step(self, condition: Any, image: Any) -> dict[str, Any]:
+        """One simultaneous update of D and G on this replica's share of the global batch.
+
+        Returns this replica's contributions (sum them across replicas for global means).
+        """
+        import tensorflow as tf
+
+        batch = self.cfg.batch
+
+        def average(per_example: Any) -> Any:
+            return tf.nn.compute_average_loss(per_example, global_batch_size=batch)
+
+        with tf.GradientTape(persistent=True) as tape:
+            fake = self.generator(condition, training=True)
+            real_out = self.discriminator([image, condition], training=True)
+            fake_out = self.discriminator([fake, condition], training=True)
+            d_loss = average(discriminator_loss(real_out, fake_out))
+            adv, l1 = generator_losses(fake_out, image, fake, self.cfg)
+            g_adv, g_l1 = average(adv), average(l1)
+            g_loss = self.cfg.adv_weight * g_adv + self.cfg.l1_weight * g_l1
+        d_vars = self.discriminator.trainable_variables
+        g_vars = self.generator.trainable_variables
+        d_grads = tape.gradient(d_loss, d_vars)
+        g_grads = tape.gradient(g_loss, g_vars)
+        del tape
+        self.d_opt.apply_gradients(zip(d_grads, d_vars, strict=True))
+        self.g_opt.apply_gradients(zip(g_grads, g_vars, strict=True))
+        acc_real = ops.mean(ops.cast(real_out > 0.5, "float32"), axis=(1, 2, 3))
+        acc_fake = ops.mean(ops.cast(fake_out < 0.5, "float32"), axis=(1, 2, 3))
+        return {
+            "d_loss": d_loss,
+            "g_adv": g_adv,
+            "g_l1": g_l1,
+            "d_acc_real": average(acc_real),
+            "d_acc_fake": average(acc_fake),
+        }
