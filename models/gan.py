@@ -201,6 +201,10 @@ class ConditionalGAN:
             self.d_opt = keras.optimizers.SGD(cfg.d_lr)
         else:
             raise ValueError(f"unknown optimizer {optimizer!r}")
+        # Create the slot variables now, in the caller's strategy scope: created lazily inside
+        # a distributed step they fail under MirroredStrategy.
+        self.g_opt.build(self.generator.trainable_variables)
+        self.d_opt.build(self.discriminator.trainable_variables)
 
     def train_step(self, condition: Any, image: Any) -> dict[str, Any]:
         """One simultaneous update of D and G on this replica's share of the global batch.

@@ -31,7 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from pipeline.errors import PipelineError
 
 #: Bump when a table or column changes; add the migration to ``_MIGRATIONS``.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
 
 
@@ -138,7 +138,23 @@ def _tables_only(session: Session) -> None:
     """A migration that only adds tables: ``create_all`` after the migrations creates them."""
 
 
-_MIGRATIONS: dict[int, Any] = {2: _tables_only}  # 2: privacy_calibrations
+class Run(Base):
+    """A training run (``runs/<name>/``)."""
+
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String, unique=True)
+    preset: Mapped[str] = mapped_column(String)
+    config: Mapped[dict[str, Any]]
+    steps_done: Mapped[int] = mapped_column(Integer, default=0)
+    generator_path: Mapped[str | None] = mapped_column(String, nullable=True)
+    generator_sha256: Mapped[str | None] = mapped_column(String, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# 2: privacy_calibrations; 3: runs
+_MIGRATIONS: dict[int, Any] = {2: _tables_only, 3: _tables_only}
 
 
 def _configure(engine: Engine) -> None:

@@ -74,13 +74,20 @@ class SliceStore:
 
     def images(self, ids: Sequence[int]) -> np.ndarray:
         """(len(ids), S, S) float32 images."""
+        return self._field("image", ids)
+
+    def masks(self, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), S, S) uint8 class-index masks."""
+        return self._field("mask", ids)
+
+    def _field(self, name: str, ids: Sequence[int]) -> np.ndarray:
         out = []
         for i in ids:
             ref = self.refs[int(i)]
             arr = self._open.get(ref.cache_file)
             if arr is None:
                 arr = self._open[ref.cache_file] = open_cache(self.cache_dir / ref.cache_file)
-            out.append(np.asarray(arr["image"][ref.row]))
+            out.append(np.asarray(arr[name][ref.row]))
         return np.stack(out)
 
 
