@@ -6,7 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 
+from pipeline.cli import cli
 from pipeline.phantom import write_phantom
 from pipeline.workspace import open_workspace
 
@@ -49,3 +51,8 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real CT data not present: {path} (team machines only)")
     return path
+
+
+def run(*args: object, input: str | None = None) -> Result:
+    """Invoke the `pipeline` CLI in-process (click's CliRunner; stdout and stderr separate)."""
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)

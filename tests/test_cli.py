@@ -6,15 +6,11 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import cli
 from pipeline.phantom import make_volume, volume_to_nifti
-
-
-def run(*args, input=None):
-    return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
+from tests.conftest import run
 
 
 def assert_refused(result, *fragments, ws_path=None):

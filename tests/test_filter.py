@@ -5,22 +5,17 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 from sqlalchemy import func, select
 
 from pipeline.augment import add_noise, hflip, shift
 from pipeline.catalog import PrivacyCalibration, read_session
-from pipeline.cli import cli
 from pipeline.embed import centre
 from pipeline.index import SliceStore, slice_refs
 from pipeline.phantom import make_volume
 from pipeline.preprocess import unit_to_hu
 from pipeline.workspace import open_workspace
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+from tests.conftest import run
 
 
 @pytest.fixture

@@ -7,16 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from sqlalchemy import select
 
 from pipeline.catalog import Run, read_session
-from pipeline.cli import cli
 from pipeline.workspace import open_workspace
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+from tests.conftest import run
 
 
 @pytest.fixture
