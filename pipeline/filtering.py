@@ -16,6 +16,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from pipeline.atomic import atomic_write
 from pipeline.catalog import PrivacyCalibration, Source, write_session
 from pipeline.embed import EMBEDDERS, Embedder, PixelEmbedder, centre
 from pipeline.errors import PipelineError
@@ -235,8 +236,7 @@ def build_index(
             "explicit": cal.n_baseline == 0,
         },
     }
-    np.save(emb_file.with_suffix(".tmp.npy"), vectors)
-    emb_file.with_suffix(".tmp.npy").replace(emb_file)
+    atomic_write(emb_file, lambda tmp: np.save(tmp, vectors))
     write_index(ws, index, manifest)
     with write_session(ws.engine) as session:
         session.add(

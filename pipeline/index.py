@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from pipeline.atomic import atomic_write
 from pipeline.cache import open_cache
 from pipeline.catalog import PatientSplit, Slice, Source
 from pipeline.embed import Embedder, load_embedder
@@ -198,19 +197,8 @@ def write_index(ws: Workspace, index: faiss.Index, manifest: dict[str, Any]) -> 
     """Write index then manifest, each atomically; the manifest is written last."""
     ws.index_dir.mkdir(exist_ok=True)
     index_file, manifest_file = index_paths(ws)
-    _atomic(index_file, lambda tmp: faiss.write_index(index, str(tmp)))
-    _atomic(manifest_file, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
-
-
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(index_file, lambda tmp: faiss.write_index(index, str(tmp)))
+    atomic_write(manifest_file, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
 
 
 def read_manifest(ws: Workspace) -> dict[str, Any] | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from pipeline.atomic import atomic_write
 from pipeline.labels import MMWHS_LABELS
 from pipeline.preprocess import display_to_ras
 from pipeline.preview import grid, overlay, save_png, to_uint8
@@ -290,15 +290,7 @@ def _write_one(out: Path, seed: int, index: int, size: int, n_slices: int) -> np
     image, label = volume_to_nifti(vol)
     stem = f"ct_{index + 1:04d}"
     for img, kind in ((image, "image"), (label, "label")):
-        final = out / f"{stem}_{kind}.nii.gz"
-        fd, tmp = tempfile.mkstemp(prefix=f".{stem}_{kind}.", suffix=".nii.gz", dir=out)
-        os.close(fd)
-        try:
-            nib.save(img, tmp)
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(out / f"{stem}_{kind}.nii.gz", lambda tmp, img=img: nib.save(img, tmp))
     z = int(np.argmax((vol.labels > 0).sum(axis=(1, 2))))
     classes = np.searchsorted(np.array(sorted(MMWHS_LABELS.values())), vol.labels[z])
     unit = np.clip((vol.hu[z].astype(np.float32) + 160.0) / 400.0, 0, 1)  # soft-tissue window

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from pipeline.atomic import atomic_write
 
 #: One colour per class index (0 = background, unused), chosen to stay distinct on grey.
 PALETTE = np.array(
@@ -66,12 +66,4 @@ def grid(tiles: list[np.ndarray], *, columns: int) -> np.ndarray:
 def save_png(image: np.ndarray, path: Path) -> Path:
     """Write an RGB/grey uint8 array as PNG atomically (temp file in the same folder, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from pipeline.atomic import atomic_write
 from pipeline.catalog import Run, get_meta, utcnow, write_session
 from pipeline.errors import PipelineError
 from pipeline.index import SliceStore, slice_refs
@@ -103,13 +102,6 @@ def _sample_grid(masks: np.ndarray, fake: np.ndarray, real: np.ndarray) -> np.nd
     return grid(tiles, columns=3)
 
 
-def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def train(ws: Workspace, cfg: Any, opts: TrainOptions, *, progress: Progress = iter) -> TrainReport:
     """Train ``cfg`` (a ``models.gan.GanConfig``) on the workspace's training split."""
     import keras
@@ -157,7 +149,7 @@ def train(ws: Workspace, cfg: Any, opts: TrainOptions, *, progress: Progress = i
     elif opts.resume:
         raise PipelineError("nothing to resume", path=run_dir)
     (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    _atomic_json(run_dir / "config.json", config)
+    atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
 
     keras.utils.set_random_seed(opts.seed)
     with strategy.scope():
@@ -225,9 +217,7 @@ def train(ws: Workspace, cfg: Any, opts: TrainOptions, *, progress: Progress = i
         writer.flush()
     steps_done = int(step_var.numpy())
     generator_path = run_dir / "generator.keras"
-    tmp = run_dir / ".generator.tmp.keras"
-    gan.generator.save(tmp)
-    os.replace(tmp, generator_path)
+    atomic_write(generator_path, gan.generator.save)
     digest = hashlib.sha256(generator_path.read_bytes()).hexdigest()
     with write_session(ws.engine) as session:
         row = session.scalar(select(Run).where(Run.name == opts.run))
