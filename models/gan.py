@@ -14,6 +14,8 @@ import keras
 from keras import layers, ops
 
 PRESETS = ("paper", "seed-code", "tiny")
+#: Keras dtype policies a model can be built with (variables stay float32 in the mixed ones).
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class GanConfig:
     beta1: float = 0.5
     adv_weight: float = 0.012
     l1_weight: float = 1.0
+    precision: str = "float32"  # one of PRECISIONS; outputs and losses are always float32
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -97,6 +100,8 @@ def preset(name: str, **overrides: Any) -> GanConfig:
         raise ValueError(f"size {cfg.size} must be a power of two ≥ 4")
     depth = min(len(cfg.g_filters), int(math.log2(cfg.size)))
     cfg = replace(cfg, g_filters=tuple(cfg.g_filters[:depth]))
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if cfg.size // 2 ** len(cfg.d_filters) < 1:
         raise ValueError(f"{len(cfg.d_filters)} discriminator layers do not fit {cfg.size}²")
     return cfg
@@ -104,7 +109,9 @@ def preset(name: str, **overrides: Any) -> GanConfig:
 
 def _norm(cfg: GanConfig, name: str) -> layers.Layer:
     # synchronized: under MirroredStrategy every replica normalises with the global batch's stats
-    return layers.BatchNormalization(momentum=cfg.bn_momentum, synchronized=True, name=name)
+    return layers.BatchNormalization(
+        momentum=cfg.bn_momentum, synchronized=True, name=name, dtype=cfg.precision
+    )
 
 
 def build_generator(cfg: GanConfig) -> keras.Model:
@@ -113,36 +120,46 @@ def build_generator(cfg: GanConfig) -> keras.Model:
 
     Deterministic: no dropout, no noise input.
     """
+    dt = cfg.precision
     inputs = keras.Input((cfg.size, cfg.size, cfg.condition_channels), name="condition")
     x = inputs
     skips = []
     for i, f in enumerate(cfg.g_filters):
-        x = layers.Conv2D(f, 4, strides=2, padding="same", use_bias=i == 0, name=f"down{i}")(x)
+        x = layers.Conv2D(
+            f, 4, strides=2, padding="same", use_bias=i == 0, name=f"down{i}", dtype=dt
+        )(x)
         if i > 0:
             x = _norm(cfg, f"down{i}_bn")(x)
-        x = layers.LeakyReLU(0.2, name=f"down{i}_act")(x)
+        x = layers.LeakyReLU(0.2, name=f"down{i}_act", dtype=dt)(x)
         skips.append(x)
     up_filters = [*reversed(cfg.g_filters[:-1]), cfg.g_filters[0]]
     if cfg.up_block == "seed-code":  # its last up-step is the transposed conv to one channel
         up_filters = up_filters[:-1]
     for i, f in enumerate(up_filters):
         if cfg.up_block == "seed-code":
-            x = layers.Conv2DTranspose(f, 4, strides=2, padding="same", name=f"up{i}_tconv")(x)
-            x = layers.Conv2D(f, 4, padding="same", activation="relu", name=f"up{i}_conv")(x)
+            x = layers.Conv2DTranspose(
+                f, 4, strides=2, padding="same", name=f"up{i}_tconv", dtype=dt
+            )(x)
+            x = layers.Conv2D(
+                f, 4, padding="same", activation="relu", name=f"up{i}_conv", dtype=dt
+            )(x)
             x = _norm(cfg, f"up{i}_bn")(x)
         else:
             x = layers.Conv2DTranspose(
-                f, 4, strides=2, padding="same", use_bias=False, name=f"up{i}_tconv"
+                f, 4, strides=2, padding="same", use_bias=False, name=f"up{i}_tconv", dtype=dt
             )(x)
-            x = layers.Conv2D(f, 4, padding="same", use_bias=False, name=f"up{i}_conv")(x)
+            x = layers.Conv2D(f, 4, padding="same", use_bias=False, name=f"up{i}_conv", dtype=dt)(x)
             x = _norm(cfg, f"up{i}_bn")(x)
-            x = layers.ReLU(name=f"up{i}_act")(x)
+            x = layers.ReLU(name=f"up{i}_act", dtype=dt)(x)
         skip_index = cfg.depth - 2 - i
         if cfg.skips and skip_index >= 0:
-            x = layers.Concatenate(name=f"up{i}_skip")([x, skips[skip_index]])
+            x = layers.Concatenate(name=f"up{i}_skip", dtype=dt)([x, skips[skip_index]])
     if cfg.up_block == "seed-code":
-        x = layers.Conv2DTranspose(1, 4, strides=2, padding="same", name="out_tconv")(x)
-    outputs = layers.Conv2D(1, 4, padding="same", activation="sigmoid", name="out")(x)
+        x = layers.Conv2DTranspose(1, 4, strides=2, padding="same", name="out_tconv", dtype=dt)(x)
+    # one channel, cheap: kept in float32 so the sigmoid and the losses see full precision
+    outputs = layers.Conv2D(
+        1, 4, padding="same", activation="sigmoid", name="out", dtype="float32"
+    )(x)
     return keras.Model(inputs, outputs, name="generator")
 
 
@@ -152,13 +169,16 @@ def build_discriminator(cfg: GanConfig) -> keras.Model:
     """
     image = keras.Input((cfg.size, cfg.size, 1), name="image")
     condition = keras.Input((cfg.size, cfg.size, cfg.condition_channels), name="condition")
-    x = layers.Concatenate(name="pair")([image, condition])
+    dt = cfg.precision
+    x = layers.Concatenate(name="pair", dtype=dt)([image, condition])
     for i, f in enumerate(cfg.d_filters):
-        x = layers.Conv2D(f, 4, strides=2, padding="same", use_bias=i == 0, name=f"d{i}")(x)
+        x = layers.Conv2D(f, 4, strides=2, padding="same", use_bias=i == 0, name=f"d{i}", dtype=dt)(
+            x
+        )
         if i > 0:
             x = _norm(cfg, f"d{i}_bn")(x)
-        x = layers.LeakyReLU(0.2, name=f"d{i}_act")(x)
-    outputs = layers.Conv2D(1, 4, padding="same", name="patches")(x)
+        x = layers.LeakyReLU(0.2, name=f"d{i}_act", dtype=dt)(x)
+    outputs = layers.Conv2D(1, 4, padding="same", name="patches", dtype="float32")(x)
     return keras.Model([image, condition], outputs, name="discriminator")
 
 
@@ -201,6 +221,9 @@ class ConditionalGAN:
             self.d_opt = keras.optimizers.SGD(cfg.d_lr)
         else:
             raise ValueError(f"unknown optimizer {optimizer!r}")
+        if cfg.precision == "mixed_float16":  # float16 gradients underflow without it
+            self.g_opt = keras.optimizers.LossScaleOptimizer(self.g_opt)
+            self.d_opt = keras.optimizers.LossScaleOptimizer(self.d_opt)
         # Create the slot variables now, in the caller's strategy scope: created lazily inside
         # a distributed step they fail under MirroredStrategy.
         self.g_opt.build(self.generator.trainable_variables)
@@ -226,10 +249,12 @@ class ConditionalGAN:
             adv, l1 = generator_losses(fake_out, image, fake, self.cfg)
             g_adv, g_l1 = average(adv), average(l1)
             g_loss = self.cfg.adv_weight * g_adv + self.cfg.l1_weight * g_l1
+            # identity unless a LossScaleOptimizer wraps them; apply_gradients unscales
+            d_scaled, g_scaled = self.d_opt.scale_loss(d_loss), self.g_opt.scale_loss(g_loss)
         d_vars = self.discriminator.trainable_variables
         g_vars = self.generator.trainable_variables
-        d_grads = tape.gradient(d_loss, d_vars)
-        g_grads = tape.gradient(g_loss, g_vars)
+        d_grads = tape.gradient(d_scaled, d_vars)
+        g_grads = tape.gradient(g_scaled, g_vars)
         del tape
         self.d_opt.apply_gradients(zip(d_grads, d_vars, strict=True))
         self.g_opt.apply_gradients(zip(g_grads, g_vars, strict=True))

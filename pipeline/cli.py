@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -460,16 +461,32 @@ def filter_cmd(workspace: Path, images: Path, as_json: bool) -> None:
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), help="G and D learning rate.")
 @click.option(
     "--strategy",
-    type=click.Choice(["auto", "default", "mirrored"]),
+    type=click.Choice(["auto", "default", "mirrored", "multi-worker"]),
     default="auto",
     show_default=True,
-    help="mirrored: all local GPUs, or --devices logical CPUs.",
+    help="mirrored: all local GPUs, or --devices logical CPUs; multi-worker: the machines "
+    "in TF_CONFIG.",
 )
 @click.option(
     "--devices",
     default=0,
     type=click.IntRange(0, 64),
     help="Split the CPU into N logical devices (to run the mirrored path without GPUs).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "mixed", "auto"]),
+    default="float32",
+    show_default=True,
+    help="mixed: float16 on GPUs, bfloat16 on CPUs with native bf16 (refused elsewhere); "
+    "auto: mixed where supported.",
+)
+@click.option(
+    "--augment",
+    type=click.Choice(["none", "affine", "flip+affine"]),
+    default="none",
+    show_default=True,
+    help="Joint random affine of image and mask (flip adds left-right mirroring).",
 )
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint.")
 @click.option("--eval-every", default=100, show_default=True, type=click.IntRange(1, 10**7))
@@ -486,6 +503,8 @@ def train_cmd(
     lr: float | None,
     strategy: str,
     devices: int,
+    precision: str,
+    augment: str,
     resume: bool,
     eval_every: int,
     checkpoint_every: int,
@@ -493,8 +512,9 @@ def train_cmd(
     as_json: bool,
 ) -> None:
     """Train the conditional GAN (mask → CT slice) on the training split."""
-    import dataclasses
+    from pipeline.train import TrainOptions, parse_cluster, train
 
+    cluster = parse_cluster(os.environ.get("TF_CONFIG")) if strategy == "multi-worker" else None
     if devices:
         import tensorflow as tf
 
@@ -502,22 +522,8 @@ def train_cmd(
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * devices
         )
-    from models.gan import preset
-    from pipeline.train import TrainOptions, train
-
-    overrides: dict[str, Any] = {}
-    if steps is not None:
-        overrides["steps"] = steps
-    if batch is not None:
-        overrides["batch"] = batch
-    if size is not None:
-        overrides["size"] = size
-    if lr is not None:
-        overrides["g_lr"] = overrides["d_lr"] = lr
-    try:
-        cfg = preset(preset_name, **overrides)
-    except ValueError as exc:
-        raise PipelineError(str(exc)) from None
+    cfg = _gan_config(preset_name, steps=steps, batch=batch, size=size, lr=lr)
+    cfg = dataclasses.replace(cfg, precision=precision)
     opts = TrainOptions(
         run=run_name,
         strategy=strategy,
@@ -525,21 +531,76 @@ def train_cmd(
         eval_every=eval_every,
         checkpoint_every=checkpoint_every,
         seed=seed,
+        augment=augment,
+        cluster=cluster,
     )
+    bar = StepProgress("train")
     with opened_workspace(workspace, create=False) as ws:
-        report = train(ws, cfg, opts, progress=progress_bar("train", "step"))
+        report = train(ws, cfg, opts, progress=bar, on_step=bar.postfix, cpuinfo=_cpuinfo())
     if as_json:
         echo_json(dataclasses.asdict(report))
         return
-    if report.resumed_from:
-        click.echo(f"resumed from step {report.resumed_from}")
+    click.echo(describe_training(report))
+
+
+def _gan_config(preset_name: str, **overrides: Any) -> Any:
+    """A ``models.gan`` preset with the CLI's overrides (None: keep the preset's)."""
+    from models.gan import preset
+
+    fields = {k: v for k, v in overrides.items() if v is not None and k != "lr"}
+    if overrides.get("lr") is not None:
+        fields["g_lr"] = fields["d_lr"] = overrides["lr"]
+    try:
+        return preset(preset_name, **fields)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
+
+
+def _cpuinfo() -> str:
+    """/proc/cpuinfo (empty where there is none): which CPU features mixed precision can use."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+class StepProgress:
+    """A training progress bar: step/s and ETA from tqdm, the latest losses as its postfix."""
+
+    KEYS = ("d_loss", "g_adv", "g_l1")
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: Any = None
+
+    def __call__(self, items: Iterable[Any]) -> Iterable[Any]:
+        """Wrap the step range."""
+        items = list(items)
+        self.bar = tqdm(items, desc=self.desc, unit="step", disable=None, leave=False)
+        return self.bar
+
+    def postfix(self, step: int, metrics: dict[str, float]) -> None:
+        """Show the losses of ``step``."""
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{metrics[k]:.4f}" for k in self.KEYS if k in metrics})
+
+
+def describe_training(report: Any) -> str:
+    """What a training run did and where to look (TensorBoard, sample grids, generator)."""
+    run_dir = Path(report.run_dir)
     ssim = "n/a" if report.heldout_ssim is None else f"{report.heldout_ssim:.3f}"
-    click.echo(
-        f"trained {report.steps_done} steps; held-out SSIM {ssim}; losses "
-        + ", ".join(f"{k} {v:.4f}" for k, v in report.last.items())
-        + f"\ngenerator: {report.generator}\nTensorBoard: tensorboard --logdir "
-        f"{Path(report.run_dir) / 'tensorboard'}\nsamples: {Path(report.run_dir) / 'samples'}"
-    )
+    lines = []
+    if report.resumed_from:
+        lines.append(f"resumed from step {report.resumed_from}")
+    lines += [
+        f"trained {report.steps_done} steps ({report.precision}, {report.replicas} replica(s)); "
+        f"held-out SSIM {ssim}; losses "
+        + ", ".join(f"{k} {v:.4f}" for k, v in report.last.items()),
+        f"generator: {report.generator}",
+        f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}",
+        f"samples: {run_dir / 'samples'}",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -3,24 +3,32 @@
 Side effects live here, around the pure train step of ``models.gan``: data loading, the
 distribution strategy, checkpoints (every N steps, at the end, and on SIGINT/SIGTERM), resume,
 TensorBoard scalars and sample grids, the final ``generator.keras`` and the catalog row.
+
+The order of training examples is a pure function of (seed, step): every global batch is a row of
+:func:`batch_order`, and augmentation draws from a generator seeded by (seed, step, position).
+So a resumed run sees exactly the batches an uninterrupted run would have seen, and any number
+of replicas or workers splits the very same global batch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from pipeline import __version__
 from pipeline.atomic import atomic_write
-from pipeline.catalog import Run, get_meta, utcnow, write_session
+from pipeline.catalog import PatientSplit, Run, Source, get_meta, utcnow, write_session
 from pipeline.errors import PipelineError
 from pipeline.index import SliceStore, slice_refs
 from pipeline.preprocess import resize_image, resize_mask
@@ -29,6 +37,20 @@ from pipeline.privacy import ssim_batch
 from pipeline.workspace import Workspace
 
 Progress = Callable[[Iterable[Any]], Iterable[Any]]
+StepCallback = Callable[[int, dict[str, float]], None]
+
+STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
+AUGMENTATIONS = ("none", "affine", "flip+affine")
+#: Fields a checkpoint's variables depend on: --resume refuses a run where any differs.
+ARCHITECTURE_KEYS = (
+    "size",
+    "num_classes",
+    "condition",
+    "g_filters",
+    "skips",
+    "up_block",
+    "d_filters",
+)
 
 
 @dataclass(frozen=True)
@@ -36,11 +58,13 @@ class TrainOptions:
     """How to run the training (not what is trained: that is the GanConfig)."""
 
     run: str = "run"
-    strategy: str = "auto"  # auto | default | mirrored
+    strategy: str = "auto"  # one of STRATEGIES
     resume: bool = False
     eval_every: int = 100
     checkpoint_every: int = 200
     seed: int = 0
+    augment: str = "none"  # one of AUGMENTATIONS
+    cluster: dict[str, Any] | None = None  # TF_CONFIG (cluster + task) for multi-worker
 
 
 @dataclass
@@ -53,6 +77,10 @@ class TrainReport:
     generator: str
     last: dict[str, float]
     heldout_ssim: float | None
+    heldout_ssim_batchstats: float | None
+    precision: str
+    replicas: int
+    chief: bool
 
 
 def load_split(ws: Workspace, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,6 +98,49 @@ def load_split(ws: Workspace, split: str, size: int) -> tuple[np.ndarray, np.nda
     return images[..., None].astype(np.float32), masks.astype(np.uint8)
 
 
+def batch_order(n: int, batch: int, steps: int, seed: int) -> np.ndarray:
+    """(steps, batch) example indices: one seeded permutation per epoch, remainder dropped.
+
+    Row ``s`` is the global batch of step ``s``; it depends only on (n, batch, seed, s).
+    """
+    if batch > n:
+        raise ValueError(f"batch {batch} is larger than the {n} examples")
+    per_epoch = n // batch
+    epochs = -(-steps // per_epoch)
+    rows = [
+        np.random.default_rng([seed, e]).permutation(n)[: per_epoch * batch].reshape(-1, batch)
+        for e in range(epochs)
+    ]
+    return np.concatenate(rows)[:steps].astype(np.int64)
+
+
+def augment_pair(
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, flip: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """One joint random affine (±10°, scale 0.9–1.1, shift ±6%) of a (S, S) image and mask.
+
+    The mask is resampled by nearest neighbour (never a new label); uncovered image pixels are
+    air (the slice's minimum). ``flip`` adds a left-right mirror with probability ½: mirrored
+    anatomy (dextrocardia) is rare in patients, so it is opt-in.
+    """
+    s = image.shape[0]
+    angle = np.deg2rad(rng.uniform(-10, 10))
+    scale = rng.uniform(0.9, 1.1)
+    shift = rng.uniform(-0.06, 0.06, 2) * s
+    mirror = flip and rng.random() < 0.5
+    c, si = np.cos(angle) / scale, np.sin(angle) / scale
+    matrix = np.array([[c, -si], [si, c]])
+    if mirror:
+        matrix = matrix @ np.diag([1.0, -1.0])
+    centre = np.array([(s - 1) / 2, (s - 1) / 2])
+    offset = centre - matrix @ (centre + shift)
+    out_image = ndimage.affine_transform(
+        image, matrix, offset, order=1, mode="constant", cval=float(image.min())
+    )
+    out_mask = ndimage.affine_transform(mask, matrix, offset, order=0, mode="constant", cval=0)
+    return out_image.astype(np.float32), out_mask.astype(np.uint8)
+
+
 def encode_condition(masks: Any, num_classes: int, kind: str) -> Any:
     """Masks → generator input: one-hot channels, or the label map scaled to [0, 1]."""
     import tensorflow as tf
@@ -79,10 +150,80 @@ def encode_condition(masks: Any, num_classes: int, kind: str) -> Any:
     return tf.cast(masks, tf.float32)[..., None] / float(max(num_classes - 1, 1))
 
 
-def make_strategy(name: str) -> Any:
-    """default: one device; mirrored: all local GPUs, else every logical CPU device."""
+def cpu_has_bf16(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo text lists native bfloat16 arithmetic (AVX512-BF16 or AMX-BF16)."""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(requested: str, *, gpus: int, cpuinfo: str) -> str:
+    """``float32`` | ``mixed`` | ``auto`` → a Keras dtype policy name for this machine.
+
+    mixed: ``mixed_float16`` (with loss scaling) on GPUs, ``mixed_bfloat16`` on CPUs with native
+    bf16, refused elsewhere. auto: mixed where supported, else float32.
+    """
+    if requested in ("float32", "mixed_bfloat16", "mixed_float16"):
+        return requested
+    if requested not in ("mixed", "auto"):
+        raise PipelineError(f"unknown precision {requested!r}; use float32, mixed or auto")
+    if gpus:
+        return "mixed_float16"
+    if cpu_has_bf16(cpuinfo):
+        return "mixed_bfloat16"
+    if requested == "auto":
+        return "float32"
+    raise PipelineError(
+        "--precision mixed: this CPU has no native bfloat16 (AVX512-BF16 or AMX) and no GPU is "
+        "visible; emulated bf16 is slower than float32, so use --precision float32"
+    )
+
+
+def parse_cluster(tf_config: str | None) -> dict[str, Any]:
+    """Validate a ``TF_CONFIG`` JSON string for multi-worker training."""
+    if not tf_config:
+        raise PipelineError(
+            "--strategy multi-worker needs TF_CONFIG (cluster worker addresses and this "
+            'task), e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+            '"task": {"type": "worker", "index": 0}}'
+        )
+    try:
+        config = json.loads(tf_config)
+        task_type, task_id = config["task"]["type"], int(config["task"]["index"])
+        if not 0 <= task_id < len(config["cluster"][task_type]):
+            raise IndexError(f"task index {task_id} has no {task_type} address")
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise PipelineError(f"TF_CONFIG is not a valid cluster description ({exc!r})") from None
+    return config
+
+
+def is_chief(cluster: dict[str, Any] | None) -> bool:
+    """The worker that writes the run (an explicit chief, else worker 0; always when local)."""
+    if not cluster:
+        return True
+    task = cluster["task"]
+    if "chief" in cluster["cluster"]:
+        return task["type"] == "chief"
+    return task["type"] == "worker" and int(task["index"]) == 0
+
+
+def make_strategy(name: str, cluster: dict[str, Any] | None = None) -> Any:
+    """default: one device; mirrored: all local GPUs, else every logical CPU device;
+    multi-worker: ``MultiWorkerMirroredStrategy`` over ``cluster`` (a parsed TF_CONFIG)."""
     import tensorflow as tf
 
+    if name == "multi-worker":
+        if not cluster:
+            raise PipelineError("--strategy multi-worker needs TF_CONFIG")
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec(cluster["cluster"]),
+            task_type=cluster["task"]["type"],
+            task_id=int(cluster["task"]["index"]),
+            rpc_layer="grpc",
+        )
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "default"
@@ -91,7 +232,81 @@ def make_strategy(name: str) -> Any:
     if name == "mirrored":
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
-    raise PipelineError(f"unknown strategy {name!r}")
+    raise PipelineError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def split_hash(ws: Workspace) -> str:
+    """SHA-256 of the patient → split assignment: which data a run was trained on."""
+    with Session(ws.engine) as session:
+        rows = session.execute(
+            select(PatientSplit.patient, PatientSplit.split).order_by(PatientSplit.patient)
+        ).all()
+    return hashlib.sha256("".join(f"{p}:{s};" for p, s in rows).encode()).hexdigest()
+
+
+def _preprocessing(ws: Workspace) -> dict[str, Any]:
+    """Units and HU windows of the sources: how generated [0, 1] images map back."""
+    with Session(ws.engine) as session:
+        rows = session.execute(
+            select(Source.units, Source.window_lo, Source.window_hi).distinct()
+        ).all()
+    return {
+        "units": sorted({r[0] for r in rows}),
+        "windows": sorted({(r[1], r[2]) for r in rows}),
+    }
+
+
+def make_dataset(
+    images: np.ndarray,
+    masks: np.ndarray,
+    order: np.ndarray,
+    cfg: Any,
+    *,
+    start: int,
+    seed: int,
+    augment: str,
+    context: Any = None,
+) -> Any:
+    """tf.data of this input pipeline's per-replica batches from step ``start`` on.
+
+    For each step the pipeline yields, in replica order, its replicas' consecutive slices of
+    the global batch ``order[step]``, so the union over replicas and workers is exactly that
+    batch. ``context`` is a ``tf.distribute.InputContext`` (None: one replica).
+    """
+    import tensorflow as tf
+
+    replicas, pipelines, pipeline_id = 1, 1, 0
+    if context is not None:
+        replicas, pipelines = context.num_replicas_in_sync, context.num_input_pipelines
+        pipeline_id = context.input_pipeline_id
+    per_replica = cfg.batch // replicas
+    local = replicas // pipelines
+    steps = np.repeat(np.arange(start, len(order)), local)
+    slots = np.tile(np.arange(pipeline_id * local, (pipeline_id + 1) * local), len(order) - start)
+    size, flip = cfg.size, augment == "flip+affine"
+
+    def load(step: np.int64, slot: np.int64) -> tuple[np.ndarray, np.ndarray]:
+        positions = range(int(slot) * per_replica, (int(slot) + 1) * per_replica)
+        idx = order[int(step), int(slot) * per_replica : (int(slot) + 1) * per_replica]
+        img, msk = images[idx, ..., 0], masks[idx]
+        if augment != "none":
+            pairs = [
+                augment_pair(img[j], msk[j], np.random.default_rng([seed, int(step), p]), flip=flip)
+                for j, p in enumerate(positions)
+            ]
+            img = np.stack([p[0] for p in pairs])
+            msk = np.stack([p[1] for p in pairs])
+        return msk, img[..., None]
+
+    def to_tensors(step: Any, slot: Any) -> tuple[Any, Any]:
+        msk, img = tf.numpy_function(load, [step, slot], [tf.uint8, tf.float32], stateful=False)
+        msk.set_shape((per_replica, size, size))
+        img.set_shape((per_replica, size, size, 1))
+        return encode_condition(msk, cfg.num_classes, cfg.condition), img
+
+    ds = tf.data.Dataset.from_tensor_slices((steps, slots))
+    ds = ds.map(to_tensors, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(2)
 
 
 def _sample_grid(masks: np.ndarray, fake: np.ndarray, real: np.ndarray) -> np.ndarray:
@@ -102,54 +317,102 @@ def _sample_grid(masks: np.ndarray, fake: np.ndarray, real: np.ndarray) -> np.nd
     return grid(tiles, columns=3)
 
 
-def train(ws: Workspace, cfg: Any, opts: TrainOptions, *, progress: Progress = iter) -> TrainReport:
-    """Train ``cfg`` (a ``models.gan.GanConfig``) on the workspace's training split."""
+def _check_resume(run_dir: Path, config: dict[str, Any], opts: TrainOptions, chief: bool) -> None:
+    """A new run must not exist; a resumed one must exist with compatible models and data."""
+    exists = (run_dir / "config.json").exists()
+    if exists and not opts.resume and chief:
+        raise PipelineError("run exists; pass --resume or choose another --run", path=run_dir)
+    if not opts.resume:
+        return
+    if not exists:
+        raise PipelineError("nothing to resume", path=run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    now = json.loads(json.dumps(config))  # tuples → lists, as stored
+    changed = [k for k in ARCHITECTURE_KEYS if saved.get(k) != now.get(k)]
+    if changed:
+        raise PipelineError(
+            f"--resume with an incompatible config ({', '.join(changed)} differ)", path=run_dir
+        )
+    if saved.get("data", {}).get("split_hash") != now["data"]["split_hash"]:
+        raise PipelineError(
+            "--resume: the workspace's patient splits changed since this run started "
+            "(new or moved patients); start a new --run",
+            path=run_dir,
+        )
+
+
+def train(
+    ws: Workspace,
+    cfg: Any,
+    opts: TrainOptions,
+    *,
+    progress: Progress = iter,
+    on_step: StepCallback | None = None,
+    cpuinfo: str = "",
+) -> TrainReport:
+    """Train ``cfg`` (a ``models.gan.GanConfig``) on the workspace's training split.
+
+    ``cfg.precision`` may be ``float32``, ``mixed`` or ``auto`` (resolved for this machine
+    with ``cpuinfo``, the text of /proc/cpuinfo). ``on_step(step, metrics)`` is called after
+    every step (a progress bar's losses).
+    """
     import keras
     import tensorflow as tf
 
-    from models.gan import ConditionalGAN
+    from models.gan import ConditionalGAN, build_generator
 
+    if opts.augment not in AUGMENTATIONS:
+        raise PipelineError(f"unknown augmentation {opts.augment!r}")
     with Session(ws.engine) as session:
         schema = get_meta(session, "label_schema")
     if schema is None:
         raise PipelineError("no ingested data (run 'pipeline ingest' first)", path=ws.root)
-    n_classes = len(json.loads(schema))
-    if cfg.num_classes != n_classes:
-        from dataclasses import replace
-
-        cfg = replace(cfg, num_classes=n_classes)
+    # Before any other TensorFlow work: multi-worker collectives are set up at start-up.
+    strategy = make_strategy(opts.strategy, opts.cluster)
+    chief = is_chief(opts.cluster if opts.strategy == "multi-worker" else None)
+    replicas = strategy.num_replicas_in_sync
+    precision = resolve_precision(
+        cfg.precision, gpus=len(tf.config.list_logical_devices("GPU")), cpuinfo=cpuinfo
+    )
+    cfg = replace(cfg, num_classes=len(json.loads(schema)), precision=precision)
     images, masks = load_split(ws, "train", cfg.size)
     if len(images) == 0:
         raise PipelineError("the training split is empty", path=ws.root)
-    strategy = make_strategy(opts.strategy)
-    replicas = strategy.num_replicas_in_sync
     if cfg.batch % replicas:
         raise PipelineError(f"global batch {cfg.batch} is not divisible by {replicas} replicas")
     if len(images) < cfg.batch:
         raise PipelineError(
             f"batch {cfg.batch} is larger than the {len(images)} training slices "
-            "(batches drop the remainder); pass a smaller --batch"
+            "(batches drop the remainder); pass a smaller --batch",
+            path=ws.root,
         )
     val_images, val_masks = load_split(ws, "val", cfg.size)
 
     run_dir = ws.runs_dir / opts.run
     ckpt_dir = run_dir / "checkpoints"
-    config = {**cfg.to_dict(), "label_schema": json.loads(schema)}
-    if run_dir.exists() and (run_dir / "config.json").exists():
-        if not opts.resume:
-            raise PipelineError("run exists; pass --resume or choose another --run", path=run_dir)
-        saved = json.loads((run_dir / "config.json").read_text())
-        keys = ("size", "num_classes", "condition", "g_filters", "skips", "up_block", "d_filters")
-        now = json.loads(json.dumps(config))  # tuples → lists, as stored
-        changed = [k for k in keys if saved.get(k) != now.get(k)]
-        if changed:
-            raise PipelineError(
-                f"--resume with an incompatible config ({', '.join(changed)} differ)", path=run_dir
-            )
-    elif opts.resume:
-        raise PipelineError("nothing to resume", path=run_dir)
-    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    config = {
+        **cfg.to_dict(),
+        "label_schema": json.loads(schema),
+        "data": {
+            "split_hash": split_hash(ws),
+            "train_slices": len(images),
+            "val_slices": len(val_images),
+            **_preprocessing(ws),
+        },
+        "train": {
+            "seed": opts.seed,
+            "augment": opts.augment,
+            "strategy": opts.strategy,
+            "replicas": replicas,
+        },
+        "code_version": __version__,
+    }
+    _check_resume(run_dir, config, opts, chief)
+    if chief:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        atomic_write(
+            run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2))
+        )
 
     keras.utils.set_random_seed(opts.seed)
     with strategy.scope():
@@ -162,36 +425,56 @@ def train(ws: Workspace, cfg: Any, opts: TrainOptions, *, progress: Progress = i
             d_opt=gan.d_opt,
             step=step_var,
         )
-    manager = tf.train.CheckpointManager(ckpt, str(ckpt_dir), max_to_keep=3)
+    # Every worker must save (the save is collective); only the chief's copy is kept.
+    scratch = run_dir / f".worker-{opts.cluster['task']['index']}" if not chief else None
+    manager = tf.train.CheckpointManager(ckpt, str(scratch or ckpt_dir), max_to_keep=3)
     resumed_from = 0
-    if opts.resume and manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint)
+    latest = tf.train.latest_checkpoint(str(ckpt_dir)) if opts.resume else None
+    if opts.resume and latest is None:
+        raise PipelineError("nothing to resume (no checkpoint)", path=ckpt_dir)
+    if latest:
+        ckpt.restore(latest).assert_existing_objects_matched()
         resumed_from = int(step_var.numpy())
 
-    ds = (
-        tf.data.Dataset.from_tensor_slices((masks, images))
-        .shuffle(len(images), seed=opts.seed, reshuffle_each_iteration=True)
-        .repeat()
-        .batch(cfg.batch, drop_remainder=True)
-        .map(lambda m, i: (encode_condition(m, cfg.num_classes, cfg.condition), i))
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    iterator = iter(strategy.experimental_distribute_dataset(ds))
+    # A twin outside the strategy for evaluation and export: it gets the trained weights
+    # copied in, so evaluating in batch-statistics mode never touches the moving averages.
+    twin = build_generator(cfg)
+
+    order = batch_order(len(images), cfg.batch, cfg.steps, opts.seed)
+
+    def dataset_fn(context: Any) -> Any:
+        return make_dataset(
+            images,
+            masks,
+            order,
+            cfg,
+            start=resumed_from,
+            seed=opts.seed,
+            augment=opts.augment,
+            context=context,
+        )
+
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
 
     @tf.function
     def dist_step(cond: Any, img: Any) -> dict[str, Any]:
         out = strategy.run(gan.train_step, args=(cond, img))
         return {k: strategy.reduce("SUM", v, axis=None) for k, v in out.items()}
 
-    writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
-    stop = {"signal": None}
+    writer = (
+        tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+        if chief
+        else tf.summary.create_noop_writer()
+    )
+    stop: dict[str, int | None] = {"signal": None}
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop["signal"] = signum
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     last: dict[str, float] = {}
-    heldout = None
+    saved_at = resumed_from
+    heldout: tuple[float | None, float | None] = (None, None)
     try:
         for _ in progress(range(resumed_from, cfg.steps)):
             cond, img = next(iterator)
@@ -199,57 +482,101 @@ def train(ws: Workspace, cfg: Any, opts: TrainOptions, *, progress: Progress = i
             step_var.assign_add(1)
             step = int(step_var.numpy())
             last = {k: float(v) for k, v in out.items()}
+            if on_step is not None:
+                on_step(step, last)
             with writer.as_default(step=step):
                 for k, v in last.items():
                     tf.summary.scalar(k, v)
                 tf.summary.scalar("lr_g", float(cfg.g_lr))
                 tf.summary.scalar("lr_d", float(cfg.d_lr))
-            if step % opts.eval_every == 0 or step == cfg.steps:
-                heldout = _evaluate(gan, cfg, val_images, val_masks, run_dir, step, writer)
+            if chief and (step % opts.eval_every == 0 or step == cfg.steps):
+                twin.set_weights(gan.generator.get_weights())
+                heldout = _evaluate(twin, cfg, val_images, val_masks, run_dir, step, writer)
             if step % opts.checkpoint_every == 0:
                 manager.save(checkpoint_number=step)
+                saved_at = step
             if stop["signal"] is not None:
                 break
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        manager.save(checkpoint_number=int(step_var.numpy()))
+        steps_done = int(step_var.numpy())
+        if steps_done != saved_at:
+            manager.save(checkpoint_number=steps_done)
         writer.flush()
-    steps_done = int(step_var.numpy())
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     generator_path = run_dir / "generator.keras"
-    atomic_write(generator_path, gan.generator.save)
-    digest = hashlib.sha256(generator_path.read_bytes()).hexdigest()
-    with write_session(ws.engine) as session:
-        row = session.scalar(select(Run).where(Run.name == opts.run))
-        if row is None:
-            row = Run(name=opts.run, preset=cfg.preset, config=config)
-            session.add(row)
-        row.config, row.steps_done, row.updated_at = config, steps_done, utcnow()
-        row.generator_path, row.generator_sha256 = str(generator_path), digest
+    twin.set_weights(gan.generator.get_weights())
+    if chief:
+        atomic_write(generator_path, twin.save)
+        digest = hashlib.sha256(generator_path.read_bytes()).hexdigest()
+        with write_session(ws.engine) as session:
+            row = session.scalar(select(Run).where(Run.name == opts.run))
+            if row is None:
+                row = Run(name=opts.run, preset=cfg.preset, config=config)
+                session.add(row)
+            row.config, row.steps_done, row.updated_at = config, steps_done, utcnow()
+            row.generator_path, row.generator_sha256 = str(generator_path), digest
     if stop["signal"] is not None:
         raise PipelineError(
             f"interrupted at step {steps_done}; checkpoint saved, continue with --resume",
             path=run_dir,
         )
-    return TrainReport(str(run_dir), steps_done, resumed_from, str(generator_path), last, heldout)
+    return TrainReport(
+        run_dir=str(run_dir),
+        steps_done=steps_done,
+        resumed_from=resumed_from,
+        generator=str(generator_path),
+        last=last,
+        heldout_ssim=heldout[0],
+        heldout_ssim_batchstats=heldout[1],
+        precision=precision,
+        replicas=replicas,
+        chief=chief,
+    )
+
+
+def generate_images(generator: Any, masks: np.ndarray, cfg: Any, *, batch: int = 16) -> np.ndarray:
+    """(N, S, S) float32 images in [0, 1] for (N, S, S) class-index masks, deterministically.
+
+    Inference mode (batch-norm moving statistics), fixed batches: the same mask gives the same
+    bytes on the same machine.
+    """
+    out = []
+    for i in range(0, len(masks), batch):
+        cond = encode_condition(masks[i : i + batch], cfg.num_classes, cfg.condition)
+        out.append(np.asarray(generator(cond, training=False), dtype=np.float32)[..., 0])
+    size = masks.shape[1] if masks.ndim == 3 else 0
+    return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)
 
 
 def _evaluate(
-    gan: Any, cfg: Any, images: np.ndarray, masks: np.ndarray, run_dir: Path, step: int, writer: Any
-) -> float | None:
-    """Held-out SSIM (moving BN statistics: the way generation runs) and a sample grid PNG."""
+    generator: Any,
+    cfg: Any,
+    images: np.ndarray,
+    masks: np.ndarray,
+    run_dir: Path,
+    step: int,
+    writer: Any,
+) -> tuple[float | None, float | None]:
+    """Held-out SSIM in inference mode (moving BN statistics: how generation runs) and, for
+    comparison, with batch statistics; a sample grid PNG. ``generator`` is a scratch copy."""
     import tensorflow as tf
 
     if len(images) == 0:
-        return None
+        return None, None
     pick = np.linspace(0, len(images) - 1, min(16, len(images))).astype(int)
+    fake = generate_images(generator, masks[pick], cfg)
+    score = float(np.mean(ssim_batch(images[pick, ..., 0], fake)))
     cond = encode_condition(masks[pick], cfg.num_classes, cfg.condition)
-    fake = np.asarray(gan.generator(cond, training=False))
-    score = float(np.mean(ssim_batch(images[pick, ..., 0], fake[..., 0])))
+    batchstats = np.asarray(generator(cond, training=True), dtype=np.float32)[..., 0]
+    score_bs = float(np.mean(ssim_batch(images[pick, ..., 0], batchstats)))
     show = pick[:4]
-    picture = _sample_grid(masks[show], fake[: len(show)], images[show])
+    picture = _sample_grid(masks[show], fake[: len(show), ..., None], images[show])
     save_png(picture, run_dir / "samples" / f"step_{step:06d}.png")
     with writer.as_default(step=step):
         tf.summary.scalar("heldout_ssim", score)
+        tf.summary.scalar("heldout_ssim_batchstats", score_bs)
         tf.summary.image("samples", picture[None], max_outputs=1)
-    return score
+    return score, score_bs
