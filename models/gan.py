@@ -38,7 +38,7 @@ class GanConfig:
     beta1: float = 0.5
     adv_weight: float = 0.012
     l1_weight: float = 1.0
-    precision: str = "float32"  # one of PRECISIONS; outputs and losses are always float32
+    precision: str = "float32"  # a PRECISIONS policy; outputs and losses are always float32
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -100,7 +100,8 @@ def preset(name: str, **overrides: Any) -> GanConfig:
         raise ValueError(f"size {cfg.size} must be a power of two ≥ 4")
     depth = min(len(cfg.g_filters), int(math.log2(cfg.size)))
     cfg = replace(cfg, g_filters=tuple(cfg.g_filters[:depth]))
-    if cfg.precision not in PRECISIONS:
+    # "mixed" / "auto" are requests that the training code resolves for the machine
+    if cfg.precision not in (*PRECISIONS, "mixed", "auto"):
         raise ValueError(f"precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if cfg.size // 2 ** len(cfg.d_filters) < 1:
         raise ValueError(f"{len(cfg.d_filters)} discriminator layers do not fit {cfg.size}²")

@@ -78,6 +78,7 @@ class TrainReport:
     last: dict[str, float]
     heldout_ssim: float | None
     heldout_ssim_batchstats: float | None
+    heldout_mae: float | None
     precision: str
     replicas: int
     chief: bool
@@ -474,7 +475,7 @@ def train(
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     last: dict[str, float] = {}
     saved_at = resumed_from
-    heldout: tuple[float | None, float | None] = (None, None)
+    heldout: dict[str, float | None] = {"ssim": None, "ssim_batchstats": None, "mae": None}
     try:
         for _ in progress(range(resumed_from, cfg.steps)):
             cond, img = next(iterator)
@@ -529,8 +530,9 @@ def train(
         resumed_from=resumed_from,
         generator=str(generator_path),
         last=last,
-        heldout_ssim=heldout[0],
-        heldout_ssim_batchstats=heldout[1],
+        heldout_ssim=heldout["ssim"],
+        heldout_ssim_batchstats=heldout["ssim_batchstats"],
+        heldout_mae=heldout["mae"],
         precision=precision,
         replicas=replicas,
         chief=chief,
@@ -559,24 +561,31 @@ def _evaluate(
     run_dir: Path,
     step: int,
     writer: Any,
-) -> tuple[float | None, float | None]:
-    """Held-out SSIM in inference mode (moving BN statistics: how generation runs) and, for
-    comparison, with batch statistics; a sample grid PNG. ``generator`` is a scratch copy."""
+) -> dict[str, float | None]:
+    """Held-out SSIM and MAE in inference mode (moving BN statistics: how generation runs)
+    and SSIM with batch statistics for comparison; a sample grid PNG.
+
+    ``generator`` is a scratch copy: batch-statistics mode updates its moving averages.
+    """
     import tensorflow as tf
 
     if len(images) == 0:
-        return None, None
+        return {"ssim": None, "ssim_batchstats": None, "mae": None}
     pick = np.linspace(0, len(images) - 1, min(16, len(images))).astype(int)
+    real = images[pick, ..., 0]
     fake = generate_images(generator, masks[pick], cfg)
-    score = float(np.mean(ssim_batch(images[pick, ..., 0], fake)))
     cond = encode_condition(masks[pick], cfg.num_classes, cfg.condition)
     batchstats = np.asarray(generator(cond, training=True), dtype=np.float32)[..., 0]
-    score_bs = float(np.mean(ssim_batch(images[pick, ..., 0], batchstats)))
+    result = {
+        "ssim": float(np.mean(ssim_batch(real, fake))),
+        "ssim_batchstats": float(np.mean(ssim_batch(real, batchstats))),
+        "mae": float(np.mean(np.abs(real - fake))),
+    }
     show = pick[:4]
     picture = _sample_grid(masks[show], fake[: len(show), ..., None], images[show])
     save_png(picture, run_dir / "samples" / f"step_{step:06d}.png")
     with writer.as_default(step=step):
-        tf.summary.scalar("heldout_ssim", score)
-        tf.summary.scalar("heldout_ssim_batchstats", score_bs)
+        for name, value in result.items():
+            tf.summary.scalar(f"heldout_{name}", value)
         tf.summary.image("samples", picture[None], max_outputs=1)
-    return score, score_bs
+    return result

@@ -1,0 +1,109 @@
+"""Pure parts of training: data order, augmentation, per-replica batches, precision, TF_CONFIG."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from models.gan import preset
+from pipeline.errors import PipelineError
+from pipeline.train import (
+    augment_pair,
+    batch_order,
+    cpu_has_bf16,
+    is_chief,
+    make_dataset,
+    parse_cluster,
+    resolve_precision,
+)
+
+
+def test_batch_order_is_epochwise_permutation_and_step_indexed():
+    order = batch_order(10, 4, 7, seed=3)
+    assert order.shape == (7, 4)
+    # 2 batches per epoch (remainder of 2 dropped): each epoch's 8 indices are distinct
+    for e in range(3):
+        epoch = order[2 * e : 2 * e + 2].ravel()
+        assert len(set(epoch.tolist())) == 8 and epoch.max() < 10
+    # a longer run starts with the same rows: resuming sees the batches a straight run sees
+    np.testing.assert_array_equal(batch_order(10, 4, 20, seed=3)[:7], order)
+    assert not np.array_equal(batch_order(10, 4, 7, seed=4), order)
+    with pytest.raises(ValueError, match="larger than"):
+        batch_order(3, 4, 1, seed=0)
+
+
+def test_augment_pair_is_seeded_and_never_invents_labels():
+    rng = np.random.default_rng(0)
+    image = rng.random((32, 32)).astype(np.float32)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 10:24] = 3
+    mask[20:26, 5:12] = 6
+    a = augment_pair(image, mask, np.random.default_rng([1, 2]), flip=True)
+    b = augment_pair(image, mask, np.random.default_rng([1, 2]), flip=True)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert set(np.unique(a[1])) <= {0, 3, 6}
+    assert a[0].dtype == np.float32 and a[1].dtype == np.uint8 and a[0].shape == (32, 32)
+    assert not np.array_equal(a[1], mask)  # it did move something
+    # the image moves with the mask: a bright square under label 3 stays under label 3
+    image2 = np.where(mask == 3, 1.0, 0.0).astype(np.float32)
+    img, msk = augment_pair(image2, mask, np.random.default_rng(5), flip=False)
+    assert img[msk == 3].mean() > 0.9 and img[msk == 0].mean() < 0.1
+
+
+@pytest.mark.parametrize(("replicas", "pipelines"), [(1, 1), (2, 1), (2, 2), (4, 2)])
+def test_replicas_split_exactly_the_global_batch(replicas, pipelines):
+    """Whatever the replica/worker layout, step s trains on exactly order[s] (tf.data)."""
+    cfg = preset("tiny", size=8, batch=8, d_filters=(16,))
+    rng = np.random.default_rng(0)
+    images = rng.random((20, 8, 8, 1)).astype(np.float32)
+    images[:, 0, 0, 0] = np.arange(20)  # an id stamped in each image
+    masks = rng.integers(0, 8, (20, 8, 8)).astype(np.uint8)
+    order = batch_order(20, 8, 5, seed=1)
+    seen = {s: [] for s in range(2, 5)}
+    for pid in range(pipelines):
+        ctx = SimpleNamespace(
+            num_replicas_in_sync=replicas, num_input_pipelines=pipelines, input_pipeline_id=pid
+        )
+        ds = make_dataset(images, masks, order, cfg, start=2, seed=0, augment="none", context=ctx)
+        elements = list(ds.as_numpy_iterator())
+        local = replicas // pipelines
+        assert len(elements) == 3 * local
+        for i, (cond, img) in enumerate(elements):
+            assert cond.shape == (8 // replicas, 8, 8, 8) and img.shape == (8 // replicas, 8, 8, 1)
+            seen[2 + i // local] += img[:, 0, 0, 0].astype(int).tolist()
+            np.testing.assert_array_equal(cond.argmax(-1), masks[img[:, 0, 0, 0].astype(int)])
+    for s, ids in seen.items():
+        assert sorted(ids) == sorted(order[s].tolist())
+
+
+CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n"
+
+
+def test_precision_resolution():
+    assert cpu_has_bf16(CPUINFO.format(extra="avx512_bf16"))
+    assert cpu_has_bf16(CPUINFO.format(extra="amx_bf16 amx_tile"))
+    assert not cpu_has_bf16(CPUINFO.format(extra=""))
+    plain, bf16 = CPUINFO.format(extra=""), CPUINFO.format(extra="avx512_bf16")
+    assert resolve_precision("mixed", gpus=0, cpuinfo=bf16) == "mixed_bfloat16"
+    assert resolve_precision("mixed", gpus=2, cpuinfo=plain) == "mixed_float16"
+    assert resolve_precision("auto", gpus=0, cpuinfo=plain) == "float32"
+    assert resolve_precision("float32", gpus=2, cpuinfo=bf16) == "float32"
+    with pytest.raises(PipelineError, match="no native bfloat16"):
+        resolve_precision("mixed", gpus=0, cpuinfo=plain)
+
+
+def test_tf_config_parsing():
+    good = '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}'
+    cluster = parse_cluster(good)
+    assert not is_chief(cluster) and is_chief(None)
+    assert is_chief({**cluster, "task": {"type": "worker", "index": 0}})
+    with_chief = {"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {}}
+    assert is_chief({**with_chief, "task": {"type": "chief", "index": 0}})
+    assert not is_chief({**with_chief, "task": {"type": "worker", "index": 0}})
+    with pytest.raises(PipelineError, match="needs TF_CONFIG"):
+        parse_cluster(None)
+    with pytest.raises(PipelineError, match="not a valid cluster"):
+        parse_cluster("{nope")
+    with pytest.raises(PipelineError, match="not a valid cluster"):
+        parse_cluster('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}')
