@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/privacy.py
 	$(BIN)/python bench/privacy.py --scale
+	$(BIN)/python bench/train_step.py
 
 clean:
 	rm -rf $(VENV) demo-workspace .pytest_cache .ruff_cache .hypothesis

@@ -274,27 +274,50 @@ def status(workspace: Path, as_json: bool) -> None:
     type=click.IntRange(16, 512),
     help="Slice size for the demo workspace.",
 )
+@click.option(
+    "--train-steps",
+    default=600,
+    show_default=True,
+    type=click.IntRange(0, 1_000_000),
+    help="Steps of the tiny cGAN (0 skips training).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
-def demo(workspace: Path, volumes: int, size: int, seed: int) -> None:
-    """Run the main job on the built-in phantom: phantom → ingest → index → status."""
+def demo(workspace: Path, volumes: int, size: int, train_steps: int, seed: int) -> None:
+    """Run the main job on the built-in phantom: phantom → ingest → index → train (tiny)."""
     from pipeline.filtering import FilterConfig, build_index
     from pipeline.ingest import IngestConfig
     from pipeline.ingest import ingest as run_ingest
     from pipeline.phantom import write_phantom
+    from pipeline.train import TrainOptions, train
 
     src = workspace / "demo-sources" / "phantom"
-    click.echo(f"[1/3] phantom: {volumes} volumes → {src}")
+    click.echo(f"[1/4] phantom: {volumes} volumes → {src}")
     write_phantom(src, volumes=volumes, seed=seed, progress=progress_bar("phantom", "vol"))
     click.echo(f"      preview: {src / 'preview.png'}")
-    click.echo(f"[2/3] ingest → {workspace}")
+    click.echo(f"[2/4] ingest → {workspace}")
     with opened_workspace(workspace, create=True) as ws:
         report = run_ingest(
             ws, src, IngestConfig(size=size, seed=seed), progress=progress_bar("ingest", "vol")
         )
-        click.echo(f"[3/3] privacy index → {ws.index_dir}")
+        click.echo(format_status(report.status))
+        click.echo(f"[3/4] privacy index → {ws.index_dir}")
         manifest = build_index(ws, FilterConfig(seed=seed), progress=progress_bar("index", "batch"))
-    click.echo(describe_index(manifest))
-    click.echo(format_status(report.status))
+        click.echo(describe_index(manifest))
+        if not train_steps:
+            return
+        run_name = "demo"
+        resume = (ws.runs_dir / run_name / "checkpoints" / "checkpoint").exists()
+        click.echo(
+            f"[4/4] train the tiny cGAN for {train_steps} steps → {ws.runs_dir / run_name}"
+            + (" (resuming)" if resume else "")
+        )
+        cfg = dataclasses.replace(
+            _gan_config("tiny", size=size, steps=train_steps), precision="auto"
+        )
+        opts = TrainOptions(run=run_name, resume=resume, seed=seed)
+        bar = StepProgress("train")
+        trained = train(ws, cfg, opts, progress=bar, on_step=bar.postfix, cpuinfo=_cpuinfo())
+    click.echo(describe_training(trained))
 
 
 @cli.command("index")
@@ -476,10 +499,10 @@ def filter_cmd(workspace: Path, images: Path, as_json: bool) -> None:
 @click.option(
     "--precision",
     type=click.Choice(["float32", "mixed", "auto"]),
-    default="float32",
+    default="auto",
     show_default=True,
     help="mixed: float16 on GPUs, bfloat16 on CPUs with native bf16 (refused elsewhere); "
-    "auto: mixed where supported.",
+    "auto: mixed where supported, else float32.",
 )
 @click.option(
     "--augment",

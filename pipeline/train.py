@@ -311,10 +311,12 @@ def make_dataset(
 
 
 def _sample_grid(masks: np.ndarray, fake: np.ndarray, real: np.ndarray) -> np.ndarray:
-    """Rows of condition | generated | original."""
+    """Rows of condition | generated | original; small slices enlarged (nearest) to ≥ 128 px."""
+    zoom = max(1, 128 // masks.shape[1])
     tiles = []
     for m, f, r in zip(masks, fake, real, strict=True):
         tiles += [PALETTE[m % len(PALETTE)], to_uint8(f[..., 0]), to_uint8(r[..., 0])]
+    tiles = [np.repeat(np.repeat(t, zoom, axis=0), zoom, axis=1) for t in tiles]
     return grid(tiles, columns=3)
 
 

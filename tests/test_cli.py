@@ -319,7 +319,14 @@ def test_bad_window_and_format(good, ws_path):
 
 @pytest.mark.slow
 def test_demo(tmp_path):
-    result = run("demo", "-w", tmp_path / "demo", "--volumes", 4, "--size", 32)
+    args = ("demo", "-w", tmp_path / "demo", "--volumes", 4, "--size", 32, "--train-steps", 20)
+    result = run(*args)
     assert result.exit_code == 0, result.stderr
     assert "train" in result.stdout
     assert (tmp_path / "demo" / "demo-sources" / "phantom" / "preview.png").exists()
+    run_dir = tmp_path / "demo" / "runs" / "demo"
+    assert "trained 20 steps" in result.stdout and "tensorboard --logdir" in result.stdout
+    assert (run_dir / "generator.keras").exists() and list((run_dir / "samples").glob("*.png"))
+    again = run(*args)  # a second demo on the same workspace continues instead of failing
+    assert again.exit_code == 0, again.stderr
+    assert "resumed from step 20" in again.stdout
