@@ -21,7 +21,12 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
         prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent
     )
     os.close(fd)
+    # mkstemp makes the file 0600; give it the mode a plain open() would (a run's generator
+    # and logs are read by other users and by the other workers of a multi-worker run)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
