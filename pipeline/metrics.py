@@ -1,0 +1,141 @@
+"""Pure quality metrics: paired fidelity, Fréchet distance, precision/recall/density/coverage.
+
+Arrays in, numbers out: no files, no database, no models. Features come from a ``feature_fn``
+chosen by the caller (the project encoder by default), and every distribution number is named
+by that feature space wherever it is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import linalg
+
+from pipeline.privacy import ssim_batch
+
+
+def psnr_batch(real: np.ndarray, fake: np.ndarray, *, data_range: float = 1.0) -> np.ndarray:
+    """PSNR (dB) of each pair of (N, H, W) stacks; identical pairs give +inf."""
+    mse = np.mean((np.asarray(real, np.float64) - np.asarray(fake, np.float64)) ** 2, axis=(1, 2))
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(data_range**2 / mse)
+
+
+def paired_fidelity(
+    real: np.ndarray,
+    fake: np.ndarray,
+    masks: np.ndarray,
+    *,
+    class_names: list[str],
+    scale: float,
+) -> dict[str, object]:
+    """SSIM, PSNR and MAE per pair (images in [0, 1], ``data_range=1``) and the mean absolute
+    error inside each structure in source units (``scale`` = units per [0, 1]: the HU window's
+    width for HU sources, 255 for display-unit sources).
+    """
+    real = np.asarray(real, np.float32)
+    fake = np.asarray(fake, np.float32)
+    ssim = ssim_batch(real, fake, data_range=1.0)
+    psnr = psnr_batch(real, fake)
+    mae = np.mean(np.abs(real - fake), axis=(1, 2))
+    per_structure: dict[str, float | None] = {}
+    for c, name in enumerate(class_names):
+        if c == 0:
+            continue
+        inside = masks == c
+        n = int(inside.sum())
+        per_structure[name] = (
+            float(np.abs(real[inside] - fake[inside]).mean() * scale) if n else None
+        )
+    return {
+        "ssim": ssim,
+        "psnr": psnr,
+        "mae": mae,
+        "structure_mae_units": per_structure,
+    }
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (rows are samples) of a feature matrix."""
+    x = np.asarray(features, np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"need at least two feature rows, got shape {x.shape}")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *, eps: float = 1e-6
+) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
+    ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^½).
+
+    References
+    ----------
+    Dowson & Landau (1982); Heusel et al. (2017), GANs trained by a two time-scale update rule
+    converge to a local Nash equilibrium (FID). Same computation as pytorch-fid's.
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1 = np.atleast_2d(sigma1).astype(np.float64)
+    sigma2 = np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError("the two distributions have different dimensions")
+    diff = mu1 - mu2
+    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    if not np.isfinite(covmean).all():
+        # the covariance product can be near-singular (few samples); add eps to the diagonal
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real  # numerical noise from sqrtm
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def frechet_of_features(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between the Gaussians fitted to two feature matrices."""
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+@dataclass(frozen=True)
+class PRDC:
+    """Precision, recall, density and coverage of fake features against real ones."""
+
+    precision: float
+    recall: float
+    density: float
+    coverage: float
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances between rows (float64, clipped at 0 before the root)."""
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.sqrt(np.maximum(sq, 0.0))
+
+
+def _kth_neighbour(x: np.ndarray, k: int) -> np.ndarray:
+    """Distance of each row to its k-th nearest other row."""
+    d = _pairwise(x, x)
+    return np.partition(d, k, axis=1)[:, k]  # column 0 is the row itself (distance 0)
+
+
+def prdc(real: np.ndarray, fake: np.ndarray, *, k: int = 5) -> PRDC:
+    """Naeem et al. (2020) precision / recall / density / coverage with k nearest neighbours.
+
+    References
+    ----------
+    Naeem, Oh, Uh, Choi & Yoo (2020), Reliable fidelity and diversity metrics for generative
+    models. ICML. (Reference implementation: the ``prdc`` package.)
+    """
+    real = np.asarray(real, np.float64)
+    fake = np.asarray(fake, np.float64)
+    if len(real) <= k or len(fake) <= k:
+        raise ValueError(f"PRDC with k={k} needs more than {k} real and fake samples")
+    r_radius = _kth_neighbour(real, k)
+    f_radius = _kth_neighbour(fake, k)
+    d = _pairwise(real, fake)  # (real, fake)
+    inside = d < r_radius[:, None]
+    precision = float(inside.any(axis=0).mean())
+    recall = float((d < f_radius[None, :]).any(axis=1).mean())
+    density = float(inside.sum(axis=0).mean() / k)
+    coverage = float((d.min(axis=1) < r_radius).mean())
+    return PRDC(precision, recall, density, coverage)
