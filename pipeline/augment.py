@@ -39,11 +39,17 @@ def scale_intensity(image: np.ndarray, factor: float) -> np.ndarray:
 
 
 def elastic(
-    image: np.ndarray, rng: np.random.Generator, *, alpha: float = 2.0, sigma: float = 8.0
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    alpha: float = 2.0,
+    sigma: float = 8.0,
+    order: int = 1,
 ) -> np.ndarray:
     """Mild elastic deformation: a smooth random displacement field of about ``alpha`` px.
 
     ``sigma`` is the field's smoothness in pixels at 256² and scales with the image size.
+    ``order=0`` (nearest) for label maps, so no new label value appears.
     """
     h, w = image.shape
     s = sigma * h / 256.0
@@ -54,7 +60,7 @@ def elastic(
         fields.append(f)
     yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     coords = np.stack([yy + fields[0], xx + fields[1]])
-    return ndimage.map_coordinates(image, coords, order=1, mode="nearest").astype(image.dtype)
+    return ndimage.map_coordinates(image, coords, order=order, mode="nearest").astype(image.dtype)
 
 
 def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
@@ -62,6 +68,45 @@ def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
     return ndimage.rotate(image, degrees, reshape=False, order=1, mode="nearest").astype(
         image.dtype
     )
+
+
+def random_affine(
+    rng: np.random.Generator,
+    *,
+    degrees: float = 10.0,
+    scale: float = 0.1,
+    shift: float = 0.06,
+    flip: bool = False,
+) -> dict[str, float | bool]:
+    """Parameters of one random in-plane affine: rotation ±``degrees``, scale 1 ± ``scale``,
+    shift ± ``shift`` of the side, and (if ``flip``) a left-right mirror with probability ½."""
+    return {
+        "degrees": float(rng.uniform(-degrees, degrees)),
+        "scale": float(rng.uniform(1 - scale, 1 + scale)),
+        "shift_y": float(rng.uniform(-shift, shift)),
+        "shift_x": float(rng.uniform(-shift, shift)),
+        "mirror": bool(flip and rng.random() < 0.5),
+    }
+
+
+def affine_warp(
+    image: np.ndarray, params: dict[str, float | bool], *, order: int, cval: float
+) -> np.ndarray:
+    """Apply :func:`random_affine` parameters about the centre of a square (S, S) array.
+
+    ``order=0`` (nearest) for label maps; uncovered pixels get ``cval``.
+    """
+    s = image.shape[0]
+    angle = np.deg2rad(float(params["degrees"]))
+    c, si = np.cos(angle) / float(params["scale"]), np.sin(angle) / float(params["scale"])
+    matrix = np.array([[c, -si], [si, c]])
+    if params["mirror"]:
+        matrix = matrix @ np.diag([1.0, -1.0])
+    centre_px = np.array([(s - 1) / 2, (s - 1) / 2])
+    moved = centre_px + np.array([float(params["shift_y"]), float(params["shift_x"])]) * s
+    offset = centre_px - matrix @ moved
+    out = ndimage.affine_transform(image, matrix, offset, order=order, mode="constant", cval=cval)
+    return out.astype(image.dtype)
 
 
 def blend(image: np.ndarray, other: np.ndarray, weight: float = 0.7) -> np.ndarray:

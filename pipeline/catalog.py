@@ -31,7 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from pipeline.errors import PipelineError
 
 #: Bump when a table or column changes; add the migration to ``_MIGRATIONS``.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 30_000
 
 
@@ -153,8 +153,53 @@ class Run(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-# 2: privacy_calibrations; 3: runs
-_MIGRATIONS: dict[int, Any] = {2: _tables_only, 3: _tables_only}
+class CandidateBatch(Base):
+    """A batch of generated candidates (``candidates/<name>/``), its privacy run and gates."""
+
+    __tablename__ = "candidate_batches"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String, unique=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    generator_sha256: Mapped[str] = mapped_column(String)
+    masks: Mapped[str] = mapped_column(String)  # augmented | heldout | dir
+    config: Mapped[dict[str, Any]]  # count, seed, deformation settings, mask folder
+    units: Mapped[str] = mapped_column(String)  # HU | display
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    privacy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    gates: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    gates_passed: Mapped[bool | None] = mapped_column(nullable=True)
+    filtered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    candidates: Mapped[list[Candidate]] = relationship(
+        back_populates="batch", order_by="Candidate.index"
+    )
+
+
+class Candidate(Base):
+    """One generated image with its mask, provenance and privacy verdict."""
+
+    __tablename__ = "candidates"
+    __table_args__ = (UniqueConstraint("batch_id", "index", name="uq_candidate_position"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("candidate_batches.id"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String)  # cand_00000: file stem in the batch folder
+    mask_source: Mapped[str] = mapped_column(String)  # augmented | heldout | file
+    source_slice_id: Mapped[int | None] = mapped_column(ForeignKey("slices.id"), nullable=True)
+    mask_file: Mapped[str | None] = mapped_column(String, nullable=True)  # user masks
+    transform: Mapped[dict[str, Any]]
+    seed: Mapped[int] = mapped_column(Integer)
+    spacing: Mapped[list[Any]]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    privacy_score: Mapped[float | None] = mapped_column(Float, nullable=True)  # SSIM
+    texture_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    privacy_margin: Mapped[float | None] = mapped_column(Float, nullable=True)
+    nearest_slice_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    flagged: Mapped[bool | None] = mapped_column(nullable=True)  # None: not filtered yet
+    batch: Mapped[CandidateBatch] = relationship(back_populates="candidates")
+
+
+# 2: privacy_calibrations; 3: runs; 4: candidate_batches, candidates
+_MIGRATIONS: dict[int, Any] = {2: _tables_only, 3: _tables_only, 4: _tables_only}
 
 
 def _configure(engine: Engine) -> None:

@@ -424,20 +424,177 @@ def describe_index(manifest: dict[str, Any]) -> str:
     )
 
 
+def gate_options(func: F) -> F:
+    """Quality gate thresholds and the feature space (``pipeline.quality.GateConfig``)."""
+    from pipeline.quality import GateConfig
+
+    d = GateConfig()
+    options = [
+        click.option(
+            "--min-ssim",
+            default=d.min_heldout_ssim,
+            show_default=True,
+            type=float,
+            help="Gate: minimum mean SSIM on held-out masks.",
+        ),
+        click.option(
+            "--max-fd-ratio",
+            default=d.max_fd_ratio,
+            show_default=True,
+            type=float,
+            help="Gate: maximum Fréchet distance relative to the real-vs-real baseline.",
+        ),
+        click.option(
+            "--max-flagged",
+            default=d.max_flagged_fraction,
+            show_default=True,
+            type=click.FloatRange(0, 1),
+            help="Gate: maximum fraction of the batch flagged too similar.",
+        ),
+        click.option(
+            "--features",
+            type=click.Choice(["encoder", "pixel"]),
+            default=d.features,
+            show_default=True,
+            help="Feature space of the distribution metrics.",
+        ),
+        click.option(
+            "--encoder-steps",
+            default=d.encoder_steps,
+            show_default=True,
+            type=click.IntRange(1, 100_000),
+            help="Training steps of the feature encoder when the workspace has none yet.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _gate_config(
+    min_ssim: float, max_fd_ratio: float, max_flagged: float, features: str, encoder_steps: int
+) -> Any:
+    from pipeline.quality import GateConfig
+
+    return GateConfig(
+        min_heldout_ssim=min_ssim,
+        max_fd_ratio=max_fd_ratio,
+        max_flagged_fraction=max_flagged,
+        features=features,
+        encoder_steps=encoder_steps,
+    )
+
+
+def _filter_and_gate(ws: Workspace, batch: str, gates: Any) -> dict[str, Any]:
+    """The privacy filter on a batch, then the evaluation with its gates (stored)."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from pipeline.catalog import CandidateBatch, Run
+    from pipeline.quality import evaluate, filter_batch
+
+    filter_batch(ws, batch, progress=progress_bar("filter", "batch"))
+    with Session(ws.engine) as session:
+        run = session.scalar(
+            select(Run.name)
+            .join(CandidateBatch, CandidateBatch.run_id == Run.id)
+            .where(CandidateBatch.name == batch)
+        )
+    return evaluate(ws, run, gates, batch=batch, progress=progress_bar("encoder", "step"))
+
+
+def describe_evaluation(report: dict[str, Any]) -> str:
+    """The evaluation summary: paired fidelity, distribution (named by feature space), gates."""
+    p, d = report["paired"], report["distribution"]
+    lines = [
+        f"run {report['run']}" + (f", batch {report['batch']}" if report["batch"] else ""),
+        f"  paired on {p['n']} held-out slices: SSIM {p['ssim']['mean']:.3f} "
+        f"(median {p['ssim']['median']:.3f}), PSNR {p['psnr_db']['mean']:.1f} dB, "
+        f"MAE {p['mae_unit']['mean']:.4f} (of the [0, 1] range)",
+    ]
+    key = next(k for k in p if k.startswith("structure_mae_"))
+    unit = "HU" if key.endswith("hu") else "display units"
+    per = ", ".join(f"{k} {v:.0f}" for k, v in p[key].items() if v is not None)
+    lines.append(f"  mean |error| inside structures ({unit}): {per}")
+    lines.append(
+        f"  [{d['feature_space']}] Fréchet distance {d['frechet_distance']:.4f} vs real-vs-real "
+        f"{d['frechet_baseline_real_halves']:.4f} (ratio {d['frechet_ratio']:.2f}; "
+        f"{d['n_candidates']} candidates, {d['n_real']} real)"
+    )
+    if d.get("prdc_k5"):
+        m = d["prdc_k5"]
+        lines.append(
+            f"  [{d['feature_space']}] precision {m['precision']:.3f} recall {m['recall']:.3f} "
+            f"density {m['density']:.3f} coverage {m['coverage']:.3f} (k=5)"
+        )
+    if "fid_inception_v3" in d:
+        lines.append(f"  [InceptionV3 pool3] FID {d['fid_inception_v3']:.2f}")
+    if report["privacy"]:
+        pr = report["privacy"]
+        lines.append(
+            f"  privacy: {pr['flagged']} of {pr['count']} flagged too similar "
+            f"(SSIM > {pr['threshold']:.4f}"
+            + (
+                f" or texture > {pr['texture_threshold']:.4f}"
+                if pr.get("texture_threshold") is not None
+                else ""
+            )
+            + ")"
+        )
+    for g in report["gates"]["results"]:
+        sign = "≥" if g["gate"].startswith("min") else "≤"
+        verdict = "pass" if g["passed"] else "FAIL"
+        lines.append(f"  gate {g['gate']}: {g['value']:.4f} {sign} {g['threshold']} → {verdict}")
+    lines.append(
+        f"  gates {'passed' if report['gates']['passed'] else 'FAILED'}; "
+        f"report: {report['report_dir']}"
+    )
+    return "\n".join(lines)
+
+
+def _print_judgement(report: dict[str, Any], as_json: bool) -> None:
+    """Print an evaluation; a failed gate is exit 1 (after printing everything)."""
+    echo_json(report) if as_json else click.echo(describe_evaluation(report))
+    _check_gates(report)
+
+
+def _check_gates(report: dict[str, Any]) -> None:
+    """Exit 1 naming the failed gates, if any."""
+    from pipeline.errors import CheckFailedError
+
+    if not report["gates"]["passed"]:
+        failed = [g["gate"] for g in report["gates"]["results"] if not g["passed"]]
+        raise CheckFailedError(f"quality gates failed: {', '.join(failed)}")
+
+
 @cli.command("filter")
 @workspace_option
 @click.option(
     "--images",
     "images",
-    required=True,
     type=click.Path(path_type=Path),
     help="A folder (or file) of PNG / NIfTI images to score.",
 )
+@click.option(
+    "--batch",
+    "batch_name",
+    help="A generated candidate batch: store its privacy verdicts and run the quality gates.",
+)
+@gate_options
 @json_option
-def filter_cmd(workspace: Path, images: Path, as_json: bool) -> None:
+def filter_cmd(
+    workspace: Path, images: Path | None, batch_name: str | None, as_json: bool, **gates: Any
+) -> None:
     """Score images against every source slice; flag those too similar to one."""
     from pipeline.filtering import dumps_results, filter_images
 
+    if (images is None) == (batch_name is None):
+        raise click.UsageError("give exactly one of --images PATH or --batch NAME")
+    if batch_name is not None:
+        with opened_workspace(workspace, create=False) as ws:
+            report = _filter_and_gate(ws, batch_name, _gate_config(**gates))
+        _print_judgement(report, as_json)
+        return
     with opened_workspace(workspace, create=False) as ws:
         results, summary, notes = filter_images(
             ws, images, progress=progress_bar("filter", "batch")
@@ -466,6 +623,108 @@ def filter_cmd(workspace: Path, images: Path, as_json: bool) -> None:
         )
         + f", {summary['embedder']} index)"
     )
+
+
+@cli.command("generate")
+@workspace_option
+@click.option("--run", "run_name", default="run", show_default=True, help="Trained run to use.")
+@click.option("--count", default=64, show_default=True, type=click.IntRange(1, 10_000_000))
+@click.option(
+    "--masks",
+    default="augmented",
+    show_default=True,
+    help="augmented (deformed training masks), heldout (test split) or a folder of masks.",
+)
+@click.option("--batch-name", help="Folder under candidates/ (default RUN-MASKS).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--drop-structures",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="augmented: probability of removing each structure from a mask.",
+)
+@click.option(
+    "--filter",
+    "run_filter",
+    is_flag=True,
+    help="Then run the privacy filter and the quality gates on the batch.",
+)
+@gate_options
+@json_option
+def generate_cmd(
+    workspace: Path,
+    run_name: str,
+    count: int,
+    masks: str,
+    batch_name: str | None,
+    seed: int,
+    drop_structures: float,
+    run_filter: bool,
+    as_json: bool,
+    **gates: Any,
+) -> None:
+    """Generate candidate slices from new masks (resumable); --filter also judges them."""
+    from pipeline.generate import GenerateConfig, generate
+
+    cfg = GenerateConfig(
+        run=run_name,
+        count=count,
+        masks=masks,
+        batch_name=batch_name,
+        seed=seed,
+        drop_structures=drop_structures,
+    )
+    with opened_workspace(workspace, create=False) as ws:
+        report = generate(ws, cfg, progress=progress_bar("generate", "batch"))
+        judged = _filter_and_gate(ws, report.batch, _gate_config(**gates)) if run_filter else None
+    if as_json:
+        echo_json({"generate": dataclasses.asdict(report), "evaluation": judged})
+    else:
+        for note in report.notes:
+            click.echo(f"note: {note}", err=True)
+        click.echo(
+            f"batch {report.batch}: {report.count} candidates ({report.generated} generated, "
+            f"{report.reused} already there; {report.units}) in {report.folder}"
+        )
+    if judged is not None:
+        if not as_json:
+            click.echo(describe_evaluation(judged))
+        _check_gates(judged)
+
+
+@cli.command("evaluate")
+@workspace_option
+@click.option("--run", "run_name", default="run", show_default=True, help="Trained run.")
+@click.option("--batch", "batch_name", help="Also judge this candidate batch and store its gates.")
+@click.option(
+    "--inception-weights",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Local InceptionV3 (no top) weights file: adds a true FID. Never downloaded.",
+)
+@gate_options
+@json_option
+def evaluate_cmd(
+    workspace: Path,
+    run_name: str,
+    batch_name: str | None,
+    inception_weights: Path | None,
+    as_json: bool,
+    **gates: Any,
+) -> None:
+    """Quality report: held-out SSIM/PSNR/MAE, Fréchet distance and PRDC, gates, plots."""
+    from pipeline.quality import evaluate
+
+    with opened_workspace(workspace, create=False) as ws:
+        report = evaluate(
+            ws,
+            run_name,
+            _gate_config(**gates),
+            batch=batch_name,
+            inception_weights=inception_weights,
+            progress=progress_bar("encoder", "step"),
+        )
+    _print_judgement(report, as_json)
 
 
 @cli.command("train")

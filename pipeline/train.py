@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline import __version__
 from pipeline.atomic import atomic_write
+from pipeline.augment import affine_warp, random_affine
 from pipeline.catalog import PatientSplit, Run, Source, get_meta, utcnow, write_session
 from pipeline.errors import PipelineError
 from pipeline.index import SliceStore, slice_refs
@@ -124,21 +124,9 @@ def augment_pair(
     air (the slice's minimum). ``flip`` adds a left-right mirror with probability ½: mirrored
     anatomy (dextrocardia) is rare in patients, so it is opt-in.
     """
-    s = image.shape[0]
-    angle = np.deg2rad(rng.uniform(-10, 10))
-    scale = rng.uniform(0.9, 1.1)
-    shift = rng.uniform(-0.06, 0.06, 2) * s
-    mirror = flip and rng.random() < 0.5
-    c, si = np.cos(angle) / scale, np.sin(angle) / scale
-    matrix = np.array([[c, -si], [si, c]])
-    if mirror:
-        matrix = matrix @ np.diag([1.0, -1.0])
-    centre = np.array([(s - 1) / 2, (s - 1) / 2])
-    offset = centre - matrix @ (centre + shift)
-    out_image = ndimage.affine_transform(
-        image, matrix, offset, order=1, mode="constant", cval=float(image.min())
-    )
-    out_mask = ndimage.affine_transform(mask, matrix, offset, order=0, mode="constant", cval=0)
+    params = random_affine(rng, flip=flip)
+    out_image = affine_warp(image, params, order=1, cval=float(image.min()))
+    out_mask = affine_warp(mask, params, order=0, cval=0)
     return out_image.astype(np.float32), out_mask.astype(np.uint8)
 
 

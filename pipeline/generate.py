@@ -1,0 +1,419 @@
+"""`pipeline generate`: candidate images from new masks, with provenance, resumable.
+
+Mask sources: ``augmented`` (training masks deformed by a seeded, label-preserving elastic +
+affine transform, optionally dropping whole structures: new anatomy with no real counterpart),
+``heldout`` (the test split's masks) or a folder of user masks (NIfTI or PNG, validated against
+the run's label schema). Each candidate ``cand_XXXXX`` depends only on (batch seed, index), so a
+re-run fills in what is missing instead of starting over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from pipeline.atomic import atomic_write
+from pipeline.augment import affine_warp, elastic, random_affine
+from pipeline.catalog import Candidate, CandidateBatch, Run, Slice, Source, write_session
+from pipeline.errors import PipelineError
+from pipeline.index import SliceRef, SliceStore, slice_refs
+from pipeline.labels import LabelSchema
+from pipeline.preprocess import display_to_ras, ras_to_display, resize_mask, unit_to_hu
+from pipeline.preview import overlay, save_png, to_uint8
+from pipeline.workspace import Workspace
+
+Progress = Callable[[Iterable[Any]], Iterable[Any]]
+MASK_SOURCES = ("augmented", "heldout")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """What to generate (stored with the batch; a re-run must ask for the same)."""
+
+    run: str = "run"
+    count: int = 64
+    masks: str = "augmented"  # augmented | heldout | a folder path
+    batch_name: str | None = None
+    seed: int = 0
+    drop_structures: float = 0.0  # probability of dropping each structure (augmented)
+    elastic_alpha: float = 0.03  # displacement, as a fraction of the side
+    degrees: float = 12.0
+    scale: float = 0.1
+    shift: float = 0.05
+    batch: int = 16  # inference batch
+
+
+@dataclass
+class MaskSpec:
+    """One candidate's mask and where it came from."""
+
+    mask: np.ndarray  # (S, S) uint8 class indices
+    source: str  # augmented | heldout | file
+    slice_id: int | None
+    file: str | None
+    spacing: list[float]
+    transform: dict[str, Any]
+
+
+@dataclass
+class GenerateReport:
+    """What a generate call did."""
+
+    batch: str
+    folder: str
+    count: int
+    generated: int
+    reused: int
+    units: str
+    notes: list[str]
+
+
+def deform_mask(
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    class_names: tuple[str, ...],
+    drop: float,
+    alpha: float,
+    degrees: float,
+    scale: float,
+    shift: float,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """A new, label-preserving variant of a class-index mask and the parameters that made it.
+
+    Elastic field (about ``alpha``·side px, seeded and recorded), then an affine, both nearest
+    neighbour so no new label appears; each present structure is dropped with probability
+    ``drop`` (at least one is kept). Returns the mask and a JSON-ready parameter record.
+    """
+    size = mask.shape[0]
+    field_seed = int(rng.integers(0, 2**31 - 1))
+    # a smooth field (24 px at 256², scaled with the side): organs bend, edges do not fray
+    elastic_params = {"alpha_px": alpha * size, "sigma_px": 24.0 * size / 256.0, "seed": field_seed}
+    out = elastic(mask, np.random.default_rng(field_seed), alpha=alpha * size, sigma=24.0, order=0)
+    affine = random_affine(rng, degrees=degrees, scale=scale, shift=shift)
+    out = affine_warp(out, affine, order=0, cval=0)
+    present = [int(c) for c in np.unique(out) if c > 0]
+    dropped = [c for c in present if rng.random() < drop]
+    if dropped and len(dropped) == len(present):
+        dropped = dropped[1:]
+    for c in dropped:
+        out[out == c] = 0
+    return out.astype(np.uint8), {
+        "elastic": elastic_params,
+        "affine": affine,
+        "dropped": [class_names[c] for c in dropped],
+    }
+
+
+def _refs(ws: Workspace, split: str) -> list[SliceRef]:
+    with Session(ws.engine) as session:
+        return [r for r in slice_refs(session) if r.split == split]
+
+
+def _spacings(ws: Workspace) -> dict[str, list[float]]:
+    """cache file → in-plane and slice spacing after resizing (1 mm where unknown)."""
+    with Session(ws.engine) as session:
+        rows = session.execute(select(Source.cache_file, Source.spacing)).all()
+    return {f: [float(v) for v in (sp or [1.0, 1.0, 1.0])] for f, sp in rows}
+
+
+def source_masks(
+    ws: Workspace, cfg: GenerateConfig, schema: LabelSchema, size: int
+) -> Callable[[int], MaskSpec]:
+    """A function index → MaskSpec for ``cfg.masks`` (augmented / heldout)."""
+    spacing = _spacings(ws)
+    if cfg.masks == "augmented":
+        refs = _refs(ws, "train")
+        store = SliceStore(ws.cache_dir, refs)
+        with Session(ws.engine) as session:
+            fg = dict(session.execute(select(Slice.id, Slice.foreground)).all())
+        pool = [r for r in refs if fg.get(r.slice_id, 0) > 0]
+        if not pool:
+            raise PipelineError("no training slice has a labelled structure", path=ws.root)
+
+        def augmented(i: int) -> MaskSpec:
+            rng = np.random.default_rng([cfg.seed, i])
+            for _ in range(20):
+                ref = pool[int(rng.integers(len(pool)))]
+                src = store.masks([ref.slice_id])[0]
+                if src.shape[0] != size:
+                    src = resize_mask(src, size)
+                mask, params = deform_mask(
+                    src,
+                    rng,
+                    class_names=schema.names,
+                    drop=cfg.drop_structures,
+                    alpha=cfg.elastic_alpha,
+                    degrees=cfg.degrees,
+                    scale=cfg.scale,
+                    shift=cfg.shift,
+                )
+                if mask.any():
+                    break
+            return MaskSpec(mask, "augmented", ref.slice_id, None, spacing[ref.cache_file], params)
+
+        return augmented
+    if cfg.masks == "heldout":
+        refs = _refs(ws, "test")
+        if not refs:
+            raise PipelineError("the test split is empty: no held-out masks", path=ws.root)
+        store = SliceStore(ws.cache_dir, refs)
+
+        def heldout(i: int) -> MaskSpec:
+            ref = refs[i % len(refs)]
+            mask = store.masks([ref.slice_id])[0]
+            if mask.shape[0] != size:
+                mask = resize_mask(mask, size)
+            return MaskSpec(mask, "heldout", ref.slice_id, None, spacing[ref.cache_file], {})
+
+        return heldout
+    raise PipelineError(f"unknown mask source {cfg.masks!r}")
+
+
+def read_user_masks(folder: Path, schema: LabelSchema, size: int) -> list[MaskSpec]:
+    """Masks from a folder: PNG (label values per the run's schema) or NIfTI (each axial
+    slice with a structure, in radiological view). Any value outside the schema is an error
+    naming the file; other sizes are resized by nearest neighbour."""
+    from pipeline.ingest import read_png
+
+    if not folder.is_dir():
+        raise PipelineError("mask folder not found", path=folder)
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.name.lower().endswith((".png", ".nii", ".nii.gz"))
+    )
+    if not files:
+        raise PipelineError("no PNG or NIfTI masks here", path=folder)
+    out: list[MaskSpec] = []
+    for f in files:
+        if f.name.lower().endswith(".png"):
+            planes = [(read_png(f, mask=True), [1.0, 1.0, 1.0], f.name)]
+        else:
+            try:
+                img = nib.load(f)
+                data = np.asanyarray(img.dataobj)
+            except Exception as exc:
+                raise PipelineError(f"unreadable NIfTI ({exc})", path=f) from None
+            if data.ndim == 2:
+                data = data[:, :, None]
+            if data.ndim != 3:
+                raise PipelineError(f"{data.ndim}-D mask; expected 2-D or 3-D", path=f)
+            ornt = nib.orientations.io_orientation(img.affine)
+            disp = ras_to_display(nib.orientations.apply_orientation(data, ornt))
+            zooms = [float(z) for z in img.header.get_zooms()[:3]]
+            planes = [(disp[z], zooms, f"{f.name}#{z}") for z in range(len(disp))]
+        for plane, zooms, name in planes:
+            try:
+                classes = schema.to_classes(plane)
+            except ValueError as exc:
+                raise PipelineError(str(exc), path=f) from None
+            if not classes.any():
+                continue
+            factor = max(classes.shape) / size
+            if classes.shape != (size, size):
+                classes = resize_mask(classes, size)
+            spacing = [zooms[0] * factor, zooms[1] * factor, zooms[2]]
+            out.append(MaskSpec(classes, "file", None, name, spacing, {}))
+    if not out:
+        raise PipelineError("no mask in this folder has a labelled structure", path=folder)
+    return out
+
+
+def _run_row(ws: Workspace, run: str) -> tuple[Run, dict[str, Any]]:
+    with Session(ws.engine) as session:
+        row = session.scalar(select(Run).where(Run.name == run))
+        if row is None or not row.generator_path:
+            raise PipelineError(f"no trained run {run!r} (run 'pipeline train')", path=ws.runs_dir)
+        session.expunge(row)
+    if not Path(row.generator_path).exists():
+        raise PipelineError("the run's generator.keras is missing", path=row.generator_path)
+    return row, row.config
+
+
+def load_generator(path: str, expected_sha256: str) -> Any:
+    """Load ``generator.keras`` after checking it is the file the run recorded."""
+    import keras
+
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if digest != expected_sha256:
+        raise PipelineError(
+            "generator.keras differs from the one the run recorded (sha256 mismatch)", path=path
+        )
+    return keras.models.load_model(path, compile=False)
+
+
+def _model_cfg(config: dict[str, Any]) -> Any:
+    from models.gan import GanConfig
+
+    fields = {k: config[k] for k in GanConfig.__dataclass_fields__ if k in config}
+    for k in ("g_filters", "d_filters"):
+        fields[k] = tuple(fields[k])
+    return GanConfig(**fields)
+
+
+def write_candidate(
+    folder: Path,
+    name: str,
+    image: np.ndarray,
+    mask: np.ndarray,
+    spacing: list[float],
+    *,
+    units: str,
+    window: tuple[float, float],
+) -> None:
+    """images/NAME.nii.gz (HU int16, or display units 0–255 uint8), masks/NAME.nii.gz (class
+    indices), previews/NAME.png and NAME_overlay.png. Each file atomically."""
+    affine = np.diag([spacing[0], spacing[1], spacing[2], 1.0])
+    hu = units == "HU"
+    data = np.rint(unit_to_hu(image, window)).astype(np.int16) if hu else to_uint8(image)
+    for sub, array in (("images", data), ("masks", mask.astype(np.uint8))):
+        nii = nib.Nifti1Image(display_to_ras(array[None]), affine)
+        nii.header.set_xyzt_units("mm")
+        nii.header["descrip"] = f"cardiac-synth synthetic {units}".encode()
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / sub / f"{name}.nii.gz", lambda tmp, n=nii: nib.save(n, tmp))
+    save_png(to_uint8(image), folder / "previews" / f"{name}.png")
+    save_png(overlay(image, mask), folder / "previews" / f"{name}_overlay.png")
+
+
+def read_candidate_image(path: Path, *, units: str, window: tuple[float, float]) -> np.ndarray:
+    """A candidate NIfTI back in [0, 1] (what the privacy filter and the metrics judge)."""
+    from pipeline.preprocess import window_to_unit
+
+    data = np.asanyarray(nib.load(path).dataobj).astype(np.float32)
+    plane = ras_to_display(data)[0]
+    return window_to_unit(plane, window) if units == "HU" else plane / np.float32(255.0)
+
+
+def batch_units(config: dict[str, Any]) -> tuple[str, tuple[float, float]]:
+    """The units and HU window a run's candidates are written in (from its config.json)."""
+    data = config.get("data", {})
+    units = data.get("units") or ["display"]
+    windows = data.get("windows") or [[-1024.0, 2048.0]]
+    unit = "HU" if units == ["HU"] else "display"
+    return unit, (float(windows[0][0]), float(windows[0][1]))
+
+
+def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -> GenerateReport:
+    """Generate ``cfg.count`` candidates into ``candidates/<batch>/`` and the catalog."""
+    from pipeline.train import generate_images
+
+    run, config = _run_row(ws, cfg.run)
+    model_cfg = _model_cfg(config)
+    schema = LabelSchema.from_mapping(config["label_schema"])
+    size = model_cfg.size
+    units, window = batch_units(config)
+    notes: list[str] = []
+    if units == "display":
+        notes.append("sources are display-unit PNGs: candidates are in display units, not HU")
+    if len(config.get("data", {}).get("windows") or []) > 1:
+        notes.append(f"sources use several HU windows; candidates use {window}")
+    name = cfg.batch_name or f"{cfg.run}-{cfg.masks if cfg.masks in MASK_SOURCES else 'dir'}"
+    folder = ws.candidates_dir / name
+    if cfg.masks in MASK_SOURCES:
+        spec_of = source_masks(ws, cfg, schema, size)
+        count = cfg.count
+        if cfg.masks == "heldout":
+            available = len(_refs(ws, "test"))
+            if count > available:
+                notes.append(f"only {available} held-out masks: generating {available}")
+                count = available
+        kind = cfg.masks
+    else:
+        specs = read_user_masks(Path(cfg.masks), schema, size)
+        count = min(cfg.count, len(specs))
+        if cfg.count > len(specs):
+            notes.append(f"{len(specs)} masks in {cfg.masks}: generating {len(specs)}")
+        spec_of = specs.__getitem__
+        kind = "dir"
+    stored = {**asdict(cfg), "batch_name": name, "count": count}
+    same = ("run", "masks", "seed", "drop_structures", "elastic_alpha", "degrees", "scale")
+    with write_session(ws.engine) as session:
+        batch = session.scalar(select(CandidateBatch).where(CandidateBatch.name == name))
+        if batch is None:
+            batch = CandidateBatch(
+                name=name,
+                run_id=run.id,
+                generator_sha256=run.generator_sha256,
+                masks=kind,
+                config=stored,
+                units=units,
+            )
+            session.add(batch)
+        else:
+            changed = [k for k in same if batch.config.get(k) != stored[k]]
+            if batch.generator_sha256 != run.generator_sha256:
+                changed.append("generator")
+            if changed:
+                raise PipelineError(
+                    f"batch {name!r} exists with other settings ({', '.join(changed)}); "
+                    "choose another --batch-name",
+                    path=folder,
+                )
+            batch.config = {**batch.config, "count": max(count, batch.config["count"])}
+        session.flush()
+        batch_id = batch.id
+        done = {c.index for c in batch.candidates}
+    todo = [i for i in range(count) if i not in done]
+    if todo:
+        generator = load_generator(run.generator_path, run.generator_sha256)
+    chunks = [todo[i : i + cfg.batch] for i in range(0, len(todo), cfg.batch)]
+    for chunk in progress(chunks):
+        specs_chunk = [spec_of(i) for i in chunk]
+        masks = np.stack([s.mask for s in specs_chunk])
+        images = generate_images(generator, masks, model_cfg, batch=cfg.batch)
+        rows = []
+        for i, spec, image in zip(chunk, specs_chunk, images, strict=True):
+            cand = f"cand_{i:05d}"
+            write_candidate(
+                folder, cand, image, spec.mask, spec.spacing, units=units, window=window
+            )
+            rows.append(
+                Candidate(
+                    batch_id=batch_id,
+                    index=i,
+                    name=cand,
+                    mask_source=spec.source,
+                    source_slice_id=spec.slice_id,
+                    mask_file=spec.file,
+                    transform=spec.transform,
+                    seed=cfg.seed,
+                    spacing=spec.spacing,
+                )
+            )
+        with write_session(ws.engine) as session:
+            session.add_all(rows)
+    atomic_write(
+        folder / "batch.json",
+        lambda tmp: tmp.write_text(
+            json.dumps(
+                {
+                    "batch": name,
+                    "run": cfg.run,
+                    "generator_sha256": run.generator_sha256,
+                    "units": units,
+                    "window": list(window),
+                    "config": stored,
+                    "label_schema": config["label_schema"],
+                },
+                indent=2,
+            )
+        ),
+    )
+    return GenerateReport(name, str(folder), count, len(todo), count - len(todo), units, notes)
+
+
+def heldout_refs(ws: Workspace) -> list[SliceRef]:
+    """Slices of every held-out patient (val and test), in id order."""
+    with Session(ws.engine) as session:
+        return [r for r in slice_refs(session) if r.split in ("val", "test")]

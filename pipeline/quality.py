@@ -1,0 +1,421 @@
+"""Judging candidates: the privacy filter on a batch, quality metrics, gates and the report.
+
+`filter_batch` runs the same scoring as `pipeline filter` (``score_images``) on a batch's
+NIfTI files and stores every verdict. `evaluate` computes paired fidelity on held-out masks and
+distribution distances in a named feature space, applies the gates and writes a report folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from pipeline.atomic import atomic_write
+from pipeline.catalog import CandidateBatch, utcnow, write_session
+from pipeline.errors import PipelineError
+from pipeline.generate import (
+    _model_cfg,
+    _run_row,
+    batch_units,
+    heldout_refs,
+    load_generator,
+    read_candidate_image,
+)
+from pipeline.index import SliceStore, load_index, slice_refs
+from pipeline.labels import LabelSchema
+from pipeline.metrics import frechet_of_features, paired_fidelity, prdc
+from pipeline.preprocess import resize_image, resize_mask
+from pipeline.preview import overlay, to_uint8
+from pipeline.workspace import Workspace
+
+Progress = Callable[[Iterable[Any]], Iterable[Any]]
+FeatureFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Quality gate thresholds (stored with every result) and the feature space."""
+
+    min_heldout_ssim: float = 0.5  # mean paired SSIM on held-out masks
+    max_fd_ratio: float = 2.0  # FD(candidates, held-out) / FD(held-out half, other half)
+    max_flagged_fraction: float = 0.2  # share of the batch flagged too similar
+    features: str = "encoder"  # encoder | pixel
+    encoder_steps: int = 300  # when the workspace has no trained encoder yet
+    seed: int = 0
+
+
+def _batch(session: Session, name: str) -> CandidateBatch:
+    batch = session.scalar(select(CandidateBatch).where(CandidateBatch.name == name))
+    if batch is None:
+        raise PipelineError(f"no candidate batch {name!r} (run 'pipeline generate')")
+    return batch
+
+
+def batch_images(ws: Workspace, name: str) -> tuple[list[int], list[str], np.ndarray]:
+    """Candidate ids, names and [0, 1] images of a batch, read back from its NIfTI files."""
+    with Session(ws.engine) as session:
+        batch = _batch(session, name)
+        units = batch.units
+        window = tuple(json.loads((ws.candidates_dir / name / "batch.json").read_text())["window"])
+        rows = [(c.id, c.name) for c in batch.candidates]
+    if not rows:
+        raise PipelineError(f"batch {name!r} has no candidates", path=ws.candidates_dir / name)
+    images = []
+    for _, cand in rows:
+        path = ws.candidates_dir / name / "images" / f"{cand}.nii.gz"
+        if not path.exists():
+            raise PipelineError("candidate image missing (re-run generate)", path=path)
+        images.append(read_candidate_image(path, units=units, window=window))
+    return [r[0] for r in rows], [r[1] for r in rows], np.stack(images)
+
+
+def filter_batch(ws: Workspace, name: str, *, progress: Progress = iter) -> dict[str, Any]:
+    """Score every candidate of a batch against the source index; store scores and flags."""
+    from pipeline.catalog import Candidate
+    from pipeline.filtering import score_images
+
+    loaded = load_index(ws)
+    ids, names, images = batch_images(ws, name)
+    results = score_images(loaded, images, names, progress=progress)
+    cal = loaded.manifest["calibration"]
+    summary = {
+        "count": len(results),
+        "flagged": sum(r.flagged for r in results),
+        "threshold": cal["threshold"],
+        "texture_threshold": cal.get("texture_threshold"),
+        "quantile": cal["quantile"],
+        "n_baseline": cal["n_baseline"],
+        "embedder": loaded.manifest["embedder"],
+        "index_catalog": loaded.manifest["catalog"],
+        "scores": [r.score for r in results],
+        "textures": [r.texture for r in results],
+    }
+    with write_session(ws.engine) as session:
+        for cid, r in zip(ids, results, strict=True):
+            row = session.get(Candidate, cid)
+            row.privacy_score, row.texture_score = r.score, r.texture
+            row.privacy_margin, row.flagged = r.margin, r.flagged
+            row.nearest_slice_id = r.nearest_slice
+        batch = _batch(session, name)
+        batch.privacy = {k: v for k, v in summary.items() if k not in ("scores", "textures")}
+        batch.filtered_at = utcnow()
+    return summary
+
+
+def feature_extractor(
+    ws: Workspace, cfg: GateConfig, *, progress: Progress = iter
+) -> tuple[FeatureFn, str]:
+    """The feature space for distribution metrics, and its name for every report.
+
+    ``encoder``: the project's slice encoder — the index's when it was built with
+    ``--embedder encoder``, else one trained once on the training split and kept in
+    ``workspace/features/`` (offline, local weights only). ``pixel``: centred 32² thumbnails.
+    """
+    from pipeline.embed import PixelEmbedder
+
+    if cfg.features == "pixel":
+        emb = PixelEmbedder()
+        return emb.embed, "pixel-32x32"
+    if cfg.features != "encoder":
+        raise PipelineError(f"unknown feature space {cfg.features!r}; use encoder or pixel")
+    from pipeline.encoder import CONFIG, WEIGHTS, EncoderEmbedder, train_encoder
+
+    folder = next((f for f in (ws.index_dir, ws.root / "features") if (f / CONFIG).exists()), None)
+    if folder is None:
+        folder = ws.root / "features"
+        with Session(ws.engine) as session:
+            refs = [r for r in slice_refs(session) if r.split == "train"]
+        train_encoder(
+            SliceStore(ws.cache_dir, refs),
+            refs,
+            folder,
+            steps=cfg.encoder_steps,
+            seed=cfg.seed,
+            progress=progress,
+        )
+    emb = EncoderEmbedder.load(folder)
+    digest = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()[:12]
+    return emb.embed, f"encoder-{emb.dim}d-{digest}"
+
+
+def real_halves(patients: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two halves of the held-out slices for the real-vs-real baseline: by patient when there
+    are two or more (different people against different people, as candidates against real),
+    balanced by slice count; by seeded random slices otherwise."""
+    rng = np.random.default_rng(seed)
+    names = sorted(set(patients))
+    idx = np.arange(len(patients))
+    if len(names) < 2:
+        order = rng.permutation(idx)
+        return np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :])
+    counts = {n: patients.count(n) for n in names}
+    groups: tuple[list[str], list[str]] = ([], [])
+    sizes = [0, 0]
+    for n in sorted(rng.permutation(names).tolist(), key=lambda n: -counts[n]):
+        g = int(sizes[1] < sizes[0])
+        groups[g].append(n)
+        sizes[g] += counts[n]
+    first = np.array([p in groups[0] for p in patients])
+    return idx[first], idx[~first]
+
+
+def _heldout(ws: Workspace, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    refs = heldout_refs(ws)
+    if not refs:
+        raise PipelineError("no held-out (val/test) patients to evaluate on", path=ws.root)
+    store = SliceStore(ws.cache_dir, refs)
+    ids = [r.slice_id for r in refs]
+    images, masks = store.images(ids), store.masks(ids)
+    if images.shape[1] != size:
+        images = np.stack([resize_image(im, size) for im in images])
+        masks = np.stack([resize_mask(m, size) for m in masks])
+    return images.astype(np.float32), masks.astype(np.uint8), [r.patient for r in refs]
+
+
+def _summary(values: np.ndarray) -> dict[str, float]:
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return {"mean": float("nan"), "median": float("nan"), "min": float("nan")}
+    return {"mean": float(v.mean()), "median": float(np.median(v)), "min": float(v.min())}
+
+
+def evaluate(
+    ws: Workspace,
+    run: str,
+    cfg: GateConfig,
+    *,
+    batch: str | None = None,
+    inception_weights: Path | None = None,
+    progress: Progress = iter,
+) -> dict[str, Any]:
+    """Quality report of a run (and of a candidate batch, whose gates it stores).
+
+    Paired fidelity: every held-out (val + test) slice's mask through the generator, compared
+    with the real slice. Distribution: Fréchet distance and PRDC between the candidates (the
+    batch, else the paired generations) and the real held-out slices in the named feature space,
+    against a real-vs-real baseline (two seeded halves of the held-out slices).
+    """
+    from pipeline.train import generate_images
+
+    row, config = _run_row(ws, run)
+    model_cfg = _model_cfg(config)
+    schema = LabelSchema.from_mapping(config["label_schema"])
+    units, window = batch_units(config)
+    scale = (window[1] - window[0]) if units == "HU" else 255.0
+    real, masks, patients = _heldout(ws, model_cfg.size)
+    generator = load_generator(row.generator_path, row.generator_sha256)
+    fake = generate_images(generator, masks, model_cfg)
+    paired = paired_fidelity(real, fake, masks, class_names=list(schema.names), scale=scale)
+
+    features, space = feature_extractor(ws, cfg, progress=progress)
+    f_real = features(real)
+    privacy = None
+    if batch is not None:
+        _, _, cand = batch_images(ws, batch)
+        with Session(ws.engine) as session:
+            b = _batch(session, batch)
+            if b.run_id != row.id:
+                raise PipelineError(f"batch {batch!r} was not generated by run {run!r}")
+            privacy = b.privacy
+            flags = [c.flagged for c in b.candidates]
+            scores = [c.privacy_score for c in b.candidates]
+            textures = [c.texture_score for c in b.candidates]
+    else:
+        cand = fake
+    f_cand = features(cand)
+    half_a, half_b = real_halves(patients, cfg.seed)
+    baseline = frechet_of_features(f_real[half_a], f_real[half_b])
+    fd = frechet_of_features(f_cand, f_real)
+    distribution: dict[str, Any] = {
+        "feature_space": space,
+        "frechet_distance": fd,
+        "frechet_baseline_real_halves": baseline,
+        "baseline_halves": "by patient" if len(set(patients)) > 1 else "random slices",
+        "frechet_ratio": fd / baseline if baseline > 0 else float("inf"),
+        "n_candidates": len(f_cand),
+        "n_real": len(f_real),
+    }
+    try:
+        distribution["prdc_k5"] = asdict(prdc(f_real, f_cand, k=5))
+    except ValueError as exc:
+        distribution["prdc_k5"] = None
+        distribution["prdc_note"] = str(exc)
+    if inception_weights is not None:
+        distribution["fid_inception_v3"] = inception_fid(real, cand, inception_weights)
+
+    ssim_mean = float(np.mean(paired["ssim"]))
+    gates = [
+        {
+            "gate": "min_heldout_ssim",
+            "value": ssim_mean,
+            "threshold": cfg.min_heldout_ssim,
+            "passed": ssim_mean >= cfg.min_heldout_ssim,
+        },
+        {
+            "gate": "max_fd_ratio",
+            "feature_space": space,
+            "value": distribution["frechet_ratio"],
+            "threshold": cfg.max_fd_ratio,
+            "passed": bool(distribution["frechet_ratio"] <= cfg.max_fd_ratio),
+        },
+    ]
+    privacy_block = None
+    if batch is not None:
+        if privacy is None:
+            raise PipelineError(
+                f"batch {batch!r} has not been through the privacy filter "
+                "(run 'pipeline filter --batch')"
+            )
+        fraction = sum(bool(f) for f in flags) / max(len(flags), 1)
+        gates.append(
+            {
+                "gate": "max_flagged_fraction",
+                "value": fraction,
+                "threshold": cfg.max_flagged_fraction,
+                "passed": fraction <= cfg.max_flagged_fraction,
+            }
+        )
+        privacy_block = {**privacy, "flagged_fraction": fraction}
+    passed = all(g["passed"] for g in gates)
+    report = {
+        "run": run,
+        "batch": batch,
+        "generator_sha256": row.generator_sha256,
+        "units": units,
+        "paired": {
+            "n": len(real),
+            "masks": "held-out (val + test) slices",
+            "ssim": _summary(paired["ssim"]),
+            "psnr_db": _summary(paired["psnr"]),
+            "mae_unit": _summary(paired["mae"]),
+            f"structure_mae_{'hu' if units == 'HU' else 'display'}": paired["structure_mae_units"],
+        },
+        "distribution": distribution,
+        "privacy": privacy_block,
+        "gates": {"config": asdict(cfg), "results": gates, "passed": passed},
+    }
+    out = (ws.candidates_dir / batch / "report") if batch else (ws.runs_dir / run / "evaluation")
+    report["report_dir"] = str(out)
+    write_report(
+        out,
+        report,
+        real=real,
+        fake=fake,
+        masks=masks,
+        ssim=paired["ssim"],
+        privacy=None
+        if batch is None
+        else {
+            "scores": scores,
+            "textures": textures,
+            "threshold": privacy["threshold"],
+            "texture_threshold": privacy.get("texture_threshold"),
+        },
+    )
+    if batch is not None:
+        with write_session(ws.engine) as session:
+            b = _batch(session, batch)
+            b.gates = report["gates"] | {
+                "metrics": {"paired": report["paired"], "distribution": distribution}
+            }
+            b.gates_passed = passed
+    return report
+
+
+def inception_fid(real: np.ndarray, fake: np.ndarray, weights: Path) -> float:
+    """True FID: InceptionV3 pool features from a local weights file (never downloaded)."""
+    import keras
+
+    if not Path(weights).is_file():
+        raise PipelineError("InceptionV3 weights file not found", path=weights)
+    model = keras.applications.InceptionV3(include_top=False, pooling="avg", weights=None)
+    try:
+        model.load_weights(str(weights))
+    except Exception as exc:
+        raise PipelineError(f"not InceptionV3 weights ({exc})", path=weights) from None
+
+    def feats(images: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), 32):
+            x = np.stack([resize_image(im, 299) for im in images[i : i + 32]])
+            x = np.repeat(x[..., None], 3, axis=-1) * 2.0 - 1.0  # Inception's [-1, 1] input
+            out.append(np.asarray(model.predict_on_batch(x)))
+        return np.concatenate(out)
+
+    return frechet_of_features(feats(fake), feats(real))
+
+
+def write_report(
+    out: Path,
+    report: dict[str, Any],
+    *,
+    real: np.ndarray,
+    fake: np.ndarray,
+    masks: np.ndarray,
+    ssim: np.ndarray,
+    privacy: dict[str, Any] | None,
+) -> None:
+    """metrics.json, ssim_hist.png, privacy_hist.png (batches) and examples.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.hist(ssim, bins=30, color="#3465a4")
+    gate = report["gates"]["config"]["min_heldout_ssim"]
+    ax.axvline(gate, color="#cc0000", ls="--", label=f"gate: mean ≥ {gate}")
+    ax.axvline(float(np.mean(ssim)), color="black", label=f"mean {np.mean(ssim):.3f}")
+    ax.set(xlabel="SSIM (generated vs real, held-out masks)", ylabel="slices")
+    ax.set_title(f"Paired fidelity, run {report['run']} (n={len(ssim)})")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(out / "ssim_hist.png", lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+    if privacy is not None:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
+        for ax, key, thr, label in (
+            (axes[0], "scores", privacy["threshold"], "SSIM to nearest source slice"),
+            (axes[1], "textures", privacy["texture_threshold"], "texture correlation"),
+        ):
+            values = [v for v in privacy[key] if v is not None]
+            ax.hist(values, bins=30, color="#4e9a06")
+            if thr is not None:
+                ax.axvline(thr, color="#cc0000", ls="--", label=f"calibrated threshold {thr:.3f}")
+                ax.legend()
+            ax.set(xlabel=label, ylabel="candidates")
+        fig.suptitle(f"Privacy scores, batch {report['batch']} (flagged above a threshold)")
+        fig.tight_layout()
+        atomic_write(out / "privacy_hist.png", lambda tmp: fig.savefig(tmp, format="png"))
+        plt.close(fig)
+
+    order = np.argsort(ssim)
+    picks = {"best": order[-1], "median": order[len(order) // 2], "worst": order[0]}
+    fig, axes = plt.subplots(3, 3, figsize=(9, 9.4), dpi=100)
+    for r, (label, idx) in enumerate(picks.items()):
+        panels = (
+            (overlay(real[idx], masks[idx]), f"{label}: mask on real"),
+            (to_uint8(fake[idx]), f"generated (SSIM {ssim[idx]:.3f})"),
+            (to_uint8(real[idx]), "real held-out slice"),
+        )
+        for c, (picture, title) in enumerate(panels):
+            axes[r, c].imshow(picture, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            axes[r, c].set_title(title, fontsize=10)
+            axes[r, c].axis("off")
+    fig.suptitle(f"Best / median / worst paired examples, run {report['run']}")
+    fig.tight_layout()
+    atomic_write(out / "examples.png", lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
