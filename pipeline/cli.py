@@ -281,26 +281,38 @@ def status(workspace: Path, as_json: bool) -> None:
     type=click.IntRange(0, 1_000_000),
     help="Steps of the tiny cGAN (0 skips training).",
 )
+@click.option(
+    "--candidates",
+    default=64,
+    show_default=True,
+    type=click.IntRange(0, 100_000),
+    help="Candidates to generate and judge (0 stops after training).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
-def demo(workspace: Path, volumes: int, size: int, train_steps: int, seed: int) -> None:
-    """Run the main job on the built-in phantom: phantom → ingest → index → train (tiny)."""
+def demo(
+    workspace: Path, volumes: int, size: int, train_steps: int, candidates: int, seed: int
+) -> None:
+    """Run the main job on the built-in phantom: phantom → ingest → index → train (tiny) →
+    generate --filter."""
     from pipeline.filtering import FilterConfig, build_index
+    from pipeline.generate import GenerateConfig, generate
     from pipeline.ingest import IngestConfig
     from pipeline.ingest import ingest as run_ingest
     from pipeline.phantom import write_phantom
+    from pipeline.quality import GateConfig
     from pipeline.train import TrainOptions, train
 
     src = workspace / "demo-sources" / "phantom"
-    click.echo(f"[1/4] phantom: {volumes} volumes → {src}")
+    click.echo(f"[1/5] phantom: {volumes} volumes → {src}")
     write_phantom(src, volumes=volumes, seed=seed, progress=progress_bar("phantom", "vol"))
     click.echo(f"      preview: {src / 'preview.png'}")
-    click.echo(f"[2/4] ingest → {workspace}")
+    click.echo(f"[2/5] ingest → {workspace}")
     with opened_workspace(workspace, create=True) as ws:
         report = run_ingest(
             ws, src, IngestConfig(size=size, seed=seed), progress=progress_bar("ingest", "vol")
         )
         click.echo(format_status(report.status))
-        click.echo(f"[3/4] privacy index → {ws.index_dir}")
+        click.echo(f"[3/5] privacy index → {ws.index_dir}")
         manifest = build_index(ws, FilterConfig(seed=seed), progress=progress_bar("index", "batch"))
         click.echo(describe_index(manifest))
         if not train_steps:
@@ -308,7 +320,7 @@ def demo(workspace: Path, volumes: int, size: int, train_steps: int, seed: int) 
         run_name = "demo"
         resume = (ws.runs_dir / run_name / "checkpoints" / "checkpoint").exists()
         click.echo(
-            f"[4/4] train the tiny cGAN for {train_steps} steps → {ws.runs_dir / run_name}"
+            f"[4/5] train the tiny cGAN for {train_steps} steps → {ws.runs_dir / run_name}"
             + (" (resuming)" if resume else "")
         )
         cfg = dataclasses.replace(
@@ -317,7 +329,24 @@ def demo(workspace: Path, volumes: int, size: int, train_steps: int, seed: int) 
         opts = TrainOptions(run=run_name, resume=resume, seed=seed)
         bar = StepProgress("train")
         trained = train(ws, cfg, opts, progress=bar, on_step=bar.postfix, cpuinfo=_cpuinfo())
-    click.echo(describe_training(trained))
+        click.echo(describe_training(trained))
+        if not candidates:
+            return
+        click.echo(f"[5/5] generate {candidates} candidates from deformed training masks, filter")
+        generated = generate(
+            ws,
+            GenerateConfig(run=run_name, count=candidates, seed=seed),
+            progress=progress_bar("generate", "batch"),
+        )
+        click.echo(f"      {generated.folder}: images/ (HU NIfTI), masks/, previews/")
+        judged = _filter_and_gate(ws, generated.batch, GateConfig(seed=seed))
+    click.echo(describe_evaluation(judged))
+    click.echo(
+        "Review: previews with mask overlays are in "
+        f"{Path(generated.folder) / 'previews'}; plots in {judged['report_dir']}.\n"
+        "The physician review app (pipeline reviewers add / pipeline review) is the next "
+        "milestone; until then `pipeline filter --batch` and `pipeline evaluate` re-judge a batch."
+    )
 
 
 @cli.command("index")
@@ -517,8 +546,8 @@ def describe_evaluation(report: dict[str, Any]) -> str:
     per = ", ".join(f"{k} {v:.0f}" for k, v in p[key].items() if v is not None)
     lines.append(f"  mean |error| inside structures ({unit}): {per}")
     lines.append(
-        f"  [{d['feature_space']}] Fréchet distance {d['frechet_distance']:.4f} vs real-vs-real "
-        f"{d['frechet_baseline_real_halves']:.4f} (ratio {d['frechet_ratio']:.2f}; "
+        f"  [{d['feature_space']}] Fréchet distance {d['frechet_distance']:.4g} vs real-vs-real "
+        f"{d['frechet_baseline_real_halves']:.4g} (ratio {d['frechet_ratio']:.2f}; "
         f"{d['n_candidates']} candidates, {d['n_real']} real)"
     )
     if d.get("prdc_k5"):

@@ -81,7 +81,7 @@ def frechet_distance(
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError("the two distributions have different dimensions")
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # the covariance product can be near-singular (few samples); add eps to the diagonal
         offset = np.eye(len(sigma1)) * eps

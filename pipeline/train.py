@@ -499,7 +499,10 @@ def train(
             shutil.rmtree(scratch, ignore_errors=True)
     generator_path = run_dir / "generator.keras"
     twin.set_weights(gan.generator.get_weights())
-    if chief:
+    # Nothing trained (a resume at the last step): keep the generator file and its recorded
+    # hash, so candidate batches made from it stay valid.
+    unchanged = steps_done == resumed_from and generator_path.exists()
+    if chief and not unchanged:
         atomic_write(generator_path, twin.save)
         digest = hashlib.sha256(generator_path.read_bytes()).hexdigest()
         with write_session(ws.engine) as session:

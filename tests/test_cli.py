@@ -320,6 +320,7 @@ def test_bad_window_and_format(good, ws_path):
 @pytest.mark.slow
 def test_demo(tmp_path):
     args = ("demo", "-w", tmp_path / "demo", "--volumes", 4, "--size", 32, "--train-steps", 20)
+    args += ("--candidates", 8)
     result = run(*args)
     assert result.exit_code == 0, result.stderr
     assert "train" in result.stdout
@@ -330,3 +331,7 @@ def test_demo(tmp_path):
     again = run(*args)  # a second demo on the same workspace continues instead of failing
     assert again.exit_code == 0, again.stderr
     assert "resumed from step 20" in again.stdout
+    # the candidates of the first demo are reused (the generator was not rewritten)
+    batch = tmp_path / "demo" / "candidates" / "demo-augmented"
+    assert len(list((batch / "images").glob("*.nii.gz"))) == 8
+    assert (batch / "report" / "metrics.json").exists() and "gate max_fd_ratio" in again.stdout
