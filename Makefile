@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/privacy.py
 	$(BIN)/python bench/privacy.py --scale
 	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/generate.py
 
 clean:
 	rm -rf $(VENV) demo-workspace .pytest_cache .ruff_cache .hypothesis

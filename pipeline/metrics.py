@@ -7,6 +7,7 @@ by that feature space wherever it is reported.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,10 +82,15 @@ def frechet_distance(
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError("the two distributions have different dimensions")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        # the covariance product can be near-singular (few samples); add eps to the diagonal
-        offset = np.eye(len(sigma1)) * eps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if caught or not np.isfinite(covmean).all():
+        # the covariance product can be near-singular (fewer samples than features): add eps
+        # to the diagonal as pytorch-fid does, but relative to the features' mean variance so
+        # that features of any scale are regularised alike
+        scale = (np.trace(sigma1) + np.trace(sigma2)) / (2 * len(sigma1)) or 1.0
+        offset = np.eye(len(sigma1)) * eps * scale
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         covmean = covmean.real  # numerical noise from sqrtm

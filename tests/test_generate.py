@@ -193,3 +193,27 @@ def test_filter_batch_usage(ws):
     assert both.exit_code == 2 and "exactly one of --images" in both.stderr
     missing = run("filter", "-w", ws, "--batch", "nope")
     assert missing.exit_code == 2 and "no candidate batch 'nope'" in missing.stderr
+
+
+@pytest.mark.slow
+def test_true_fid_only_from_a_local_weights_file(tmp_path):
+    """InceptionV3 weights are never downloaded: a local file (here randomly initialised and
+    saved) gives a finite FID, a missing one a clear error."""
+    import keras
+
+    from pipeline.errors import PipelineError
+    from pipeline.quality import inception_fid
+
+    keras.utils.set_random_seed(0)
+    model = keras.applications.InceptionV3(include_top=False, pooling="avg", weights=None)
+    weights = tmp_path / "inception.weights.h5"
+    model.save_weights(weights)
+    rng = np.random.default_rng(0)
+    real = rng.random((12, 32, 32)).astype(np.float32)
+    yy = np.linspace(0, 1, 32, dtype=np.float32)
+    fake = np.stack([np.outer(yy, yy) * (0.3 + 0.05 * i) for i in range(12)])  # smooth ramps
+    fid = inception_fid(real, fake, weights)
+    assert np.isfinite(fid) and fid > 0
+    assert abs(inception_fid(real, real, weights)) < 1e-3 * fid
+    with pytest.raises(PipelineError, match="weights file not found"):
+        inception_fid(real, fake, tmp_path / "missing.h5")
