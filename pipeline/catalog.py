@@ -31,7 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from pipeline.errors import PipelineError
 
 #: Bump when a table or column changes; add the migration to ``_MIGRATIONS``.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 30_000
 
 
@@ -198,8 +198,52 @@ class Candidate(Base):
     batch: Mapped[CandidateBatch] = relationship(back_populates="candidates")
 
 
-# 2: privacy_calibrations; 3: runs; 4: candidate_batches, candidates
-_MIGRATIONS: dict[int, Any] = {2: _tables_only, 3: _tables_only, 4: _tables_only}
+class Reviewer(Base):
+    """A physician (or admin) who may review; the password only as a salted scrypt hash."""
+
+    __tablename__ = "reviewers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String, unique=True)
+    role: Mapped[str] = mapped_column(String)  # reviewer | admin | demo
+    password_hash: Mapped[str] = mapped_column(String)
+    disabled: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LoginEvent(Base):
+    """Every login attempt (for rate limiting and the audit log)."""
+
+    __tablename__ = "login_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String, index=True)  # as typed
+    ok: Mapped[bool] = mapped_column()
+    reason: Mapped[str] = mapped_column(String, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Decision(Base):
+    """One append-only review event: accept, reject, or the undo of an earlier decision."""
+
+    __tablename__ = "decisions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id"), index=True)
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("reviewers.id"), index=True)
+    decision: Mapped[str] = mapped_column(String)  # accept | reject | undo
+    reason: Mapped[str] = mapped_column(String, default="")
+    undoes_id: Mapped[int | None] = mapped_column(ForeignKey("decisions.id"), nullable=True)
+    imported: Mapped[bool] = mapped_column(default=False)
+    app_version: Mapped[str] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# 2: privacy_calibrations; 3: runs; 4: candidate_batches, candidates;
+# 5: reviewers, login_events, decisions
+_MIGRATIONS: dict[int, Any] = {
+    2: _tables_only,
+    3: _tables_only,
+    4: _tables_only,
+    5: _tables_only,
+}
 
 
 def _configure(engine: Engine) -> None:

@@ -756,6 +756,191 @@ def evaluate_cmd(
     _print_judgement(report, as_json)
 
 
+def _read_password(password_stdin: bool, *, confirm: bool) -> str:
+    """A password from one line of stdin, or a hidden prompt."""
+    if password_stdin:
+        line = click.get_text_stream("stdin").readline().rstrip("\n")
+        if not line:
+            raise PipelineError("--password-stdin: no password on standard input")
+        return line
+    return click.prompt("Password", hide_input=True, confirmation_prompt=confirm)
+
+
+def _policy(ws: Workspace) -> str:
+    from pipeline.catalog import get_meta, read_session
+
+    with read_session(ws.engine) as session:
+        return get_meta(session, "review_policy") or "one"
+
+
+@cli.group()
+def reviewers() -> None:
+    """Reviewer accounts (passwords stored only as salted scrypt hashes) and the policy."""
+
+
+@reviewers.command("add")
+@click.argument("name")
+@workspace_option
+@click.option(
+    "--role", type=click.Choice(["reviewer", "admin"]), default="reviewer", show_default=True
+)
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def reviewers_add(name: str, workspace: Path, role: str, password_stdin: bool) -> None:
+    """Create an account NAME (the password is prompted for, twice)."""
+    from pipeline.catalog import write_session
+    from pipeline.review import add_reviewer
+
+    password = _read_password(password_stdin, confirm=True)
+    with opened_workspace(workspace, create=False) as ws, write_session(ws.engine) as session:
+        add_reviewer(session, name, role, password)
+    click.echo(f"added {role} {name}")
+
+
+@reviewers.command("list")
+@workspace_option
+@json_option
+def reviewers_list(workspace: Path, as_json: bool) -> None:
+    """Accounts, roles, whether disabled, and their decision counts."""
+    from pipeline.catalog import read_session
+    from pipeline.review import list_reviewers
+
+    with opened_workspace(workspace, create=False) as ws, read_session(ws.engine) as session:
+        rows = list_reviewers(session)
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        state = " (disabled)" if r["disabled"] else ""
+        click.echo(f"{r['name']:<24}{r['role']:<10}{r['decisions']:>6} decisions{state}")
+
+
+@reviewers.command("disable")
+@click.argument("name")
+@workspace_option
+def reviewers_disable(name: str, workspace: Path) -> None:
+    """Disable account NAME: it can no longer log in; its decisions stay in the log."""
+    from pipeline.catalog import write_session
+    from pipeline.review import disable_reviewer
+
+    with opened_workspace(workspace, create=False) as ws, write_session(ws.engine) as session:
+        disable_reviewer(session, name)
+    click.echo(f"disabled {name}")
+
+
+@reviewers.command("policy")
+@click.argument("policy", required=False, type=click.Choice(["one", "two"]))
+@workspace_option
+def reviewers_policy(policy: str | None, workspace: Path) -> None:
+    """Show or set the review policy: one accept suffices, or two reviewers must accept."""
+    from pipeline.catalog import set_meta, write_session
+
+    with opened_workspace(workspace, create=False) as ws:
+        if policy is not None:
+            with write_session(ws.engine) as session:
+                set_meta(session, "review_policy", policy)
+        click.echo(f"review policy: {_policy(ws)}")
+
+
+@cli.command("review")
+@workspace_option
+@click.option("--port", default=8501, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to bind (loopback unless you mean to expose the app).",
+)
+def review_cmd(workspace: Path, port: int, address: str) -> None:
+    """Start the Streamlit reviewer app on this workspace (Ctrl-C stops it)."""
+    import subprocess
+    import sys
+
+    import reviewer_app
+
+    open_workspace(workspace, create=False).close()  # a clear error before Streamlit starts
+    app = Path(reviewer_app.__file__).parent / "app.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port)]
+    cmd += ["--server.address", address, "--server.headless", "true"]
+    cmd += ["--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
+    env = {**os.environ, "PIPELINE_WORKSPACE": str(workspace.resolve())}
+    click.echo(f"reviewer app on http://{address}:{port} (workspace {workspace})")
+    raise SystemExit(subprocess.call(cmd, env=env))
+
+
+@cli.group()
+def decisions() -> None:
+    """The review decisions: current state per candidate, the audit log, imports."""
+
+
+@decisions.command("list")
+@workspace_option
+@click.option("--batch", "batch_name", help="Only this candidate batch.")
+@json_option
+def decisions_list(workspace: Path, batch_name: str | None, as_json: bool) -> None:
+    """Candidates with their current state under the review policy."""
+    from pipeline.catalog import read_session
+    from pipeline.review import candidate_states, states_json
+
+    with opened_workspace(workspace, create=False) as ws:
+        policy = _policy(ws)
+        with read_session(ws.engine) as session:
+            states = candidate_states(session, policy=policy, batch=batch_name)
+    if as_json:
+        echo_json(states_json(states))
+        return
+    click.echo(f"{'id':>6}  {'batch':<20}{'candidate':<12}{'state':<14}decisions")
+    for s in states:
+        who = ", ".join([f"+{a}" for a in s.accepts] + [f"-{r}" for r in s.rejects])
+        click.echo(f"{s.id:>6}  {s.batch[:19]:<20}{s.name:<12}{s.state:<14}{who}")
+    counts: dict[str, int] = {}
+    for s in states:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    click.echo(f"policy {policy}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+
+
+@decisions.command("export")
+@workspace_option
+@click.option("--csv", "csv_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
+def decisions_export(workspace: Path, csv_path: Path) -> None:
+    """Write the full append-only decision log (for audits) as CSV."""
+    from pipeline.atomic import atomic_write
+    from pipeline.catalog import read_session
+    from pipeline.review import decision_log, log_csv
+
+    with opened_workspace(workspace, create=False) as ws, read_session(ws.engine) as session:
+        rows = decision_log(session)
+    atomic_write(csv_path, lambda tmp: tmp.write_text(log_csv(rows)))
+    click.echo(f"wrote {len(rows)} decision rows to {csv_path}")
+
+
+@decisions.command("import")
+@click.argument("csv_path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@workspace_option
+@click.option("--reviewer", "reviewer_name", required=True, help="Whose decisions these are.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def decisions_import(
+    csv_path: Path, workspace: Path, reviewer_name: str, password_stdin: bool
+) -> None:
+    """Record decisions made elsewhere (columns candidate,decision,reason), checked as at
+    login; all or nothing."""
+    from pipeline.catalog import Reviewer, write_session
+    from pipeline.review import import_decisions, login
+
+    password = _read_password(password_stdin, confirm=False)
+    with opened_workspace(workspace, create=False) as ws:
+        who = login(ws.engine, reviewer_name, password)
+        try:
+            text = csv_path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PipelineError(f"unreadable CSV ({exc})", path=csv_path) from None
+        with write_session(ws.engine) as session:
+            try:
+                n = import_decisions(session, session.get(Reviewer, who["id"]), text)
+            except PipelineError as exc:
+                raise PipelineError(exc.message, path=csv_path) from None
+    click.echo(f"imported {n} decisions as {reviewer_name} from {csv_path}")
+
+
 @cli.command("train")
 @workspace_option
 @click.option("--run", "run_name", default="run", show_default=True, help="Run name (runs/NAME).")

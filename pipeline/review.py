@@ -1,0 +1,469 @@
+"""Physician review: accounts, login with rate limiting, append-only decisions, derived state.
+
+Business rules live here (the Streamlit app and `pipeline export` both need them): who may log
+in, what a decision may be, how the current state of a candidate follows from the append-only
+decision log under the review policy, the queue order, undo, honeypots and the audit export.
+Functions take a SQLAlchemy ``Session``; the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import io
+import secrets
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from pipeline import __version__
+from pipeline.catalog import (
+    Candidate,
+    CandidateBatch,
+    Decision,
+    LoginEvent,
+    Reviewer,
+    utcnow,
+)
+from pipeline.errors import PipelineError
+
+ROLES = ("reviewer", "admin", "demo")
+POLICIES = ("one", "two")
+REJECT_REASONS = (
+    "too similar to a source scan",
+    "anatomically implausible",
+    "artefact",
+    "does not match the mask",
+    "poor image quality",
+    "other",
+)
+#: Failed logins per name inside the window before further attempts are refused.
+MAX_FAILED = 5
+LOCK_WINDOW = timedelta(minutes=5)
+SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> str:
+    """``scrypt$n$r$p$salt$hash`` (hex) of a password with a fresh 16-byte salt."""
+    if len(password) < 8:
+        raise PipelineError("passwords need at least 8 characters")
+    salt = salt or secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **SCRYPT)
+    return f"scrypt${SCRYPT['n']}${SCRYPT['r']}${SCRYPT['p']}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """Constant-time check of a password against :func:`hash_password`'s output."""
+    try:
+        kind, n, r, p, salt, digest = stored.split("$")
+    except ValueError:
+        return False
+    if kind != "scrypt":
+        return False
+    got = hashlib.scrypt(
+        password.encode(), salt=bytes.fromhex(salt), dklen=32, n=int(n), r=int(r), p=int(p)
+    )
+    return hmac.compare_digest(got.hex(), digest)
+
+
+def add_reviewer(session: Session, name: str, role: str, password: str) -> Reviewer:
+    """Create an account; names are unique."""
+    name = name.strip()
+    if not name:
+        raise PipelineError("reviewer name is empty")
+    if role not in ROLES:
+        raise PipelineError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+    if session.scalar(select(Reviewer).where(Reviewer.name == name)) is not None:
+        raise PipelineError(f"reviewer {name!r} already exists")
+    row = Reviewer(name=name, role=role, password_hash=hash_password(password))
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_reviewer(session: Session, name: str) -> Reviewer:
+    """An account by name, or a clear error."""
+    row = session.scalar(select(Reviewer).where(Reviewer.name == name))
+    if row is None:
+        raise PipelineError(f"no reviewer {name!r}")
+    return row
+
+
+def disable_reviewer(session: Session, name: str) -> None:
+    """Disable an account (its decisions stay; it can no longer log in or decide)."""
+    get_reviewer(session, name).disabled = True
+
+
+def list_reviewers(session: Session) -> list[dict[str, Any]]:
+    """Accounts with their decision counts (never the hashes)."""
+    counts = dict(
+        session.execute(
+            select(Decision.reviewer_id, func.count())
+            .where(Decision.decision != "undo")
+            .group_by(Decision.reviewer_id)
+        ).all()
+    )
+    return [
+        {
+            "name": r.name,
+            "role": r.role,
+            "disabled": r.disabled,
+            "decisions": counts.get(r.id, 0),
+            "created_at": r.created_at.isoformat(),
+        }
+        for r in session.scalars(select(Reviewer).order_by(Reviewer.name))
+    ]
+
+
+def authenticate(
+    session: Session, name: str, password: str, *, now: datetime | None = None
+) -> Reviewer:
+    """Check a login; every attempt is logged. After ``MAX_FAILED`` failures for a name within
+    ``LOCK_WINDOW`` further attempts are refused until the window has passed. The error never
+    says whether the name exists."""
+    now = now or utcnow()
+    since = now - LOCK_WINDOW
+    failed = session.scalar(
+        select(func.count())
+        .select_from(LoginEvent)
+        .where(LoginEvent.name == name, LoginEvent.ok.is_(False), LoginEvent.created_at >= since)
+    )
+    if failed >= MAX_FAILED:
+        session.add(LoginEvent(name=name, ok=False, reason="rate limited", created_at=now))
+        raise PipelineError("too many failed logins; wait a few minutes and try again")
+    row = session.scalar(select(Reviewer).where(Reviewer.name == name))
+    ok = row is not None and not row.disabled and verify_password(password, row.password_hash)
+    reason = "" if ok else ("disabled" if row is not None and row.disabled else "bad credentials")
+    session.add(LoginEvent(name=name, ok=ok, reason=reason, created_at=now))
+    if not ok:
+        raise PipelineError("wrong name or password")
+    return row
+
+
+@dataclass
+class CandidateState:
+    """A candidate's current state, derived from the decision log."""
+
+    id: int
+    batch: str
+    name: str
+    flagged: bool
+    honeypot: bool
+    state: str  # flagged | unreviewed | accepted | rejected | disagreement | needs-second
+    accepts: list[str] = field(default_factory=list)
+    rejects: list[str] = field(default_factory=list)
+    decisions: int = 0
+
+
+def effective_decisions(session: Session) -> dict[int, dict[int, Decision]]:
+    """candidate id → reviewer id → that reviewer's current decision (undos applied)."""
+    undone = set(session.scalars(select(Decision.undoes_id).where(Decision.undoes_id.is_not(None))))
+    current: dict[int, dict[int, Decision]] = defaultdict(dict)
+    for d in session.scalars(
+        select(Decision).where(Decision.decision != "undo").order_by(Decision.id)
+    ):
+        if d.id not in undone:  # an undone decision gives way to the one before it
+            current[d.candidate_id][d.reviewer_id] = d  # later rows supersede earlier ones
+    return current
+
+
+def derive_state(flagged: bool, accepts: int, rejects: int, policy: str) -> str:
+    """The review policy: ``one`` accept suffices, or ``two`` reviewers must accept; any
+    reject against an accept is a disagreement for an admin; flagged is final."""
+    if policy not in POLICIES:
+        raise PipelineError(f"unknown review policy {policy!r}; choose one of {POLICIES}")
+    if flagged:
+        return "flagged"
+    if accepts and rejects:
+        return "disagreement"
+    if rejects:
+        return "rejected"
+    if accepts >= (1 if policy == "one" else 2):
+        return "accepted"
+    return "needs-second" if accepts else "unreviewed"
+
+
+def candidate_states(
+    session: Session, *, policy: str, batch: str | None = None
+) -> list[CandidateState]:
+    """Every candidate of the filtered batches (or one batch) with its derived state."""
+    names = dict(session.execute(select(Reviewer.id, Reviewer.name)).all())
+    current = effective_decisions(session)
+    stmt = select(Candidate, CandidateBatch).join(CandidateBatch)
+    if batch is not None:
+        stmt = stmt.where(CandidateBatch.name == batch)
+    out = []
+    for cand, b in session.execute(stmt.order_by(CandidateBatch.id, Candidate.index)).all():
+        honeypot = b.masks == "honeypot"
+        if cand.flagged is None and not honeypot:
+            continue  # not through the privacy filter yet: never reviewable
+        mine = current.get(cand.id, {})
+        accepts = sorted(names[r] for r, d in mine.items() if d.decision == "accept")
+        rejects = sorted(names[r] for r, d in mine.items() if d.decision == "reject")
+        flagged = bool(cand.flagged) and not honeypot
+        out.append(
+            CandidateState(
+                id=cand.id,
+                batch=b.name,
+                name=cand.name,
+                flagged=flagged,
+                honeypot=honeypot,
+                state=derive_state(flagged, len(accepts), len(rejects), policy),
+                accepts=accepts,
+                rejects=rejects,
+                decisions=len(mine),
+            )
+        )
+    return out
+
+
+def queue(session: Session, reviewer: Reviewer, *, policy: str) -> list[CandidateState]:
+    """What this reviewer still has to judge, in order: candidates waiting for a second
+    reviewer first (they finish a pair), then the rest by batch and index. Honeypots sit in
+    the same order, unmarked. Flagged candidates are never in the queue."""
+    states = candidate_states(session, policy=policy)
+    current = effective_decisions(session)
+    todo = [
+        s
+        for s in states
+        if not s.flagged and reviewer.id not in current.get(s.id, {}) and s.state != "rejected"
+    ]
+    return sorted(todo, key=lambda s: (s.state != "needs-second", s.batch, s.name))
+
+
+def record_decision(
+    session: Session,
+    reviewer: Reviewer,
+    candidate_id: int,
+    decision: str,
+    *,
+    reason: str = "",
+    imported: bool = False,
+    app_version: str = __version__,
+) -> Decision:
+    """Append one accept / reject. A flagged candidate can never be accepted; a disabled
+    reviewer cannot decide; a reject needs a reason."""
+    if decision not in ("accept", "reject"):
+        raise PipelineError(f"decision must be accept or reject, not {decision!r}")
+    if reviewer.disabled:
+        raise PipelineError(f"reviewer {reviewer.name!r} is disabled")
+    row = session.get(Candidate, candidate_id)
+    if row is None:
+        raise PipelineError(f"no candidate {candidate_id}")
+    honeypot = row.batch.masks == "honeypot"
+    if not honeypot and row.flagged is None:
+        raise PipelineError(f"candidate {candidate_id} has not been through the privacy filter")
+    if decision == "accept" and row.flagged and not honeypot:
+        raise PipelineError(
+            f"candidate {candidate_id} is flagged too similar: it cannot be accepted"
+        )
+    if decision == "reject" and not reason.strip():
+        raise PipelineError("a reject needs a reason")
+    d = Decision(
+        candidate_id=candidate_id,
+        reviewer_id=reviewer.id,
+        decision=decision,
+        reason=reason.strip(),
+        imported=imported,
+        app_version=app_version,
+    )
+    session.add(d)
+    session.flush()
+    return d
+
+
+def undo_last(session: Session, reviewer: Reviewer) -> Decision | None:
+    """Append an undo of this reviewer's latest decision that is still in effect (None if
+    there is nothing to undo). Only one's own decisions can be undone."""
+    undone = set(session.scalars(select(Decision.undoes_id).where(Decision.undoes_id.is_not(None))))
+    last = session.scalars(
+        select(Decision)
+        .where(Decision.reviewer_id == reviewer.id, Decision.decision != "undo")
+        .order_by(Decision.id.desc())
+    )
+    target = next((d for d in last if d.id not in undone), None)
+    if target is None:
+        return None
+    d = Decision(
+        candidate_id=target.candidate_id,
+        reviewer_id=reviewer.id,
+        decision="undo",
+        undoes_id=target.id,
+        app_version=__version__,
+    )
+    session.add(d)
+    session.flush()
+    return d
+
+
+def progress(session: Session, reviewer: Reviewer, *, policy: str) -> dict[str, int]:
+    """'n of N reviewed' for this reviewer and overall (flagged candidates excluded)."""
+    states = [s for s in candidate_states(session, policy=policy) if not s.flagged]
+    current = effective_decisions(session)
+    mine = sum(reviewer.id in current.get(s.id, {}) for s in states)
+    done = sum(s.state in ("accepted", "rejected") for s in states)
+    return {"total": len(states), "mine": mine, "overall": done}
+
+
+def reviewer_stats(session: Session) -> list[dict[str, Any]]:
+    """Admin view: per reviewer accepts, rejects, agreement with others, honeypot catch rate."""
+    current = effective_decisions(session)
+    honeypots = set(
+        session.scalars(
+            select(Candidate.id).join(CandidateBatch).where(CandidateBatch.masks == "honeypot")
+        )
+    )
+    out = []
+    for r in session.scalars(select(Reviewer).order_by(Reviewer.name)):
+        acc = rej = agree = compared = hp_seen = hp_caught = 0
+        for cid, by in current.items():
+            d = by.get(r.id)
+            if d is None:
+                continue
+            acc += d.decision == "accept"
+            rej += d.decision == "reject"
+            if cid in honeypots:
+                hp_seen += 1
+                hp_caught += d.decision == "reject"
+            for other_id, other in by.items():
+                if other_id != r.id:
+                    compared += 1
+                    agree += other.decision == d.decision
+        out.append(
+            {
+                "reviewer": r.name,
+                "accepts": acc,
+                "rejects": rej,
+                "agreement": agree / compared if compared else None,
+                "honeypots_seen": hp_seen,
+                "honeypot_catch_rate": hp_caught / hp_seen if hp_seen else None,
+            }
+        )
+    return out
+
+
+def decision_log(session: Session) -> list[dict[str, Any]]:
+    """The full append-only log, oldest first (for audits)."""
+    rows = session.execute(
+        select(Decision, Reviewer.name, Candidate.name, CandidateBatch.name)
+        .join(Reviewer, Decision.reviewer_id == Reviewer.id)
+        .join(Candidate, Decision.candidate_id == Candidate.id)
+        .join(CandidateBatch, Candidate.batch_id == CandidateBatch.id)
+        .order_by(Decision.id)
+    ).all()
+    return [
+        {
+            "id": d.id,
+            "time": d.created_at.astimezone(UTC).isoformat(),
+            "candidate": d.candidate_id,
+            "batch": batch,
+            "name": cand,
+            "reviewer": who,
+            "decision": d.decision,
+            "reason": d.reason,
+            "undoes": d.undoes_id,
+            "imported": d.imported,
+            "app_version": d.app_version,
+        }
+        for d, who, cand, batch in rows
+    ]
+
+
+def log_csv(rows: list[dict[str, Any]]) -> str:
+    """CSV text of :func:`decision_log` rows."""
+    buf = io.StringIO()
+    fields = ["id", "time", "candidate", "batch", "name", "reviewer", "decision", "reason"]
+    fields += ["undoes", "imported", "app_version"]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def import_decisions(session: Session, reviewer: Reviewer, text: str) -> int:
+    """Record decisions from CSV text (columns candidate,decision,reason) as ``reviewer``,
+    marked imported. All or nothing: any bad row fails the whole import, listing the rows."""
+    reader = csv.DictReader(io.StringIO(text))
+    missing = {"candidate", "decision"} - set(reader.fieldnames or [])
+    if missing:
+        raise PipelineError(f"CSV lacks column(s) {', '.join(sorted(missing))}")
+    rows = list(reader)
+    if not rows:
+        raise PipelineError("CSV has no decisions")
+    problems = []
+    for n, row in enumerate(rows, start=2):  # line numbers, header is line 1
+        try:
+            with session.begin_nested():
+                record_decision(
+                    session,
+                    reviewer,
+                    int(row["candidate"]),
+                    (row.get("decision") or "").strip().lower(),
+                    reason=row.get("reason") or "",
+                    imported=True,
+                )
+        except (PipelineError, ValueError) as exc:
+            problems.append(f"line {n}: {exc}")
+    if problems:
+        raise PipelineError(
+            f"import refused, nothing recorded ({len(problems)} bad row(s)): " + "; ".join(problems)
+        )
+    return len(rows)
+
+
+def states_json(states: list[CandidateState]) -> list[dict[str, Any]]:
+    """JSON-ready candidate states."""
+    return [asdict(s) for s in states]
+
+
+def nearest_sources(loaded: Any, image: Any, *, k: int = 3) -> list[dict[str, Any]]:
+    """The k source slices most similar to ``image`` (a [0, 1] slice), each with the filter's
+    aligned SSIM and texture score, best first: what the reviewer compares by eye."""
+    import numpy as np
+
+    from pipeline.index import search_both_ways
+    from pipeline.privacy import aligned_scores
+
+    cfg = loaded.manifest["config"]
+    _, ids = search_both_ways(loaded.index, loaded.embedder, image[None], 4 * k)
+    cand = list(dict.fromkeys(int(i) for i in ids[0] if i >= 0))
+    sources = loaded.store.images(cand)
+    ssim, texture = aligned_scores(
+        image,
+        sources,
+        max_shift=int(cfg["max_shift"]),
+        smooth=float(cfg.get("smooth", 0.0)),
+    )
+    order = np.argsort(-ssim)[:k]
+    return [
+        {
+            "slice_id": cand[j],
+            "patient": loaded.store.refs[cand[j]].patient,
+            "ssim": float(ssim[j]),
+            "texture": float(texture[j]),
+            "image": sources[j],
+        }
+        for j in order
+    ]
+
+
+def login(engine: Any, name: str, password: str) -> dict[str, Any]:
+    """:func:`authenticate` in its own transaction, committing the logged attempt even when
+    the login fails. Returns the reviewer's id, name and role."""
+    from pipeline.catalog import write_session
+
+    failure: PipelineError | None = None
+    with write_session(engine) as session:
+        try:
+            row = authenticate(session, name, password)
+            who = {"id": row.id, "name": row.name, "role": row.role}
+        except PipelineError as exc:
+            failure = exc
+    if failure is not None:
+        raise failure
+    return who

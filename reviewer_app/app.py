@@ -1,0 +1,220 @@
+"""The physician review app (Streamlit). Started by `pipeline review`; the workspace comes from
+``PIPELINE_WORKSPACE``. Thin: every rule (login, policy, decisions, queue) is in
+``pipeline.review``; this script draws and dispatches.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import streamlit as st
+from sqlalchemy.orm import Session
+
+from pipeline.catalog import Candidate, Reviewer, read_session, write_session
+from pipeline.errors import PipelineError
+from pipeline.review import (
+    REJECT_REASONS,
+    candidate_states,
+    login,
+    progress,
+    queue,
+    record_decision,
+    reviewer_stats,
+    undo_last,
+)
+from reviewer_app.views import (
+    PRESETS,
+    SESSION_IDLE_S,
+    candidate_view,
+    legend_html,
+    load_index_cached,
+    neighbours_cached,
+    open_ws,
+    policy_of,
+)
+
+st.set_page_config(page_title="cardiac-synth review", layout="wide")
+ws = open_ws(os.environ.get("PIPELINE_WORKSPACE", "workspace"))
+state = st.session_state
+
+
+def show_login() -> None:
+    """Nothing but the login form before login: no image, no count, no file name."""
+    st.title("cardiac-synth · physician review")
+    with st.form("login"):
+        name = st.text_input("Name", key="login_name")
+        password = st.text_input("Password", type="password", key="login_password")
+        if st.form_submit_button("Log in"):
+            try:
+                state.user = login(ws.engine, name.strip(), password)
+                state.last_seen = time.time()
+                state.skipped = []
+                st.rerun()
+            except PipelineError as exc:
+                st.error(exc.message)
+
+
+def reviewer_row(session: Session) -> Reviewer:
+    """The logged-in reviewer's row in ``session``."""
+    return session.get(Reviewer, state.user["id"])
+
+
+if "user" in state and time.time() - state.get("last_seen", 0) > SESSION_IDLE_S:
+    del state["user"]
+    st.info("Your session expired; please log in again.")
+if "user" not in state:
+    show_login()
+    st.stop()
+state.last_seen = time.time()
+policy = policy_of(ws)
+
+with read_session(ws.engine) as session:
+    me = reviewer_row(session)
+    if me is None or me.disabled:
+        del state["user"]
+        st.rerun()
+    counts = progress(session, me, policy=policy)
+with st.sidebar:
+    st.markdown(f"**{state.user['name']}** ({state.user['role']})")
+    st.markdown(
+        f"You: **{counts['mine']} of {counts['total']}** reviewed  \n"
+        f"Overall: **{counts['overall']} of {counts['total']}** decided (policy: {policy})"
+    )
+    if st.button("Log out"):
+        for key in ("user", "skipped"):
+            state.pop(key, None)
+        st.rerun()
+
+names = ["Review", "Flagged (read-only)", "All candidates"]
+if state.user["role"] == "admin":
+    names.append("Admin")
+tabs = st.tabs(names)
+
+with tabs[0]:
+    with read_session(ws.engine) as session:
+        todo = queue(session, reviewer_row(session), policy=policy)
+    skipped = state.setdefault("skipped", [])
+    todo.sort(key=lambda s: skipped.index(s.id) + 1 if s.id in skipped else 0)
+    if not todo:
+        st.success("Nothing left for you to review.")
+    else:
+        current = todo[0]
+        view = candidate_view(ws, current.id)
+        st.subheader(f"{current.batch} / {current.name}")
+        left, right = st.columns([3, 2])
+        with left:
+            if view.units == "HU":
+                preset = st.radio("Window", list(PRESETS), horizontal=True, key="preset")
+            else:
+                preset = None
+                st.caption("Display units (the sources were PNG): no HU window.")
+            show_mask = st.toggle("Mask overlay", value=True, key="overlay")
+            st.image(view.picture(preset, show_mask), width=512)
+            if show_mask:
+                st.markdown(legend_html(view.class_names), unsafe_allow_html=True)
+        with right:
+            st.markdown("**Nearest source slices** (the filter's aligned scores)")
+            loaded = load_index_cached(ws)
+            near = neighbours_cached(ws, current.id, view.unit)
+            thr = loaded.manifest["calibration"]
+            st.caption(
+                f"Too similar above SSIM {thr['threshold']:.3f}"
+                + (
+                    f" or texture {thr['texture_threshold']:.3f}"
+                    if thr.get("texture_threshold") is not None
+                    else ""
+                )
+                + f" (calibrated, q{thr['quantile']})"
+            )
+            cols = st.columns(len(near) or 1)
+            for col, n in zip(cols, near, strict=False):
+                with col:
+                    st.image(n["picture"], width="stretch")
+                    st.caption(f"SSIM {n['ssim']:.3f} · texture {n['texture']:.3f}")
+        with st.expander("Provenance"):
+            st.json(view.provenance)
+        reason = st.selectbox("Reject reason", REJECT_REASONS, key="reason")
+        note = st.text_input("Note (optional)", key="note")
+        a, r, u, s = st.columns(4)
+
+        def decide(kind: str) -> None:
+            text = (
+                reason + (f": {note.strip()}" if note.strip() else "") if kind == "reject" else ""
+            )
+            try:
+                with write_session(ws.engine) as session:
+                    record_decision(session, reviewer_row(session), current.id, kind, reason=text)
+                state.last_action = f"{kind}ed {current.name}"
+            except PipelineError as exc:
+                state.last_action = f"error: {exc.message}"
+
+        if a.button("Accept (a)", type="primary", shortcut="a", key="accept"):
+            decide("accept")
+            st.rerun()
+        if r.button("Reject (x)", shortcut="x", key="reject"):
+            decide("reject")
+            st.rerun()
+        if s.button("Skip (s)", shortcut="s", key="skip"):
+            skipped.append(current.id)
+            st.rerun()
+        if u.button("Undo my last (u)", shortcut="u", key="undo"):
+            with write_session(ws.engine) as session:
+                undone = undo_last(session, reviewer_row(session))
+            state.last_action = "undid your last decision" if undone else "nothing to undo"
+            st.rerun()
+    if state.get("last_action"):
+        st.caption(state.last_action)
+
+with tabs[1]:
+    with read_session(ws.engine) as session:
+        flagged = [s for s in candidate_states(session, policy=policy) if s.flagged]
+        rows = {c.id: c for c in session.query(Candidate).filter(Candidate.flagged.is_(True))}
+        info = {
+            cid: (c.privacy_score, c.texture_score, c.privacy_margin) for cid, c in rows.items()
+        }
+    st.caption("Too similar to a source scan: these can never be accepted or exported.")
+    if not flagged:
+        st.write("No flagged candidates.")
+    for f in flagged[:50]:
+        score, texture, margin = info.get(f.id, (None, None, None))
+        st.markdown(
+            f"- {f.batch} / {f.name}: SSIM {score:.3f}, texture {texture:.3f}, margin {margin:.3f}"
+        )
+
+with tabs[2]:
+    with read_session(ws.engine) as session:
+        everything = candidate_states(session, policy=policy)
+    kinds = ["unreviewed", "needs-second", "accepted", "rejected", "disagreement", "flagged"]
+    chosen = st.multiselect("Status", kinds, default=kinds, key="status_filter")
+    st.dataframe(
+        [
+            {
+                "id": s.id,
+                "batch": s.batch,
+                "candidate": s.name,
+                "state": s.state,
+                "accepted by": ", ".join(s.accepts),
+                "rejected by": ", ".join(s.rejects),
+            }
+            for s in everything
+            if s.state in chosen
+        ],
+        width="stretch",
+    )
+
+if state.user["role"] == "admin":
+    with tabs[3]:
+        with read_session(ws.engine) as session:
+            stats = reviewer_stats(session)
+            disagreements = [
+                s for s in candidate_states(session, policy=policy) if s.state == "disagreement"
+            ]
+        st.markdown("**Reviewers** (agreement with other reviewers; honeypot catch rate)")
+        st.dataframe(stats, width="stretch")
+        st.markdown(f"**Disagreements** ({len(disagreements)})")
+        for d in disagreements:
+            st.markdown(
+                f"- {d.batch} / {d.name}: accepted by {', '.join(d.accepts)}; "
+                f"rejected by {', '.join(d.rejects)}"
+            )

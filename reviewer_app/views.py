@@ -1,0 +1,139 @@
+"""What the review app shows: a candidate's pictures (CT windows, mask overlay), its nearest
+source slices, its provenance. Reading and drawing only; the rules are in ``pipeline.review``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import streamlit as st
+
+from pipeline.catalog import Candidate, get_meta, read_session
+from pipeline.preprocess import ras_to_display, window_to_unit
+from pipeline.preview import PALETTE, overlay, to_uint8
+from pipeline.workspace import Workspace, open_workspace
+
+#: CT window presets (name → (level, width) in HU).
+PRESETS: dict[str, tuple[float, float]] = {
+    "soft tissue": (40.0, 400.0),
+    "cardiac": (200.0, 700.0),
+    "lung": (-600.0, 1500.0),
+}
+SESSION_IDLE_S = 30 * 60
+DISPLAY_SIDE = 512
+
+
+@st.cache_resource
+def open_ws(path: str) -> Workspace:
+    """The workspace, opened once per app process."""
+    return open_workspace(Path(path), create=False)
+
+
+def policy_of(ws: Workspace) -> str:
+    """The workspace's review policy (``one`` unless set)."""
+    with read_session(ws.engine) as session:
+        return get_meta(session, "review_policy") or "one"
+
+
+@dataclass
+class CandidateView:
+    """One candidate ready to draw."""
+
+    units: str
+    hu: np.ndarray  # HU, or display units 0–255
+    unit: np.ndarray  # [0, 1], as the filter saw it
+    mask: np.ndarray
+    class_names: list[str]
+    provenance: dict[str, Any]
+
+    def picture(self, preset: str | None, show_mask: bool) -> np.ndarray:
+        """RGB uint8, enlarged (nearest) to about 512 px, windowed with ``preset``."""
+        if self.units == "HU" and preset is not None:
+            level, width = PRESETS[preset]
+            grey = window_to_unit(self.hu, (level - width / 2, level + width / 2))
+        else:
+            grey = self.unit
+        rgb = overlay(grey, self.mask) if show_mask else np.repeat(to_uint8(grey)[..., None], 3, 2)
+        zoom = max(1, DISPLAY_SIDE // rgb.shape[0])
+        return np.repeat(np.repeat(rgb, zoom, axis=0), zoom, axis=1)
+
+
+def candidate_view(ws: Workspace, candidate_id: int) -> CandidateView:
+    """Read a candidate's image and mask files and its provenance."""
+    with read_session(ws.engine) as session:
+        c = session.get(Candidate, candidate_id)
+        batch = c.batch
+        folder = ws.candidates_dir / batch.name
+        meta = json.loads((folder / "batch.json").read_text())
+        provenance = {
+            "batch": batch.name,
+            "run": meta["run"],
+            "generator_sha256": batch.generator_sha256[:16],
+            "mask source": c.mask_source,
+            "source slice": c.source_slice_id,
+            "mask file": c.mask_file,
+            "transform": c.transform,
+            "seed": c.seed,
+            "created": c.created_at.isoformat(),
+        }
+        name, units = c.name, batch.units
+    data = np.asanyarray(nib.load(folder / "images" / f"{name}.nii.gz").dataobj)
+    mask = ras_to_display(np.asanyarray(nib.load(folder / "masks" / f"{name}.nii.gz").dataobj))[0]
+    image = ras_to_display(data.astype(np.float32))[0]
+    lo, hi = meta["window"]
+    unit = window_to_unit(image, (lo, hi)) if units == "HU" else image / np.float32(255.0)
+    return CandidateView(
+        units=units,
+        hu=image,
+        unit=unit,
+        mask=mask.astype(np.uint8),
+        class_names=list(meta["label_schema"]),
+        provenance=provenance,
+    )
+
+
+def legend_html(class_names: list[str]) -> str:
+    """Coloured labels of the structures, in the overlay's palette."""
+    chips = []
+    for i, name in enumerate(class_names[1:], start=1):
+        r, g, b = (int(v) for v in PALETTE[i % len(PALETTE)])
+        chips.append(
+            f'<span style="display:inline-block;margin-right:10px">'
+            f'<span style="background:rgb({r},{g},{b});width:12px;height:12px;'
+            f'display:inline-block;margin-right:4px"></span>{name.replace("_", " ")}</span>'
+        )
+    return "".join(chips)
+
+
+@st.cache_resource
+def _load_index(root: str) -> Any:
+    from pipeline.index import load_index
+
+    return load_index(open_ws(root))
+
+
+def load_index_cached(ws: Workspace) -> Any:
+    """The source index, loaded once per app process and workspace."""
+    return _load_index(str(ws.root))
+
+
+@st.cache_data(max_entries=256)
+def _neighbours(root: str, candidate_id: int, unit: np.ndarray) -> list[dict[str, Any]]:
+    from pipeline.review import nearest_sources
+
+    loaded = _load_index(root)
+    out = []
+    for n in nearest_sources(loaded, unit, k=3):
+        zoom = max(1, 192 // n["image"].shape[0])
+        picture = np.repeat(np.repeat(to_uint8(n["image"]), zoom, axis=0), zoom, axis=1)
+        out.append({"ssim": n["ssim"], "texture": n["texture"], "picture": picture})
+    return out
+
+
+def neighbours_cached(ws: Workspace, candidate_id: int, unit: np.ndarray) -> list[dict[str, Any]]:
+    """The three nearest source slices of a candidate (cached per candidate)."""
+    return _neighbours(str(ws.root), candidate_id, unit)
