@@ -759,7 +759,9 @@ def evaluate_cmd(
 def _read_password(password_stdin: bool, *, confirm: bool) -> str:
     """A password from one line of stdin, or a hidden prompt."""
     if password_stdin:
-        line = click.get_text_stream("stdin").readline().rstrip("\n")
+        import sys
+
+        line = sys.stdin.readline().rstrip("\n")
         if not line:
             raise PipelineError("--password-stdin: no password on standard input")
         return line

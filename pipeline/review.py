@@ -396,6 +396,7 @@ def import_decisions(session: Session, reviewer: Reviewer, text: str) -> int:
     if not rows:
         raise PipelineError("CSV has no decisions")
     problems = []
+    whole = session.begin_nested()  # all or nothing, whatever the caller does with the error
     for n, row in enumerate(rows, start=2):  # line numbers, header is line 1
         try:
             with session.begin_nested():
@@ -410,9 +411,11 @@ def import_decisions(session: Session, reviewer: Reviewer, text: str) -> int:
         except (PipelineError, ValueError) as exc:
             problems.append(f"line {n}: {exc}")
     if problems:
+        whole.rollback()
         raise PipelineError(
             f"import refused, nothing recorded ({len(problems)} bad row(s)): " + "; ".join(problems)
         )
+    whole.commit()
     return len(rows)
 
 

@@ -1,0 +1,192 @@
+"""The reviewer app through streamlit.testing's AppTest on the real script, and the review CLI."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from pipeline.catalog import Candidate, Decision, LoginEvent, read_session, write_session
+from pipeline.workspace import open_workspace
+from tests.conftest import run
+
+APP = Path(__file__).resolve().parents[1] / "reviewer_app" / "app.py"
+PW = "doctor-pass-1"
+
+
+@pytest.fixture(scope="module")
+def reviewed_master(tmp_path_factory):
+    """A 32² workspace with a filtered batch of 8 candidates (one forced flagged) and two
+    accounts."""
+    from pipeline.phantom import write_phantom
+
+    root = tmp_path_factory.mktemp("rev")
+    write_phantom(root / "src", volumes=4, seed=2, size=64, n_slices=12, workers=1)
+    ws = root / "ws"
+    assert run("ingest", root / "src", "-w", ws, "--size", 32, "--split", "0.5,0.25,0.25")
+    assert run("index", "-w", ws).exit_code == 0
+    tiny = ("--preset", "tiny", "--size", 32, "--batch", 8, "--steps", 2)
+    assert run("train", "-w", ws, *tiny, "--run", "r").exit_code == 0
+    gen = run("generate", "-w", ws, "--run", "r", "--count", 8, "--filter", "--features", "pixel")
+    assert gen.exit_code in (0, 1), gen.stderr  # an untrained run fails its gates; fine here
+    w = open_workspace(ws, create=False)
+    with write_session(w.engine) as s:
+        cands = s.scalars(select(Candidate).order_by(Candidate.id)).all()
+        for c in cands:
+            c.flagged = c.index == 7  # exactly one flagged, whatever the scores said
+    w.close()
+    assert run("reviewers", "add", "ann", "-w", ws, "--password-stdin", input=PW + "\n")
+    add = run(
+        "reviewers", "add", "boss", "-w", ws, "--role", "admin", "--password-stdin", input=PW + "\n"
+    )
+    assert add.exit_code == 0, add.stderr
+    return ws
+
+
+@pytest.fixture
+def ws(reviewed_master, tmp_path, monkeypatch):
+    dst = tmp_path / "ws"
+    shutil.copytree(reviewed_master, dst)
+    monkeypatch.setenv("PIPELINE_WORKSPACE", str(dst))
+    return dst
+
+
+def app():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def log_in(at, name, password):
+    at.text_input(key="login_name").input(name)
+    at.text_input(key="login_password").input(password)
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def decisions(ws):
+    w = open_workspace(ws, create=False)
+    with read_session(w.engine) as s:
+        rows = [(d.candidate_id, d.decision, d.reason) for d in s.scalars(select(Decision))]
+        logins = [(e.name, e.ok) for e in s.scalars(select(LoginEvent))]
+    w.close()
+    return rows, logins
+
+
+def test_only_the_login_form_before_login_and_wrong_password(ws):
+    at = app()
+    assert [b.label for b in at.button] == ["Log in"]
+    assert not at.get("imgs") and not at.sidebar.markdown and not at.dataframe
+    log_in(at, "ann", "not the password")
+    assert [e.value for e in at.error] == ["wrong name or password"]
+    assert [b.label for b in at.button] == ["Log in"]
+    _, logins = decisions(ws)
+    assert logins == [("ann", False)]
+
+
+def test_accept_reject_undo_write_rows(ws):
+    at = log_in(app(), "ann", PW)
+    labels = [b.label for b in at.button]
+    assert "Accept (a)" in labels and "Reject (x)" in labels
+    assert "1 of 7" not in at.sidebar.markdown[1].value and "0 of 7" in at.sidebar.markdown[1].value
+    at.button(key="accept").click().run()
+    at.selectbox(key="reason").select("artefact")
+    at.text_input(key="note").input("streak")
+    at.button(key="reject").click().run()
+    rows, _ = decisions(ws)
+    assert [r[1] for r in rows] == ["accept", "reject"] and rows[1][2] == "artefact: streak"
+    assert "2 of 7" in at.sidebar.markdown[1].value
+    at.button(key="undo").click().run()
+    rows, _ = decisions(ws)
+    assert [r[1] for r in rows] == ["accept", "reject", "undo"]
+    assert "1 of 7" in at.sidebar.markdown[1].value
+
+
+def test_flagged_candidates_cannot_be_accepted(ws):
+    at = log_in(app(), "ann", PW)
+    w = open_workspace(ws, create=False)
+    with read_session(w.engine) as s:
+        flagged = s.scalar(select(Candidate).where(Candidate.flagged.is_(True)))
+        flagged_name, flagged_id = flagged.name, flagged.id
+    w.close()
+    seen = set()
+    for _ in range(7):  # accept the whole queue: the flagged one never comes up
+        seen.add(at.subheader[0].value)
+        at.button(key="accept").click().run()
+    assert at.success[0].value == "Nothing left for you to review."
+    assert not any(flagged_name in s for s in seen) and len(seen) == 7
+    assert any(flagged_name in m.value for m in at.markdown)  # listed in the flagged tab
+    rows, _ = decisions(ws)
+    assert flagged_id not in [r[0] for r in rows]
+
+
+def test_admin_sees_the_admin_tab(ws):
+    at = log_in(app(), "boss", PW)
+    assert [t.label for t in at.tabs][-1] == "Admin"
+    at2 = log_in(app(), "ann", PW)
+    assert "Admin" not in [t.label for t in at2.tabs]
+
+
+def test_review_cli(ws, tmp_path):
+    listed = run("reviewers", "list", "-w", ws, "--json")
+    assert [r["name"] for r in __import__("json").loads(listed.stdout)] == ["ann", "boss"]
+    dup = run("reviewers", "add", "ann", "-w", ws, "--password-stdin", input=PW + "\n")
+    assert dup.exit_code == 2 and "already exists" in dup.stderr
+    csv = tmp_path / "d.csv"
+    w = open_workspace(ws, create=False)
+    with read_session(w.engine) as s:
+        ids = [c.id for c in s.scalars(select(Candidate).order_by(Candidate.id))]
+    w.close()
+    csv.write_text(f"candidate,decision,reason\n{ids[0]},accept,\n{ids[7]},accept,\n")
+    bad = run(
+        "decisions",
+        "import",
+        csv,
+        "-w",
+        ws,
+        "--reviewer",
+        "ann",
+        "--password-stdin",
+        input=PW + "\n",
+    )
+    assert bad.exit_code == 2 and "line 3" in bad.stderr and "flagged" in bad.stderr
+    csv.write_text(f"candidate,decision,reason\n{ids[0]},accept,\n{ids[1]},reject,artefact\n")
+    wrong = run(
+        "decisions",
+        "import",
+        csv,
+        "-w",
+        ws,
+        "--reviewer",
+        "ann",
+        "--password-stdin",
+        input="nope nope\n",
+    )
+    assert wrong.exit_code == 2 and "wrong name or password" in wrong.stderr
+    ok = run(
+        "decisions",
+        "import",
+        csv,
+        "-w",
+        ws,
+        "--reviewer",
+        "ann",
+        "--password-stdin",
+        input=PW + "\n",
+    )
+    assert ok.exit_code == 0, ok.stderr
+    listing = run("decisions", "list", "-w", ws)
+    assert "1 accepted" in listing.stdout and "1 flagged" in listing.stdout
+    out = tmp_path / "log.csv"
+    assert run("decisions", "export", "--csv", out, "-w", ws).exit_code == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 and lines[1].endswith(",True,0.1.0")
+    assert run("reviewers", "policy", "two", "-w", ws).stdout.strip() == "review policy: two"
+    assert "1 needs-second" in run("decisions", "list", "-w", ws).stdout
+    assert run("reviewers", "disable", "ann", "-w", ws).exit_code == 0
+    at = log_in(app(), "ann", PW)
+    assert [e.value for e in at.error] == ["wrong name or password"]
