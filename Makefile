@@ -19,7 +19,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/pipeline demo --workspace demo-workspace
 
+# The browser test drives Debian's Chromium; install it when missing and we can (root + apt),
+# otherwise that test skips and says why.
 test: $(STAMP)
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium for the browser test (apt)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+			>/dev/null 2>&1 || echo "chromium could not be installed: the browser test will skip"; \
+	fi
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

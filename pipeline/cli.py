@@ -344,8 +344,9 @@ def demo(
     click.echo(
         "Review: previews with mask overlays are in "
         f"{Path(generated.folder) / 'previews'}; plots in {judged['report_dir']}.\n"
-        "The physician review app (pipeline reviewers add / pipeline review) is the next "
-        "milestone; until then `pipeline filter --batch` and `pipeline evaluate` re-judge a batch."
+        "Physician review (the app binds to 127.0.0.1; Ctrl-C stops it):\n"
+        f"  .venv/bin/pipeline reviewers add YOUR_NAME --role admin --workspace {workspace}\n"
+        f"  .venv/bin/pipeline review --workspace {workspace}   # then open http://127.0.0.1:8501"
     )
 
 
@@ -864,9 +865,25 @@ def review_cmd(workspace: Path, port: int, address: str) -> None:
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port)]
     cmd += ["--server.address", address, "--server.headless", "true"]
     cmd += ["--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
+    cmd += ["--client.toolbarMode", "viewer"]
     env = {**os.environ, "PIPELINE_WORKSPACE": str(workspace.resolve())}
     click.echo(f"reviewer app on http://{address}:{port} (workspace {workspace})")
     raise SystemExit(subprocess.call(cmd, env=env))
+
+
+@cli.command("honeypots")
+@workspace_option
+@click.option("--run", "run_name", default="run", show_default=True, help="Run they pose as.")
+@click.option("--count", default=5, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--seed", default=0, show_default=True, type=int)
+def honeypots_cmd(workspace: Path, run_name: str, count: int, seed: int) -> None:
+    """Mix known near-copies of training slices into the review queues, unmarked (admins see
+    each reviewer's catch rate; honeypots are never exported)."""
+    from pipeline.generate import add_honeypots
+
+    with opened_workspace(workspace, create=False) as ws:
+        report = add_honeypots(ws, run_name, count, seed=seed)
+    click.echo(f"{report.generated} honeypots added ({report.count} in {report.folder})")
 
 
 @cli.group()

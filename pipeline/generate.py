@@ -417,3 +417,89 @@ def heldout_refs(ws: Workspace) -> list[SliceRef]:
     """Slices of every held-out patient (val and test), in id order."""
     with Session(ws.engine) as session:
         return [r for r in slice_refs(session) if r.split in ("val", "test")]
+
+
+def add_honeypots(
+    ws: Workspace, run: str, count: int, *, seed: int = 0, name: str = "honeypots"
+) -> GenerateReport:
+    """Known near-copies of training slices (a ±2 px shift plus faint noise: what a memorising
+    generator would emit), written like candidates into a batch of kind ``honeypot``. They
+    enter reviewers' queues unmarked; whether each reviewer rejects them is their catch rate.
+    They are never exported."""
+    from pipeline.augment import add_noise, shift
+
+    row, config = _run_row(ws, run)
+    size = _model_cfg(config).size
+    units, window = batch_units(config)
+    refs = _refs(ws, "train")
+    if not refs:
+        raise PipelineError("no training slices to make honeypots from", path=ws.root)
+    store = SliceStore(ws.cache_dir, refs)
+    spacing = _spacings(ws)
+    folder = ws.candidates_dir / name
+    with write_session(ws.engine) as session:
+        batch = session.scalar(select(CandidateBatch).where(CandidateBatch.name == name))
+        if batch is None:
+            batch = CandidateBatch(
+                name=name,
+                run_id=row.id,
+                generator_sha256=row.generator_sha256,
+                masks="honeypot",
+                config={"count": 0, "seed": seed},
+                units=units,
+            )
+            session.add(batch)
+        elif batch.masks != "honeypot":
+            raise PipelineError(f"batch {name!r} exists and is not a honeypot batch")
+        session.flush()
+        start = len(batch.candidates)
+        batch.config = {**batch.config, "count": start + count}
+        batch_id = batch.id
+    rng = np.random.default_rng([seed, start])
+    rows = []
+    for i in range(start, start + count):
+        ref = refs[int(rng.integers(len(refs)))]
+        image, mask = store.images([ref.slice_id])[0], store.masks([ref.slice_id])[0]
+        if image.shape[0] != size:
+            from pipeline.preprocess import resize_image
+
+            image, mask = resize_image(image, size), resize_mask(mask, size)
+        dy, dx = (int(v) for v in rng.integers(-2, 3, 2))
+        near_copy = add_noise(shift(image, dy, dx), 0.01, rng)
+        mask = shift(mask, dy, dx) if mask.any() else mask
+        cand = f"cand_{i:05d}"
+        write_candidate(
+            folder, cand, near_copy, mask, spacing[ref.cache_file], units=units, window=window
+        )
+        rows.append(
+            Candidate(
+                batch_id=batch_id,
+                index=i,
+                name=cand,
+                mask_source="honeypot",
+                source_slice_id=ref.slice_id,
+                transform={"honeypot": {"shift": [dy, dx], "noise_sigma": 0.01}},
+                seed=seed,
+                spacing=spacing[ref.cache_file],
+            )
+        )
+    with write_session(ws.engine) as session:
+        session.add_all(rows)
+    atomic_write(
+        folder / "batch.json",
+        lambda tmp: tmp.write_text(
+            json.dumps(
+                {
+                    "batch": name,
+                    "run": run,
+                    "generator_sha256": row.generator_sha256,
+                    "units": units,
+                    "window": list(window),
+                    "honeypot": True,
+                    "label_schema": config["label_schema"],
+                },
+                indent=2,
+            )
+        ),
+    )
+    return GenerateReport(name, str(folder), start + count, count, start, units, [])

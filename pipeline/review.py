@@ -12,6 +12,7 @@ import csv
 import hashlib
 import hmac
 import io
+import random
 import secrets
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -233,7 +234,16 @@ def queue(session: Session, reviewer: Reviewer, *, policy: str) -> list[Candidat
         for s in states
         if not s.flagged and reviewer.id not in current.get(s.id, {}) and s.state != "rejected"
     ]
-    return sorted(todo, key=lambda s: (s.state != "needs-second", s.batch, s.name))
+    regular = sorted(
+        (s for s in todo if not s.honeypot),
+        key=lambda s: (s.state != "needs-second", s.batch, s.name),
+    )
+    honeypots = [s for s in todo if s.honeypot]
+    # spread honeypots through the queue at positions fixed per reviewer, not at its end
+    rng = random.Random(f"{reviewer.id}:{len(regular)}")
+    for hp in honeypots:
+        regular.insert(rng.randint(min(1, len(regular)), len(regular)), hp)
+    return regular
 
 
 def record_decision(

@@ -165,6 +165,11 @@ with tabs[0]:
             st.rerun()
     if state.get("last_action"):
         st.caption(state.last_action)
+    if len(todo) > 1:
+        # The page is already drawn: warm the cache for the next candidate while the physician
+        # looks at this one, so Accept → next image does not wait for the neighbour search.
+        upcoming = candidate_view(ws, todo[1].id)
+        neighbours_cached(ws, todo[1].id, upcoming.unit)
 
 with tabs[1]:
     with read_session(ws.engine) as session:

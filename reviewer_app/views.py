@@ -63,7 +63,14 @@ class CandidateView:
 
 
 def candidate_view(ws: Workspace, candidate_id: int) -> CandidateView:
-    """Read a candidate's image and mask files and its provenance."""
+    """Read a candidate's image and mask files and its provenance (cached: files are
+    immutable once generated)."""
+    return _candidate_view(str(ws.root), candidate_id)
+
+
+@st.cache_data(max_entries=512)
+def _candidate_view(root: str, candidate_id: int) -> CandidateView:
+    ws = open_ws(root)
     with read_session(ws.engine) as session:
         c = session.get(Candidate, candidate_id)
         batch = c.batch

@@ -190,3 +190,25 @@ def test_review_cli(ws, tmp_path):
     assert run("reviewers", "disable", "ann", "-w", ws).exit_code == 0
     at = log_in(app(), "ann", PW)
     assert [e.value for e in at.error] == ["wrong name or password"]
+
+
+def test_honeypots_mixed_in_unmarked_and_scored(ws):
+    from pipeline.catalog import Reviewer
+    from pipeline.review import queue, record_decision, reviewer_stats
+
+    added = run("honeypots", "-w", ws, "--run", "r", "--count", 3, "--seed", 1)
+    assert added.exit_code == 0, added.stderr
+    w = open_workspace(ws, create=False)
+    with write_session(w.engine) as s:
+        ann = s.scalar(select(Reviewer).where(Reviewer.name == "ann"))
+        q = queue(s, ann, policy="one")
+        assert len(q) == 10 and sum(x.honeypot for x in q) == 3
+        assert q[-1].honeypot is False or q[0].honeypot is False  # not all bunched at one end
+        for x in q:
+            if x.honeypot:
+                record_decision(s, ann, x.id, "reject", reason="too similar to a source scan")
+        stats = {r["reviewer"]: r for r in reviewer_stats(s)}
+        assert stats["ann"]["honeypots_seen"] == 3 and stats["ann"]["honeypot_catch_rate"] == 1.0
+    w.close()
+    at = log_in(app(), "ann", PW)
+    assert "honeypot" not in " ".join(str(e.value) for e in at.subheader).lower()
