@@ -288,9 +288,21 @@ def status(workspace: Path, as_json: bool) -> None:
     type=click.IntRange(0, 100_000),
     help="Candidates to generate and judge (0 stops after training).",
 )
+@click.option(
+    "--auto-review",
+    is_flag=True,
+    help="DEMO ONLY: a built-in 'demo' reviewer accepts every unflagged candidate, then the "
+    "bundle is exported and verified (recorded as a demo review in the manifest).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo(
-    workspace: Path, volumes: int, size: int, train_steps: int, candidates: int, seed: int
+    workspace: Path,
+    volumes: int,
+    size: int,
+    train_steps: int,
+    candidates: int,
+    auto_review: bool,
+    seed: int,
 ) -> None:
     """Run the main job on the built-in phantom: phantom → ingest → index → train (tiny) →
     generate --filter."""
@@ -341,12 +353,57 @@ def demo(
         click.echo(f"      {generated.folder}: images/ (HU NIfTI), masks/, previews/")
         judged = _filter_and_gate(ws, generated.batch, GateConfig(seed=seed))
     click.echo(describe_evaluation(judged))
+    if auto_review:
+        _demo_auto_review(workspace, generated.batch)
+        return
     click.echo(
         "Review: previews with mask overlays are in "
         f"{Path(generated.folder) / 'previews'}; plots in {judged['report_dir']}.\n"
         "Physician review (the app binds to 127.0.0.1; Ctrl-C stops it):\n"
         f"  .venv/bin/pipeline reviewers add YOUR_NAME --role admin --workspace {workspace}\n"
         f"  .venv/bin/pipeline review --workspace {workspace}   # then open http://127.0.0.1:8501"
+    )
+    click.echo(
+        "Export the accepted, unflagged candidates and check the bundle:\n"
+        f"  .venv/bin/pipeline export --workspace {workspace} --out {workspace}/releases\n"
+        f"  .venv/bin/pipeline verify {workspace}/releases/Dataset500_CardiacSynth\n"
+        "(or all in one, as a clearly marked demo: pipeline demo --auto-review)"
+    )
+
+
+def _demo_auto_review(workspace: Path, batch: str) -> None:
+    """DEMO ONLY: the 'demo' reviewer accepts every unflagged candidate; export; verify."""
+    import secrets
+
+    from sqlalchemy import select
+
+    from pipeline.catalog import Reviewer, write_session
+    from pipeline.review import add_reviewer, candidate_states, record_decision
+    from release.bundle import ExportConfig, build_bundle
+    from release.verify import verify_bundle
+
+    click.echo(
+        "[demo] auto-review: the built-in 'demo' reviewer accepts every unflagged "
+        "candidate — a demonstration, not a clinical review"
+    )
+    with opened_workspace(workspace, create=False) as ws:
+        with write_session(ws.engine) as session:
+            demo = session.scalar(select(Reviewer).where(Reviewer.name == "demo"))
+            if demo is None:  # a random password nobody knows: the account cannot log in
+                demo = add_reviewer(session, "demo", "demo", secrets.token_urlsafe(24))
+            for s in candidate_states(session, policy="one", batch=batch):
+                if s.state == "unreviewed" and not s.flagged:
+                    record_decision(session, demo, s.id, "accept")
+        out = ws.releases_dir
+        bundle = out / "Dataset500_CardiacSynthDemo"
+        if bundle.exists():
+            click.echo(f"[demo] bundle already there: {bundle}")
+        else:
+            cfg = ExportConfig(out=out, batches=(batch,), name="CardiacSynthDemo", policy="one")
+            bundle = build_bundle(ws, cfg, progress=progress_bar("export", "case"))
+    problems = verify_bundle(bundle)
+    click.echo(
+        f"[demo] bundle {bundle} (+ .zip): " + ("sound" if not problems else "; ".join(problems))
     )
 
 
@@ -958,6 +1015,75 @@ def decisions_import(
             except PipelineError as exc:
                 raise PipelineError(exc.message, path=csv_path) from None
     click.echo(f"imported {n} decisions as {reviewer_name} from {csv_path}")
+
+
+@cli.command("export")
+@workspace_option
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--batch", "batches", multiple=True, help="Only these batches (repeatable).")
+@click.option("--name", default="CardiacSynth", show_default=True, help="Dataset name.")
+@click.option("--dataset-id", default=500, show_default=True, type=click.IntRange(1, 999))
+@click.option(
+    "--license", "license_", default="CC-BY-4.0", show_default=True, help="Licence TEXT or FILE."
+)
+@click.option(
+    "--accept-failed-gate",
+    metavar="REASON",
+    help="Admin override of failed quality gates (never of the privacy filter); the reason "
+    "is written into the manifest.",
+)
+def export_cmd(
+    workspace: Path,
+    out: Path,
+    batches: tuple[str, ...],
+    name: str,
+    dataset_id: int,
+    license_: str,
+    accept_failed_gate: str | None,
+) -> None:
+    """Package the approved, unflagged candidates as a release bundle (folder + .zip)."""
+    from release.bundle import ExportConfig, build_bundle
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is not None and not epoch.isdigit():
+        raise PipelineError(f"SOURCE_DATE_EPOCH={epoch!r} is not a whole number of seconds")
+    if accept_failed_gate is not None and not accept_failed_gate.strip():
+        raise PipelineError("--accept-failed-gate needs a reason")
+    with opened_workspace(workspace, create=False) as ws:
+        cfg = ExportConfig(
+            out=out,
+            batches=batches,
+            name=name,
+            dataset_id=dataset_id,
+            license=license_,
+            accept_failed_gate=accept_failed_gate,
+            policy=_policy(ws),
+            source_date_epoch=int(epoch) if epoch is not None else None,
+        )
+        bundle = build_bundle(ws, cfg, progress=progress_bar("export", "case"))
+    n = json.loads((bundle / "dataset.json").read_text())["numTraining"]
+    click.echo(f"exported {n} cases to {bundle} and {bundle.with_suffix('.zip')}")
+    click.echo(f"check it: pipeline verify {bundle}   (or: cd {bundle} && sha256sum -c SHA256SUMS)")
+
+
+@cli.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@json_option
+def verify_cmd(bundle: Path, as_json: bool) -> None:
+    """Check a bundle's checksums, manifest and nnU-Net layout; exit 1 listing problems."""
+    from pipeline.errors import CheckFailedError
+    from release.verify import verify_bundle
+
+    problems = verify_bundle(bundle)
+    if as_json:
+        echo_json({"bundle": str(bundle), "sound": not problems, "problems": problems})
+    else:
+        for problem in problems:
+            click.echo(problem)
+        if not problems:
+            click.echo(f"{bundle}: sound")
+    if problems:
+        raise CheckFailedError(f"{len(problems)} problem(s) in the bundle", path=bundle)
 
 
 @cli.command("train")

@@ -1,0 +1,506 @@
+"""`pipeline export`: the release bundle — only what may leave the hospital, reproducibly.
+
+A candidate is released only if it passed the privacy filter (filtered and not flagged), its
+batch passed the quality gates (or an admin overrode a failed gate with a written reason), it is
+not a honeypot, and the review policy says accepted. There is no override for the privacy
+filter. The bundle is an nnU-Net v2 raw dataset plus previews, manifest, datasheet and checksums,
+built in a temporary folder beside the target and renamed at the end; with the same catalog
+state and ``SOURCE_DATE_EPOCH`` every byte is the same.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from pipeline import __version__
+from pipeline.catalog import Candidate, CandidateBatch, Run
+from pipeline.errors import PipelineError
+from pipeline.preprocess import ras_to_display
+from pipeline.preview import overlay
+from pipeline.review import candidate_states, effective_decisions
+from pipeline.workspace import Workspace
+
+Progress = Callable[[Iterable[Any]], Iterable[Any]]
+TMP_PREFIX = ".export-tmp-"
+
+
+def is_releasable(
+    *, flagged: bool | None, honeypot: bool, state: str, gates_passed: bool | None, override: bool
+) -> bool:
+    """The release rule. ``flagged`` None means never filtered: not releasable either."""
+    if honeypot or flagged is None or flagged:
+        return False
+    if state != "accepted":
+        return False
+    return bool(gates_passed) or override
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export and how to label it."""
+
+    out: Path
+    batches: tuple[str, ...] = ()  # empty: every batch
+    name: str = "CardiacSynth"
+    dataset_id: int = 500
+    license: str = "CC-BY-4.0"
+    accept_failed_gate: str | None = None  # an admin's written reason
+    policy: str = "one"
+    source_date_epoch: int | None = None
+
+
+@dataclass
+class Released:
+    """One candidate going into the bundle."""
+
+    candidate_id: int
+    batch: str
+    name: str
+    units: str
+    spacing: list[float]
+    privacy_score: float
+    texture_score: float | None
+    privacy_margin: float
+    reviewers: list[str]
+
+
+def select_releasable(
+    session: Session, cfg: ExportConfig
+) -> tuple[list[Released], dict[str, Any], list[str]]:
+    """The releasable candidates, the batches they come from, and why others were left out."""
+    batches = {b.name: b for b in session.scalars(select(CandidateBatch))}
+    for name in cfg.batches:
+        if name not in batches:
+            raise PipelineError(f"no candidate batch {name!r}")
+    chosen = [b for n, b in sorted(batches.items()) if not cfg.batches or n in cfg.batches]
+    failed = [b.name for b in chosen if b.masks != "honeypot" and b.gates_passed is not True]
+    notes: list[str] = []
+    if failed and cfg.accept_failed_gate is None:
+        reasons = []
+        for name in failed:
+            b = batches[name]
+            if b.gates is None:
+                reasons.append(f"{name}: gates never ran (pipeline filter --batch {name})")
+            else:
+                bad = [g["gate"] for g in b.gates["results"] if not g["passed"]]
+                reasons.append(f"{name}: failed {', '.join(bad)}")
+        raise PipelineError(
+            "quality gates did not pass — " + "; ".join(reasons) + " (an admin may pass "
+            "--accept-failed-gate REASON; the reason is written into the manifest)"
+        )
+    states = {s.id: s for s in candidate_states(session, policy=cfg.policy)}
+    current = effective_decisions(session)
+    names = dict(session.execute(select(CandidateBatch.id, CandidateBatch.name)).all())
+    released: list[Released] = []
+    skipped = {"flagged": 0, "not accepted": 0, "honeypot": 0, "unfiltered": 0}
+    for b in chosen:
+        for c in session.scalars(
+            select(Candidate).where(Candidate.batch_id == b.id).order_by(Candidate.index)
+        ):
+            st = states.get(c.id)
+            honeypot = b.masks == "honeypot"
+            ok = is_releasable(
+                flagged=c.flagged,
+                honeypot=honeypot,
+                state=st.state if st else "unreviewed",
+                gates_passed=b.gates_passed,
+                override=cfg.accept_failed_gate is not None,
+            )
+            if not ok:
+                key = (
+                    "honeypot"
+                    if honeypot
+                    else "unfiltered"
+                    if c.flagged is None
+                    else "flagged"
+                    if c.flagged
+                    else "not accepted"
+                )
+                skipped[key] += 1
+                continue
+            reviewers = sorted(
+                str(d.reviewer_id) for d in current.get(c.id, {}).values() if d.decision == "accept"
+            )
+            released.append(
+                Released(
+                    candidate_id=c.id,
+                    batch=names[c.batch_id],
+                    name=c.name,
+                    units=b.units,
+                    spacing=[float(v) for v in c.spacing],
+                    privacy_score=float(c.privacy_score),
+                    texture_score=None if c.texture_score is None else float(c.texture_score),
+                    privacy_margin=float(c.privacy_margin),
+                    reviewers=reviewers,
+                )
+            )
+    if failed:
+        notes.append(f"gates failed for {', '.join(failed)}; exported on: {cfg.accept_failed_gate}")
+    return released, {"chosen": [b.name for b in chosen], "skipped": skipped}, notes
+
+
+def _nifti_gz(array: np.ndarray, spacing: list[float], *, dtype: Any) -> bytes:
+    """A fresh NIfTI-1 (clean diagonal RAS affine, empty text fields), gzip with mtime 0."""
+    img = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.diag([*spacing[:3], 1.0]))
+    img.header.set_xyzt_units("mm")
+    img.header.set_sform(img.affine, code=1)
+    img.header.set_qform(img.affine, code=1)
+    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def export_time(source_date_epoch: int | None) -> str:
+    """ISO time of the export: ``SOURCE_DATE_EPOCH`` when set (reproducible builds)."""
+    if source_date_epoch is not None:
+        return datetime.fromtimestamp(source_date_epoch, UTC).isoformat()
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def _sweep(parent: Path) -> None:
+    """Remove temporary folders a crashed export left beside the target."""
+    for stale in parent.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def build_bundle(ws: Workspace, cfg: ExportConfig, *, progress: Progress = iter) -> Path:
+    """Build ``cfg.out/DatasetNNN_Name`` (and ``.zip``) from the releasable candidates."""
+    if not 1 <= cfg.dataset_id <= 999:
+        raise PipelineError("--dataset-id must be 1–999 (nnU-Net's three digits)")
+    if not cfg.name.replace("_", "").isalnum():
+        raise PipelineError(f"--name {cfg.name!r}: letters, digits and underscores only")
+    folder_name = f"Dataset{cfg.dataset_id:03d}_{cfg.name}"
+    out = Path(cfg.out)
+    target = out / folder_name
+    out.mkdir(parents=True, exist_ok=True)
+    _sweep(out)
+    if target.exists() or target.with_suffix(".zip").exists():
+        raise PipelineError("bundle exists; choose another --out or --name", path=target)
+    with Session(ws.engine) as session:
+        released, selection, notes = select_releasable(session, cfg)
+        if not released:
+            raise PipelineError(
+                "nothing to export: no candidate is filtered, unflagged, accepted and from a "
+                f"batch that passed its gates (left out: {selection['skipped']})"
+            )
+        batches = {
+            b.name: b
+            for b in session.scalars(
+                select(CandidateBatch).where(CandidateBatch.name.in_(selection["chosen"]))
+            )
+        }
+        runs = {r.id: r for r in session.scalars(select(Run))}
+        manifest_batches = {}
+        for name, b in sorted(batches.items()):
+            run = runs[b.run_id]
+            manifest_batches[name] = {
+                "generator_sha256": b.generator_sha256,
+                "run": run.name,
+                "preset": run.preset,
+                "units": b.units,
+                "gates": b.gates,
+                "gates_passed": b.gates_passed,
+                # the index fingerprint hashes source cache names: not for release
+                "privacy": {k: v for k, v in (b.privacy or {}).items() if k != "index_catalog"},
+                "mask_source": b.masks,
+            }
+        from pipeline.catalog import PatientSplit
+
+        split_seeds = sorted(set(session.scalars(select(PatientSplit.seed))))
+        run_configs = {
+            runs[b.run_id].name: _public_config(runs[b.run_id].config) for b in batches.values()
+        }
+        pseudonyms = {
+            rid: f"reviewer-{i + 1}"
+            for i, rid in enumerate(sorted({r for x in released for r in x.reviewers}, key=int))
+        }
+        from pipeline.catalog import Reviewer
+
+        demo_ids = {
+            str(r.id) for r in session.scalars(select(Reviewer).where(Reviewer.role == "demo"))
+        }
+        schema = next(iter(run_configs.values()))["label_schema"]
+    units = sorted({r.units for r in released})
+    if len(units) > 1:
+        raise PipelineError("the chosen batches mix HU and display units; export them separately")
+
+    tmp = out / f"{TMP_PREFIX}{folder_name}-{os.getpid()}"
+    files: dict[str, bytes] = {}
+    try:
+        tmp.mkdir()
+        cases = []
+        windows: dict[str, tuple[float, float]] = {}
+        for n, r in enumerate(progress(released)):
+            case = f"case_{n:04d}"
+            src = ws.candidates_dir / r.batch
+            if r.batch not in windows:
+                windows[r.batch] = tuple(json.loads((src / "batch.json").read_text())["window"])
+            image = ras_to_display(
+                np.asanyarray(nib.load(src / "images" / f"{r.name}.nii.gz").dataobj)
+            )
+            mask = ras_to_display(
+                np.asanyarray(nib.load(src / "masks" / f"{r.name}.nii.gz").dataobj)
+            )
+            data_dtype = np.int16 if r.units == "HU" else np.uint8
+            from pipeline.preprocess import display_to_ras, window_to_unit
+
+            files[f"imagesTr/{case}_0000.nii.gz"] = _nifti_gz(
+                display_to_ras(image), r.spacing, dtype=data_dtype
+            )
+            files[f"labelsTr/{case}.nii.gz"] = _nifti_gz(
+                display_to_ras(mask), r.spacing, dtype=np.uint8
+            )
+            unit = (
+                window_to_unit(image[0], windows[r.batch])
+                if r.units == "HU"
+                else image[0].astype(np.float32) / 255.0
+            )
+            files[f"previews/{case}.png"] = _png(overlay(unit, mask[0].astype(np.uint8)))
+            cases.append(
+                {
+                    "case": case,
+                    "privacy_ssim": r.privacy_score,
+                    "privacy_texture": r.texture_score,
+                    "privacy_margin": r.privacy_margin,
+                    "accepted_by": [pseudonyms[x] for x in r.reviewers],
+                    "batch": r.batch,
+                }
+            )
+        labels = {name: i for i, name in enumerate(schema)}
+        when = export_time(cfg.source_date_epoch)
+        dataset = {
+            "channel_names": {"0": "CT" if units == ["HU"] else "display"},
+            "labels": labels,
+            "numTraining": len(cases),
+            "file_ending": ".nii.gz",
+            "name": cfg.name,
+            "description": "Synthetic cardiac CT slices generated from segmentation masks by a "
+            "conditional GAN, privacy-filtered and physician-reviewed (cardiac-synth).",
+            "licence": _licence_text(cfg.license),
+            "release": when,
+            "reference": f"cardiac-synth {__version__}",
+            "tensorImageSize": "3D",
+        }
+        files["dataset.json"] = (json.dumps(dataset, indent=2) + "\n").encode()
+        per_reviewer: dict[str, int] = {}
+        for c in cases:
+            for who in c["accepted_by"]:
+                per_reviewer[who] = per_reviewer.get(who, 0) + 1
+        hist = _privacy_histogram(cases, manifest_batches)
+        if hist is not None:
+            files["privacy_histogram.png"] = hist
+        manifest = {
+            "tool": {"name": "cardiac-synth", "version": __version__},
+            "export_time": when,
+            "dataset": folder_name,
+            "units": units[0],
+            "batches": manifest_batches,
+            "generators": run_configs,
+            "review": {
+                "policy": cfg.policy,
+                "accepts_per_reviewer": per_reviewer,
+                "demo_auto_review": any(x in demo_ids for r in released for x in r.reviewers),
+            },
+            "accept_failed_gate": cfg.accept_failed_gate,
+            "notes": notes,
+            "split_seeds": split_seeds,
+            "left_out": selection["skipped"],
+            "cases": cases,
+        }
+        files["DATASHEET.md"] = _datasheet(manifest, dataset).encode()
+        manifest["files"] = [
+            {"path": p, "size": len(b), "sha256": _sha256(b)} for p, b in sorted(files.items())
+        ]
+        files["manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+        sums = "".join(f"{_sha256(b)}  {p}\n" for p, b in sorted(files.items()))
+        files["SHA256SUMS"] = sums.encode()
+        for path, data in sorted(files.items()):
+            dest = tmp / path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+        zip_tmp = out / f"{TMP_PREFIX}{folder_name}-{os.getpid()}.zip"
+        _write_zip(zip_tmp, folder_name, files, cfg.source_date_epoch)
+        os.replace(tmp, target)
+        os.replace(zip_tmp, target.with_suffix(".zip"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in out.glob(f"{TMP_PREFIX}{folder_name}-{os.getpid()}*"):
+            stale.unlink(missing_ok=True) if stale.is_file() else shutil.rmtree(stale, True)
+        raise
+    return target
+
+
+def _write_zip(path: Path, root: str, files: dict[str, bytes], epoch: int | None) -> None:
+    """A zip with a fixed order, fixed timestamps and fixed permissions."""
+    stamp = (1980, 1, 1, 0, 0, 0)
+    if epoch is not None:
+        t = datetime.fromtimestamp(max(epoch, 315532800), UTC)
+        stamp = (t.year, t.month, t.day, t.hour, t.minute, t.second - t.second % 2)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, data in sorted(files.items()):
+            info = zipfile.ZipInfo(f"{root}/{name}", date_time=stamp)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            info.create_system = 3
+            z.writestr(info, data)
+
+
+def _public_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config without anything derived from patient identities (the split hash)."""
+    out = {k: v for k, v in config.items() if k != "data"}
+    data = config.get("data", {})
+    out["training_data"] = {
+        "train_slices": data.get("train_slices"),
+        "val_slices": data.get("val_slices"),
+        "units": data.get("units"),
+        "windows": data.get("windows"),
+    }
+    return out
+
+
+def _licence_text(value: str) -> str:
+    """--license TEXT or FILE (its contents)."""
+    p = Path(value)
+    if len(value) < 4096 and p.is_file():
+        return p.read_text().strip()
+    return value
+
+
+def _privacy_histogram(cases: list[dict[str, Any]], batches: dict[str, Any]) -> bytes | None:
+    """PNG of the released images' privacy SSIM against the calibrated threshold(s)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    thresholds = sorted(
+        {b["privacy"]["threshold"] for b in batches.values() if b["privacy"].get("threshold")}
+    )
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.hist([c["privacy_ssim"] for c in cases], bins=20, color="#4e9a06")
+    for t in thresholds:
+        ax.axvline(t, color="#cc0000", ls="--", label=f"too-similar threshold {t:.3f}")
+    ax.set(xlabel="SSIM to the nearest source slice", ylabel="released images")
+    if thresholds:
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
+    """DATASHEET.md (Gebru et al.'s sections) filled from the manifest."""
+    n = dataset["numTraining"]
+    gates = []
+    for name, b in manifest["batches"].items():
+        for g in (b.get("gates") or {}).get("results", []):
+            space = f" [{g['feature_space']}]" if "feature_space" in g else ""
+            gates.append(
+                f"| {name} | {g['gate']}{space} | {g['value']:.4f} | {g['threshold']} | "
+                f"{'pass' if g['passed'] else 'FAIL'} |"
+            )
+    priv = [b["privacy"] for b in manifest["batches"].values() if b.get("privacy")]
+    priv = [p for p in priv if "threshold" in p]
+    thresholds = ", ".join(
+        f"SSIM > {p['threshold']:.4f}"
+        + (f" or texture > {p['texture_threshold']:.4f}" if p.get("texture_threshold") else "")
+        + f" (quantile {p['quantile']}, {p['n_baseline']} held-out-vs-training scores)"
+        for p in priv
+        if p
+    )
+    margins = [c["privacy_margin"] for c in manifest["cases"]]
+    labels = ", ".join(f"{k} = {v}" for k, v in dataset["labels"].items())
+    lines = [
+        f"# Datasheet: {manifest['dataset']}",
+        "",
+        f"Exported {manifest['export_time']} by cardiac-synth {manifest['tool']['version']}.",
+        "",
+        "## Motivation",
+        "A shareable stand-in for segmented cardiac CT: images a model can be trained on without "
+        "any patient's scan leaving the hospital.",
+        "",
+        "## Composition",
+        f"{n} synthetic 2D axial slices ({manifest['units']}) with label maps ({labels}), as "
+        "an nnU-Net v2 raw dataset (`imagesTr/`, `labelsTr/`, `dataset.json`); overlay "
+        "previews in `previews/`. No image is a real patient's scan.",
+        "",
+        "## Collection process",
+        "Synthetic. A conditional GAN (pix2pix-style U-Net generator, PatchGAN discriminator) "
+        "trained on the hospital's segmented cardiac CT maps a segmentation mask to a CT slice. "
+        "Masks were new anatomy made by deforming training masks (elastic + affine, recorded per "
+        "image), held-out masks, or user-provided masks (see `manifest.json`).",
+        "",
+        "Every image was compared with every source slice (FAISS nearest neighbours, then "
+        f"aligned SSIM and fine-texture correlation); flagged when {thresholds or 'n/a'}. "
+        "Thresholds are calibrated on how similar different patients' slices are. Flagged "
+        "images are never released. Released images' margin below the threshold: "
+        f"min {min(margins):.4f}, median {float(np.median(margins)):.4f}. "
+        "See `privacy_histogram.png`.",
+        "",
+        f"Physicians reviewed every image (policy: {manifest['review']['policy']}); accepts per "
+        f"reviewer (pseudonyms): {manifest['review']['accepts_per_reviewer']}."
+        + (
+            " **Demo export: a built-in demo reviewer accepted every unflagged image "
+            "automatically; not a clinical review.**"
+            if manifest["review"]["demo_auto_review"]
+            else ""
+        ),
+        "",
+        "## Quality",
+        "| batch | gate | value | threshold | result |",
+        "|---|---|---:|---:|---|",
+        *gates,
+        "",
+        (
+            f"Gates were overridden by an admin: {manifest['accept_failed_gate']}"
+            if manifest["accept_failed_gate"]
+            else "All gates passed."
+        ),
+        "",
+        "## Preprocessing",
+        "Source CT was clipped to the recorded HU window and scaled to [0, 1]; images are "
+        "written back in HU (int16) with the spacing of the resized slice. Masks use "
+        "consecutive class indices (0 = background).",
+        "",
+        "## Uses and misuses",
+        "For training and benchmarking segmentation and image-analysis methods, teaching, and "
+        "software testing. Not for diagnosis, not as evidence about any real patient, and not "
+        "to estimate disease prevalence: the images reflect a model of the source data, "
+        "including its biases, at reduced fidelity.",
+        "",
+        "## Distribution",
+        f"Licence: {dataset['licence']}. Verify the files with `sha256sum -c SHA256SUMS`.",
+        "",
+        "## Maintenance",
+        "Regenerate with cardiac-synth from the same catalog; the manifest records generator "
+        "hashes, configurations, gate results and per-image privacy scores.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""`pipeline verify BUNDLE`: checksums and invariants of a release bundle, as a list of problems.
+
+Checks: SHA256SUMS against every file and no file unlisted; manifest.json's per-file sizes and
+hashes; the nnU-Net v2 raw layout (``imagesTr/case_XXXX_0000.nii.gz`` ↔ ``labelsTr/case_XXXX
+.nii.gz``, dataset.json's required keys, ``numTraining``, ``file_ending``, labels 0..K with
+background 0); every label file's values inside dataset.json's labels; image and label grids
+(shape and affine) matching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+REQUIRED = ("channel_names", "labels", "numTraining", "file_ending")
+IMAGE = re.compile(r"^(case_\d{4})_(\d{4})\.nii\.gz$")
+LABEL = re.compile(r"^(case_\d{4})\.nii\.gz$")
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_bundle(root: Path) -> list[str]:
+    """Every problem found in the bundle folder ``root`` (empty: sound)."""
+    root = Path(root)
+    if not root.is_dir():
+        return [f"{root}: not a bundle folder"]
+    problems: list[str] = []
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    sums_path = root / "SHA256SUMS"
+    listed: dict[str, str] = {}
+    if not sums_path.exists():
+        problems.append("SHA256SUMS is missing")
+    else:
+        for n, line in enumerate(sums_path.read_text().splitlines(), start=1):
+            m = re.match(r"^([0-9a-f]{64})  (.+)$", line)
+            if not m:
+                problems.append(f"SHA256SUMS line {n} is malformed")
+                continue
+            listed[m.group(2)] = m.group(1)
+    for f in files:
+        if f != "SHA256SUMS" and f not in listed:
+            problems.append(f"{f}: not listed in SHA256SUMS")
+    for f, digest in listed.items():
+        p = root / f
+        if not p.is_file():
+            problems.append(f"{f}: listed in SHA256SUMS but missing")
+        elif _sha(p) != digest:
+            problems.append(f"{f}: SHA-256 does not match SHA256SUMS")
+    manifest = _json(root / "manifest.json", problems)
+    if manifest is not None:
+        entries = {e["path"]: e for e in manifest.get("files", [])}
+        for f in files:
+            if f not in ("manifest.json", "SHA256SUMS") and f not in entries:
+                problems.append(f"{f}: not listed in manifest.json")
+        for f, e in entries.items():
+            p = root / f
+            if not p.is_file():
+                problems.append(f"{f}: listed in manifest.json but missing")
+                continue
+            if p.stat().st_size != e["size"]:
+                problems.append(f"{f}: size differs from manifest.json")
+            if _sha(p) != e["sha256"]:
+                problems.append(f"{f}: SHA-256 differs from manifest.json")
+    dataset = _json(root / "dataset.json", problems)
+    if dataset is not None:
+        problems += _check_layout(root, dataset)
+    return problems
+
+
+def _json(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        problems.append(f"{path.name} is missing")
+    except (OSError, ValueError) as exc:
+        problems.append(f"{path.name}: unreadable ({exc})")
+    return None
+
+
+def _check_layout(root: Path, dataset: dict[str, Any]) -> list[str]:
+    """nnU-Net v2 raw rules (nnU-Net's dataset_format.md), checked explicitly."""
+    problems = [f"dataset.json lacks {k!r}" for k in REQUIRED if k not in dataset]
+    if problems:
+        return problems
+    if dataset["file_ending"] != ".nii.gz":
+        problems.append(f"dataset.json file_ending is {dataset['file_ending']!r}")
+    labels = dataset["labels"]
+    values = sorted(labels.values()) if isinstance(labels, dict) else []
+    if labels.get("background") != 0 or values != list(range(len(values))):
+        problems.append("dataset.json labels must be consecutive integers with background = 0")
+    channels = len(dataset["channel_names"])
+    images: dict[str, set[str]] = {}
+    for p in sorted((root / "imagesTr").glob("*")):
+        m = IMAGE.match(p.name)
+        if not m:
+            problems.append(f"imagesTr/{p.name}: not named case_XXXX_CCCC.nii.gz")
+            continue
+        images.setdefault(m.group(1), set()).add(m.group(2))
+    labels_found = {}
+    for p in sorted((root / "labelsTr").glob("*")):
+        m = LABEL.match(p.name)
+        if not m:
+            problems.append(f"labelsTr/{p.name}: not named case_XXXX.nii.gz")
+            continue
+        labels_found[m.group(1)] = p
+    if len(labels_found) != dataset["numTraining"]:
+        problems.append(
+            f"dataset.json numTraining is {dataset['numTraining']}, labelsTr has "
+            f"{len(labels_found)} cases"
+        )
+    for case in sorted(set(images) | set(labels_found)):
+        if case not in labels_found:
+            problems.append(f"{case}: image without a label file")
+            continue
+        expected = {f"{c:04d}" for c in range(channels)}
+        if images.get(case) != expected:
+            problems.append(
+                f"{case}: channels {sorted(images.get(case, []))} != {sorted(expected)}"
+            )
+            continue
+        label = nib.load(labels_found[case])
+        data = np.asanyarray(label.dataobj)
+        bad = sorted(set(np.unique(data).tolist()) - set(values))
+        if bad:
+            problems.append(f"labelsTr/{case}.nii.gz: label values {bad} not in dataset.json")
+        for ch in sorted(expected):
+            img = nib.load(root / "imagesTr" / f"{case}_{ch}.nii.gz")
+            if img.shape != label.shape or not np.allclose(img.affine, label.affine):
+                problems.append(f"{case}: image and label grids differ (shape or affine)")
+    return problems
