@@ -130,13 +130,22 @@ def _check_layout(root: Path, dataset: dict[str, Any]) -> list[str]:
                 f"{case}: channels {sorted(images.get(case, []))} != {sorted(expected)}"
             )
             continue
-        label = nib.load(labels_found[case])
-        data = np.asanyarray(label.dataobj)
+        try:
+            label = nib.load(labels_found[case])
+            data = np.asanyarray(label.dataobj)
+        except Exception as exc:  # a damaged file is a finding, not a crash
+            problems.append(f"labelsTr/{case}.nii.gz: unreadable ({type(exc).__name__})")
+            continue
         bad = sorted(set(np.unique(data).tolist()) - set(values))
         if bad:
             problems.append(f"labelsTr/{case}.nii.gz: label values {bad} not in dataset.json")
         for ch in sorted(expected):
-            img = nib.load(root / "imagesTr" / f"{case}_{ch}.nii.gz")
+            try:
+                img = nib.load(root / "imagesTr" / f"{case}_{ch}.nii.gz")
+                np.asanyarray(img.dataobj)
+            except Exception as exc:
+                problems.append(f"imagesTr/{case}_{ch}.nii.gz: unreadable ({type(exc).__name__})")
+                continue
             if img.shape != label.shape or not np.allclose(img.affine, label.affine):
                 problems.append(f"{case}: image and label grids differ (shape or affine)")
     return problems

@@ -1,0 +1,417 @@
+"""Release bundles: exactly the releasable set (property test), verify catches tampering, a
+crash leaves nothing, the same state gives the same bytes, nothing identifying gets in."""
+
+import hashlib
+import json
+import subprocess
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.catalog import Candidate, CandidateBatch, Run, write_session
+from pipeline.errors import PipelineError
+from pipeline.generate import write_candidate
+from pipeline.review import add_reviewer, derive_state, record_decision
+from pipeline.workspace import open_workspace
+from release.bundle import ExportConfig, build_bundle, is_releasable
+from release.verify import verify_bundle
+from tests.conftest import run
+
+SCHEMA = {"background": 0, "myocardium": 205, "left_ventricle": 500}
+PW = "doctor-pass-1"
+
+
+def fake_workspace(root: Path, batches: list[dict]) -> tuple[Path, dict[int, int]]:
+    """A workspace with candidate files and rows but no model. Candidate k's image is the
+    constant 10·k HU, so a bundle's case can be traced back to its candidate."""
+    ws = open_workspace(root / "ws")
+    marks = {}
+    with write_session(ws.engine) as s:
+        run_row = Run(
+            name="r",
+            preset="tiny",
+            config={"label_schema": SCHEMA, "size": 16, "data": {"train_slices": 3}},
+            generator_sha256="a" * 64,
+        )
+        s.add(run_row)
+        s.flush()
+        revs = [add_reviewer(s, n, "reviewer", PW) for n in ("ann", "bob")]
+        k = 0
+        for bi, spec in enumerate(batches):
+            name = f"b{bi}"
+            b = CandidateBatch(
+                name=name,
+                run_id=run_row.id,
+                generator_sha256="a" * 64,
+                masks="honeypot" if spec["honeypot"] else "augmented",
+                config={},
+                units="HU",
+                gates_passed=spec["gates"],
+                gates={
+                    "results": [
+                        {
+                            "gate": "min_heldout_ssim",
+                            "value": 0.9 if spec["gates"] else 0.1,
+                            "threshold": 0.5,
+                            "passed": bool(spec["gates"]),
+                        }
+                    ],
+                    "passed": bool(spec["gates"]),
+                },
+                privacy={
+                    "threshold": 0.9,
+                    "texture_threshold": 0.8,
+                    "quantile": 0.99,
+                    "n_baseline": 10,
+                    "count": len(spec["cands"]),
+                    "flagged": 0,
+                },
+            )
+            s.add(b)
+            s.flush()
+            folder = ws.candidates_dir / name
+            folder.mkdir(parents=True)
+            (folder / "batch.json").write_text(json.dumps({"window": [-1024, 2048]}))
+            for i, (flag, votes) in enumerate(spec["cands"]):
+                k += 1
+                mask = np.zeros((16, 16), np.uint8)
+                mask[4:10, 4:10] = 1 + (k % 2)
+                image = np.full((16, 16), (10 * k + 1024) / 3072, np.float32)
+                write_candidate(
+                    folder,
+                    f"cand_{i:05d}",
+                    image,
+                    mask,
+                    [1.0, 1.0, 2.0],
+                    units="HU",
+                    window=(-1024, 2048),
+                )
+                c = Candidate(
+                    batch_id=b.id,
+                    index=i,
+                    name=f"cand_{i:05d}",
+                    mask_source="x",
+                    transform={},
+                    seed=0,
+                    spacing=[1.0, 1.0, 2.0],
+                    flagged=flag,
+                    privacy_score=0.5,
+                    texture_score=0.1,
+                    privacy_margin=0.4,
+                )
+                s.add(c)
+                s.flush()
+                marks[c.id] = 10 * k
+                for rev, vote in zip(revs, votes, strict=True):
+                    if vote and not (flag and vote == "accept" and not spec["honeypot"]):
+                        if flag is None and not spec["honeypot"]:
+                            continue
+                        record_decision(s, rev, c.id, vote, reason="artefact" * (vote == "reject"))
+    ws.close()
+    return root / "ws", marks
+
+
+def expected(batches, policy, override):
+    out = []
+    k = 0
+    for spec in batches:
+        for flag, votes in spec["cands"]:
+            k += 1
+            honeypot = spec["honeypot"]
+            real_votes = [
+                v
+                for v in votes
+                if v
+                and not (flag and v == "accept" and not honeypot)
+                and not (flag is None and not honeypot)
+            ]
+            state = derive_state(
+                bool(flag) and not honeypot,
+                real_votes.count("accept"),
+                real_votes.count("reject"),
+                policy,
+            )
+            if is_releasable(
+                flagged=flag,
+                honeypot=honeypot,
+                state=state,
+                gates_passed=spec["gates"],
+                override=override,
+            ):
+                out.append(10 * k)
+    return sorted(out)
+
+
+def bundle_marks(bundle: Path) -> list[int]:
+    return sorted(
+        round(float(np.asanyarray(nib.load(p).dataobj).max()))
+        for p in (bundle / "imagesTr").glob("*.nii.gz")
+    )
+
+
+vote = st.sampled_from([None, "accept", "reject"])
+cand = st.tuples(st.sampled_from([None, False, True]), st.tuples(vote, vote))
+batch = st.fixed_dictionaries(
+    {
+        "honeypot": st.booleans(),
+        "gates": st.sampled_from([True, False, None]),
+        "cands": st.lists(cand, min_size=1, max_size=4),
+    }
+)
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    batches=st.lists(batch, min_size=1, max_size=3),
+    policy=st.sampled_from(["one", "two"]),
+    override=st.booleans(),
+)
+def test_bundle_holds_exactly_the_releasable_set(tmp_path_factory, batches, policy, override):
+    root = tmp_path_factory.mktemp("prop")
+    ws_path, _ = fake_workspace(root, batches)
+    want = expected(batches, policy, override)
+    ws = open_workspace(ws_path, create=False)
+    cfg = ExportConfig(
+        out=root / "out", policy=policy, accept_failed_gate="test override" if override else None
+    )
+    failing = any(not b["honeypot"] and b["gates"] is not True for b in batches)
+    try:
+        if failing and not override:
+            with pytest.raises(PipelineError, match="quality gates did not pass"):
+                build_bundle(ws, cfg)
+        elif not want:
+            with pytest.raises(PipelineError, match="nothing to export"):
+                build_bundle(ws, cfg)
+        else:
+            bundle = build_bundle(ws, cfg)
+            assert bundle_marks(bundle) == want
+            assert verify_bundle(bundle) == []
+            manifest = json.loads((bundle / "manifest.json").read_text())
+            assert manifest["accept_failed_gate"] == ("test override" if override else None)
+    finally:
+        ws.close()
+    leftovers = [p.name for p in (root / "out").glob("*")] if (root / "out").exists() else []
+    assert all(not n.startswith(".export-tmp") for n in leftovers)
+
+
+@pytest.fixture
+def simple(tmp_path):
+    spec = [
+        {
+            "honeypot": False,
+            "gates": True,
+            "cands": [
+                (False, ("accept", None)),
+                (False, ("accept", "accept")),
+                (True, (None, None)),
+                (False, ("reject", None)),
+            ],
+        }
+    ]
+    ws_path, _ = fake_workspace(tmp_path, spec)
+    return ws_path
+
+
+def test_tampering_is_detected_and_sha256sum_agrees(simple, tmp_path):
+    out = tmp_path / "out"
+    result = run("export", "-w", simple, "--out", out)
+    assert result.exit_code == 0, result.stderr
+    bundle = out / "Dataset500_CardiacSynth"
+    assert run("verify", bundle).exit_code == 0
+    subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=bundle, check=True)
+    target = bundle / "labelsTr" / "case_0000.nii.gz"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    bad = run("verify", bundle, "--json")
+    assert bad.exit_code == 1
+    problems = json.loads(bad.stdout)["problems"]
+    assert any("case_0000.nii.gz: SHA-256 does not match" in p for p in problems)
+    assert (
+        subprocess.run(
+            ["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=bundle, capture_output=True
+        ).returncode
+        != 0
+    )
+    (bundle / "extra.txt").write_text("smuggled")
+    assert any("extra.txt: not listed" in p for p in verify_bundle(bundle))
+
+
+def test_layout_follows_nnunet_v2_raw(simple, tmp_path):
+    """nnU-Net's dataset_format.md: imagesTr/{case}_{XXXX}.nii.gz per channel,
+    labelsTr/{case}.nii.gz, dataset.json with channel_names, labels (background 0,
+    consecutive), numTraining, file_ending."""
+    bundle = build_bundle(open_workspace(simple, create=False), ExportConfig(out=tmp_path / "o"))
+    ds = json.loads((bundle / "dataset.json").read_text())
+    assert ds["channel_names"] == {"0": "CT"} and ds["file_ending"] == ".nii.gz"
+    assert ds["labels"] == {"background": 0, "myocardium": 1, "left_ventricle": 2}
+    assert ds["numTraining"] == 2 and {
+        "name",
+        "description",
+        "licence",
+        "release",
+        "reference",
+    } <= set(ds)
+    assert sorted(p.name for p in (bundle / "imagesTr").iterdir()) == [
+        "case_0000_0000.nii.gz",
+        "case_0001_0000.nii.gz",
+    ]
+    assert sorted(p.name for p in (bundle / "labelsTr").iterdir()) == [
+        "case_0000.nii.gz",
+        "case_0001.nii.gz",
+    ]
+    img = nib.load(bundle / "imagesTr" / "case_0000_0000.nii.gz")
+    assert img.get_data_dtype() == np.int16 and nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    np.testing.assert_allclose(img.header.get_zooms(), [1.0, 1.0, 2.0])
+    assert img.header["descrip"].tobytes().strip(b"\x00") == b""
+    assert (bundle.with_suffix(".zip")).exists()
+    sheet = (bundle / "DATASHEET.md").read_text()
+    for section in (
+        "Motivation",
+        "Composition",
+        "Collection process",
+        "Preprocessing",
+        "Uses and misuses",
+        "Distribution",
+        "Maintenance",
+    ):
+        assert f"## {section}" in sheet
+
+
+def test_crash_leaves_no_bundle_and_next_run_cleans_up(simple, tmp_path, monkeypatch):
+    import release.bundle as bundle_mod
+
+    out = tmp_path / "out"
+    ws = open_workspace(simple, create=False)
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(bundle_mod, "_write_zip", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_bundle(ws, ExportConfig(out=out))
+    assert list(out.iterdir()) == []
+    (out / ".export-tmp-Dataset500_CardiacSynth-99999").mkdir()  # a killed process's leftovers
+    monkeypatch.undo()
+    bundle = build_bundle(ws, ExportConfig(out=out))
+    assert sorted(p.name for p in out.iterdir()) == [bundle.name, bundle.name + ".zip"]
+    with pytest.raises(PipelineError, match="bundle exists"):
+        build_bundle(ws, ExportConfig(out=out))
+    ws.close()
+
+
+def test_same_state_and_epoch_give_identical_bytes(simple, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    digests = []
+    for name in ("a", "b"):
+        assert run("export", "-w", simple, "--out", tmp_path / name).exit_code == 0
+        root = tmp_path / name
+        digests.append(
+            {
+                p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*"))
+                if p.is_file()
+            }
+        )
+    assert digests[0] == digests[1] and len(digests[0]) > 10
+    manifest = json.loads(
+        (tmp_path / "a" / "Dataset500_CardiacSynth" / "manifest.json").read_text()
+    )
+    assert manifest["export_time"] == "2023-11-14T22:13:20+00:00"
+    with zipfile.ZipFile(tmp_path / "a" / "Dataset500_CardiacSynth.zip") as z:
+        names = z.namelist()
+        assert names == sorted(names) and all(
+            i.date_time == (2023, 11, 14, 22, 13, 20) for i in z.infolist()
+        )
+
+
+def test_reviewers_are_pseudonymous(simple, tmp_path):
+    bundle = build_bundle(open_workspace(simple, create=False), ExportConfig(out=tmp_path / "o"))
+    text = "".join(p.read_text() for p in (bundle / "manifest.json", bundle / "DATASHEET.md"))
+    assert "ann" not in text and "bob" not in text and "reviewer-1" in text
+
+
+@pytest.fixture(scope="module")
+def real_pipeline(tmp_path_factory):
+    """phantom (patient ids and header text made recognisable) → ingest → index → a 2-step run →
+    generate --filter → every unflagged candidate accepted through the review functions."""
+    from pipeline.phantom import write_phantom
+    from pipeline.review import candidate_states
+
+    root = tmp_path_factory.mktemp("deid")
+    src = root / "src"
+    write_phantom(src, volumes=4, seed=8, size=64, n_slices=10, workers=1)
+    for f in sorted(src.glob("ct_*_image.nii.gz")):
+        img = nib.load(f)
+        img.header["descrip"] = b"SECRET-DESCRIP"
+        img.header["aux_file"] = b"SECRET-AUX"
+        img.header["db_name"] = b"SECRETDB"
+        img.header["intent_name"] = b"SECRETINT"
+        pid = "PATIENTSECRET" + f.name[3:7]
+        nib.save(img, src / f"{pid}_image.nii.gz")
+        (src / f.name.replace("_image", "_label")).rename(src / f"{pid}_label.nii.gz")
+        f.unlink()
+    ws = root / "ws"
+    assert run("ingest", src, "-w", ws, "--size", 32, "--split", "0.5,0.25,0.25").exit_code == 0
+    assert run("index", "-w", ws).exit_code == 0
+    tiny = ("--preset", "tiny", "--size", 32, "--batch", 8, "--steps", 2, "--run", "r")
+    assert run("train", "-w", ws, *tiny).exit_code == 0
+    gen = run("generate", "-w", ws, "--run", "r", "--count", 6, "--filter", "--features", "pixel")
+    assert gen.exit_code in (0, 1)
+    w = open_workspace(ws, create=False)
+    with write_session(w.engine) as s:
+        ann = add_reviewer(s, "Dr Annabel Secretname", "reviewer", PW)
+        for c in candidate_states(s, policy="one"):
+            if not c.flagged:
+                record_decision(s, ann, c.id, "accept")
+    w.close()
+    return root, ws
+
+
+def test_no_source_identifier_in_any_byte(real_pipeline, tmp_path):
+    root, ws = real_pipeline
+    out = tmp_path / "rel"
+    result = run("export", "-w", ws, "--out", out, "--accept-failed-gate", "2-step test model")
+    assert result.exit_code == 0, result.stderr
+    bundle = out / "Dataset500_CardiacSynth"
+    assert run("verify", bundle).exit_code == 0
+    blobs = [p.read_bytes() for p in out.rglob("*") if p.is_file()]
+    with zipfile.ZipFile(bundle.with_suffix(".zip")) as z:  # compressed bytes hide strings
+        blobs += [z.read(n) for n in z.namelist()]
+        blobs += [n.encode() for n in z.namelist()]
+    blobs += [str(p.relative_to(out)).encode() for p in out.rglob("*")]
+    for blob in blobs:
+        if blob[:2] == b"\x1f\x8b":
+            import gzip
+
+            blob = gzip.decompress(blob)
+        for secret in (
+            b"PATIENTSECRET",
+            b"SECRET-DESCRIP",
+            b"SECRET-AUX",
+            b"SECRETDB",
+            b"SECRETINT",
+            b"Secretname",
+            str(root).encode(),
+            b"_image.nii",
+        ):
+            assert secret not in blob, secret
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["accept_failed_gate"] == "2-step test model"
+    assert all("privacy_margin" in c and "privacy_ssim" in c for c in manifest["cases"])
+
+
+def test_export_refuses_failed_gates_without_override(real_pipeline, tmp_path):
+    _, ws = real_pipeline
+    result = run("export", "-w", ws, "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "quality gates did not pass" in result.stderr
+    assert "--accept-failed-gate" in result.stderr
+    assert not (tmp_path / "x" / "Dataset500_CardiacSynth").exists()
