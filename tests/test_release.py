@@ -415,3 +415,61 @@ def test_export_refuses_failed_gates_without_override(real_pipeline, tmp_path):
     assert result.exit_code == 2 and "quality gates did not pass" in result.stderr
     assert "--accept-failed-gate" in result.stderr
     assert not (tmp_path / "x" / "Dataset500_CardiacSynth").exists()
+
+
+@pytest.mark.slow
+def test_end_to_end_on_real_ct(tmp_path):
+    """../shared/data/hocm-2d: ingest → tiny training → index → generate --filter → decisions
+    through the review functions → export → verify.
+
+    Two patients: one trains, the other calibrates. Per-slice-windowed PNGs of two different
+    people share little (calibrated SSIM threshold ≈ 0.25), and a model trained on one patient's
+    14 slices makes images that look like that patient, so the calibrated filter rightly flags
+    every candidate (asserted). The chain is then finished with an explicit threshold (0.9,
+    recorded as explicit) and lenient gates, both stored and exported as such."""
+    from pipeline.review import candidate_states
+    from tests.conftest import shared_dataset
+
+    src = shared_dataset("hocm-2d")
+    ws = tmp_path / "ws"
+    assert run("ingest", src, "-w", ws, "--size", 64, "--split", "0.5,0.5,0").exit_code == 0
+    assert run("index", "-w", ws).exit_code == 0
+    train = run("train", "-w", ws, "--preset", "tiny", "--batch", 8, "--steps", 60, "--run", "h")
+    assert train.exit_code == 0, train.stderr
+    lenient = ("--features", "pixel", "--min-ssim", 0.01, "--max-fd-ratio", 1000)
+    lenient += ("--max-flagged", 1.0)
+    gen = run("generate", "-w", ws, "--run", "h", "--count", 12, "--filter", *lenient)
+    assert gen.exit_code == 0, gen.stdout + gen.stderr
+    assert "12 of 12 flagged" in gen.stdout
+    assert run("index", "-w", ws, "--threshold", 0.9, "--rebuild").exit_code == 0
+    refilter = run("filter", "-w", ws, "--batch", "h-augmented", *lenient)
+    assert refilter.exit_code == 0, refilter.stdout + refilter.stderr
+    w = open_workspace(ws, create=False)
+    with write_session(w.engine) as s:
+        ann = add_reviewer(s, "ann", "reviewer", PW)
+        keep = [c for c in candidate_states(s, policy="one") if not c.flagged][:8]
+        for i, c in enumerate(keep):
+            if i % 4 == 3:
+                record_decision(s, ann, c.id, "reject", reason="artefact")
+            else:
+                record_decision(s, ann, c.id, "accept")
+        accepted = sum(i % 4 != 3 for i in range(len(keep)))
+    w.close()
+    out = tmp_path / "rel"
+    exported = run("export", "-w", ws, "--out", out, "--name", "HOCMSynth")
+    assert exported.exit_code == 0, exported.stderr
+    bundle = out / "Dataset500_HOCMSynth"
+    assert run("verify", bundle).exit_code == 0
+    ds = json.loads((bundle / "dataset.json").read_text())
+    assert ds["numTraining"] == accepted >= 1
+    assert ds["channel_names"] == {"0": "display"}  # PNG sources are not HU, and say so
+    assert next(iter(ds["labels"])) == "background" and len(ds["labels"]) == 8
+    labels = nib.load(bundle / "labelsTr" / "case_0000.nii.gz")
+    assert set(np.unique(np.asanyarray(labels.dataobj))) <= set(range(8))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["batches"]["h-augmented"]["privacy"]["threshold"] == 0.9
+    text = b"".join(
+        (bundle / f).read_bytes() for f in ("manifest.json", "DATASHEET.md", "dataset.json")
+    )
+    for source_name in (b"10001", b"10002", b"hocm", b"masks/"):
+        assert source_name not in text, source_name
