@@ -400,7 +400,11 @@ def _demo_auto_review(workspace: Path, batch: str) -> None:
             click.echo(f"[demo] bundle already there: {bundle}")
         else:
             cfg = ExportConfig(out=out, batches=(batch,), name="CardiacSynthDemo", policy="one")
-            bundle = build_bundle(ws, cfg, progress=progress_bar("export", "case"))
+            try:
+                bundle = build_bundle(ws, cfg, progress=progress_bar("export", "case"))
+            except PipelineError as exc:  # e.g. a short demo run fails its gates: show why
+                click.echo(f"[demo] export refused: {exc}")
+                return
     problems = verify_bundle(bundle)
     click.echo(
         f"[demo] bundle {bundle} (+ .zip): " + ("sound" if not problems else "; ".join(problems))

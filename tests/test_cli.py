@@ -328,10 +328,12 @@ def test_demo(tmp_path):
     run_dir = tmp_path / "demo" / "runs" / "demo"
     assert "trained 20 steps" in result.stdout and "tensorboard --logdir" in result.stdout
     assert (run_dir / "generator.keras").exists() and list((run_dir / "samples").glob("*.png"))
-    again = run(*args)  # a second demo on the same workspace continues instead of failing
+    again = run(*args, "--auto-review")  # a second demo continues instead of failing
     assert again.exit_code == 0, again.stderr
     assert "resumed from step 20" in again.stdout
     # the candidates of the first demo are reused (the generator was not rewritten)
     batch = tmp_path / "demo" / "candidates" / "demo-augmented"
     assert len(list((batch / "images").glob("*.nii.gz"))) == 8
     assert (batch / "report" / "metrics.json").exists() and "gate max_fd_ratio" in again.stdout
+    # 20 training steps fail the quality gates, so the demo export is refused, with the reason
+    assert "[demo] export refused: quality gates did not pass" in again.stdout
