@@ -97,14 +97,11 @@ def main() -> None:
     import tensorflow as tf
 
     from models.gan import preset
-    from pipeline.train import cpu_has_bf16
+    from pipeline.train import read_cpuinfo, resolve_precision
 
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
     gpus = tf.config.list_logical_devices("GPU")
-    mixed = "mixed_float16" if gpus else ("mixed_bfloat16" if cpu_has_bf16(cpuinfo) else None)
+    policy = resolve_precision("auto", gpus=len(gpus), cpuinfo=read_cpuinfo())
+    mixed = None if policy == "float32" else policy
     ceiling = matmul_ceiling("float32", args.seconds / 2)
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):

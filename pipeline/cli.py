@@ -1202,11 +1202,9 @@ def _gan_config(preset_name: str, **overrides: Any) -> Any:
 
 
 def _cpuinfo() -> str:
-    """/proc/cpuinfo (empty where there is none): which CPU features mixed precision can use."""
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
+    from pipeline.train import read_cpuinfo
+
+    return read_cpuinfo()
 
 
 class StepProgress:

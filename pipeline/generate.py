@@ -286,6 +286,12 @@ def write_candidate(
     save_png(overlay(image, mask), folder / "previews" / f"{name}_overlay.png")
 
 
+def write_batch_json(folder: Path, info: dict[str, Any]) -> None:
+    """``batch.json``: what a batch folder holds (run, generator, units, window, schema)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "batch.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2)))
+
+
 def read_candidate_image(path: Path, *, units: str, window: tuple[float, float]) -> np.ndarray:
     """A candidate NIfTI back in [0, 1] (what the privacy filter and the metrics judge)."""
     from pipeline.preprocess import window_to_unit
@@ -393,22 +399,17 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
             )
         with write_session(ws.engine) as session:
             session.add_all(rows)
-    atomic_write(
-        folder / "batch.json",
-        lambda tmp: tmp.write_text(
-            json.dumps(
-                {
-                    "batch": name,
-                    "run": cfg.run,
-                    "generator_sha256": run.generator_sha256,
-                    "units": units,
-                    "window": list(window),
-                    "config": stored,
-                    "label_schema": config["label_schema"],
-                },
-                indent=2,
-            )
-        ),
+    write_batch_json(
+        folder,
+        {
+            "batch": name,
+            "run": cfg.run,
+            "generator_sha256": run.generator_sha256,
+            "units": units,
+            "window": list(window),
+            "config": stored,
+            "label_schema": config["label_schema"],
+        },
     )
     return GenerateReport(name, str(folder), count, len(todo), count - len(todo), units, notes)
 
@@ -485,21 +486,16 @@ def add_honeypots(
         )
     with write_session(ws.engine) as session:
         session.add_all(rows)
-    atomic_write(
-        folder / "batch.json",
-        lambda tmp: tmp.write_text(
-            json.dumps(
-                {
-                    "batch": name,
-                    "run": run,
-                    "generator_sha256": row.generator_sha256,
-                    "units": units,
-                    "window": list(window),
-                    "honeypot": True,
-                    "label_schema": config["label_schema"],
-                },
-                indent=2,
-            )
-        ),
+    write_batch_json(
+        folder,
+        {
+            "batch": name,
+            "run": run,
+            "generator_sha256": row.generator_sha256,
+            "units": units,
+            "window": list(window),
+            "honeypot": True,
+            "label_schema": config["label_schema"],
+        },
     )
     return GenerateReport(name, str(folder), start + count, count, start, units, [])

@@ -32,7 +32,7 @@ from pipeline.generate import (
 from pipeline.index import SliceStore, load_index, slice_refs
 from pipeline.labels import LabelSchema
 from pipeline.metrics import frechet_of_features, paired_fidelity, prdc
-from pipeline.preprocess import resize_image, resize_mask
+from pipeline.preprocess import resize_image
 from pipeline.preview import overlay, to_uint8
 from pipeline.workspace import Workspace
 
@@ -168,16 +168,13 @@ def real_halves(patients: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def _heldout(ws: Workspace, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from pipeline.train import load_slices
+
     refs = heldout_refs(ws)
     if not refs:
         raise PipelineError("no held-out (val/test) patients to evaluate on", path=ws.root)
-    store = SliceStore(ws.cache_dir, refs)
-    ids = [r.slice_id for r in refs]
-    images, masks = store.images(ids), store.masks(ids)
-    if images.shape[1] != size:
-        images = np.stack([resize_image(im, size) for im in images])
-        masks = np.stack([resize_mask(m, size) for m in masks])
-    return images.astype(np.float32), masks.astype(np.uint8), [r.patient for r in refs]
+    images, masks = load_slices(ws, refs, size)
+    return images, masks, [r.patient for r in refs]
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:

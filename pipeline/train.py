@@ -84,19 +84,26 @@ class TrainReport:
     chief: bool
 
 
-def load_split(ws: Workspace, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """All slices of one split: images (N, size, size, 1) float32, masks (N, size, size) uint8."""
-    with Session(ws.engine) as session:
-        refs = [r for r in slice_refs(session) if r.split == split]
+def load_slices(ws: Workspace, refs: list[Any], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cached slices by reference: images (N, size, size) float32, masks (N, size, size) uint8,
+    resized (images anti-aliased, masks nearest) when the cache holds another size."""
     if not refs:
-        return np.zeros((0, size, size, 1), np.float32), np.zeros((0, size, size), np.uint8)
+        return np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.uint8)
     store = SliceStore(ws.cache_dir, refs)
     ids = [r.slice_id for r in refs]
     images, masks = store.images(ids), store.masks(ids)
     if images.shape[1] != size:
         images = np.stack([resize_image(im, size) for im in images])
         masks = np.stack([resize_mask(m, size) for m in masks])
-    return images[..., None].astype(np.float32), masks.astype(np.uint8)
+    return images.astype(np.float32), masks.astype(np.uint8)
+
+
+def load_split(ws: Workspace, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """All slices of one split: images (N, size, size, 1) float32, masks (N, size, size) uint8."""
+    with Session(ws.engine) as session:
+        refs = [r for r in slice_refs(session) if r.split == split]
+    images, masks = load_slices(ws, refs, size)
+    return images[..., None], masks
 
 
 def batch_order(n: int, batch: int, steps: int, seed: int) -> np.ndarray:
@@ -137,6 +144,14 @@ def encode_condition(masks: Any, num_classes: int, kind: str) -> Any:
     if kind == "onehot":
         return tf.one_hot(tf.cast(masks, tf.int32), num_classes, dtype=tf.float32)
     return tf.cast(masks, tf.float32)[..., None] / float(max(num_classes - 1, 1))
+
+
+def read_cpuinfo() -> str:
+    """/proc/cpuinfo (empty where there is none): which CPU features mixed precision can use."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def cpu_has_bf16(cpuinfo: str) -> bool:

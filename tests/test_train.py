@@ -141,10 +141,9 @@ def _train(ws_path, **kw):
 
 
 def _cpuinfo():
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
+    from pipeline.train import read_cpuinfo
+
+    return read_cpuinfo()
 
 
 def _checkpoint_values(run_dir, step):
