@@ -30,9 +30,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline import __version__
-from pipeline.catalog import Candidate, CandidateBatch, Run
+from pipeline.catalog import Candidate, CandidateBatch, PatientSplit, Reviewer, Run
 from pipeline.errors import PipelineError
-from pipeline.preprocess import ras_to_display
+from pipeline.preprocess import display_to_ras, ras_to_display, window_to_unit
 from pipeline.preview import overlay
 from pipeline.review import candidate_states, effective_decisions
 from pipeline.workspace import Workspace
@@ -229,8 +229,6 @@ def build_bundle(ws: Workspace, cfg: ExportConfig, *, progress: Progress = iter)
                 "privacy": {k: v for k, v in (b.privacy or {}).items() if k != "index_catalog"},
                 "mask_source": b.masks,
             }
-        from pipeline.catalog import PatientSplit
-
         split_seeds = sorted(set(session.scalars(select(PatientSplit.seed))))
         run_configs = {
             runs[b.run_id].name: _public_config(runs[b.run_id].config) for b in batches.values()
@@ -239,8 +237,6 @@ def build_bundle(ws: Workspace, cfg: ExportConfig, *, progress: Progress = iter)
             rid: f"reviewer-{i + 1}"
             for i, rid in enumerate(sorted({r for x in released for r in x.reviewers}, key=int))
         }
-        from pipeline.catalog import Reviewer
-
         demo_ids = {
             str(r.id) for r in session.scalars(select(Reviewer).where(Reviewer.role == "demo"))
         }
@@ -267,8 +263,6 @@ def build_bundle(ws: Workspace, cfg: ExportConfig, *, progress: Progress = iter)
                 np.asanyarray(nib.load(src / "masks" / f"{r.name}.nii.gz").dataobj)
             )
             data_dtype = np.int16 if r.units == "HU" else np.uint8
-            from pipeline.preprocess import display_to_ras, window_to_unit
-
             files[f"imagesTr/{case}_0000.nii.gz"] = _nifti_gz(
                 display_to_ras(image), r.spacing, dtype=data_dtype
             )

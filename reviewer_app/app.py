@@ -9,6 +9,7 @@ import os
 import time
 
 import streamlit as st
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.catalog import Candidate, Reviewer, read_session, write_session
@@ -174,7 +175,9 @@ with tabs[0]:
 with tabs[1]:
     with read_session(ws.engine) as session:
         flagged = [s for s in candidate_states(session, policy=policy) if s.flagged]
-        rows = {c.id: c for c in session.query(Candidate).filter(Candidate.flagged.is_(True))}
+        rows = {
+            c.id: c for c in session.scalars(select(Candidate).where(Candidate.flagged.is_(True)))
+        }
         info = {
             cid: (c.privacy_score, c.texture_score, c.privacy_margin) for cid, c in rows.items()
         }
