@@ -409,6 +409,30 @@ def _privacy_histogram(cases: list[dict[str, Any]], batches: dict[str, Any]) -> 
     return buf.getvalue()
 
 
+def _quality_lines(manifest: dict[str, Any]) -> list[str]:
+    """The evaluation figures of each batch, each distribution number named by its space."""
+    lines = []
+    for name, b in manifest["batches"].items():
+        metrics = (b.get("gates") or {}).get("metrics")
+        if not metrics:
+            continue
+        p, d = metrics["paired"], metrics["distribution"]
+        line = (
+            f"- {name}: on {p['n']} held-out masks SSIM {p['ssim']['mean']:.3f}, PSNR "
+            f"{p['psnr_db']['mean']:.1f} dB, MAE {p['mae_unit']['mean']:.4f}; "
+            f"[{d['feature_space']}] Fréchet distance {d['frechet_distance']:.4g} vs "
+            f"real-vs-real {d['frechet_baseline_real_halves']:.4g}"
+        )
+        if d.get("prdc_k5"):
+            m = d["prdc_k5"]
+            line += (
+                f", precision {m['precision']:.2f} recall {m['recall']:.2f} density "
+                f"{m['density']:.2f} coverage {m['coverage']:.2f}"
+            )
+        lines.append(line + ".")
+    return lines
+
+
 def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
     """DATASHEET.md (Gebru et al.'s sections) filled from the manifest."""
     n = dataset["numTraining"]
@@ -458,8 +482,8 @@ def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
         f"min {min(margins):.4f}, median {float(np.median(margins)):.4f}. "
         "See `privacy_histogram.png`.",
         "",
-        f"Physicians reviewed every image (policy: {manifest['review']['policy']}); accepts per "
-        f"reviewer (pseudonyms): {manifest['review']['accepts_per_reviewer']}."
+        f"Every released image was accepted in review (policy: {manifest['review']['policy']}); "
+        f"accepts per reviewer (pseudonyms): {manifest['review']['accepts_per_reviewer']}."
         + (
             " **Demo export: a built-in demo reviewer accepted every unflagged image "
             "automatically; not a clinical review.**"
@@ -467,7 +491,11 @@ def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
             else ""
         ),
         "",
+        "![privacy scores of the released images](privacy_histogram.png)",
+        "",
         "## Quality",
+        *_quality_lines(manifest),
+        "",
         "| batch | gate | value | threshold | result |",
         "|---|---|---:|---:|---|",
         *gates,
