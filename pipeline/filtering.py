@@ -300,8 +300,10 @@ def read_images(path: Path, *, size: int, window: tuple[float, float] | None) ->
                 if probe.mode not in ("L", "P", "I", "I;16", "I;16B"):
                     notes.append(f"{f.name}: {probe.mode} PNG of grey values read as one channel")
         else:
-            if window is None:
-                raise PipelineError("NIfTI input needs a workspace of HU sources", path=f)
+            if window is None:  # display-unit workspace (PNG sources): NIfTI holds 0–255
+                note = "display-unit workspace: NIfTI values read as 0–255 display units"
+                if note not in notes:
+                    notes.append(note)
             try:
                 img = nib.load(f)
                 data = np.asanyarray(img.dataobj).astype(np.float32)
@@ -318,7 +320,10 @@ def read_images(path: Path, *, size: int, window: tuple[float, float] | None) ->
             )
             disp = ras_to_display(canon)
             planes = [
-                (f"{f.name}#{z}" if len(disp) > 1 else f.name, window_to_unit(disp[z], window))
+                (
+                    f"{f.name}#{z}" if len(disp) > 1 else f.name,
+                    window_to_unit(disp[z], window) if window else disp[z] / np.float32(255.0),
+                )
                 for z in range(len(disp))
             ]
             if not np.isfinite(data).all():

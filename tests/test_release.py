@@ -444,6 +444,10 @@ def test_end_to_end_on_real_ct(tmp_path):
     assert run("index", "-w", ws, "--threshold", 0.9, "--rebuild").exit_code == 0
     refilter = run("filter", "-w", ws, "--batch", "h-augmented", *lenient)
     assert refilter.exit_code == 0, refilter.stdout + refilter.stderr
+    # the candidates' own NIfTI files (display units, 0–255) score the same way via --images
+    images = run("filter", "-w", ws, "--images", ws / "candidates" / "h-augmented" / "images")
+    assert images.exit_code == 0 and "0 of 12 flagged" in images.stdout, images.stderr
+    assert "display-unit workspace" in images.stderr
     w = open_workspace(ws, create=False)
     with write_session(w.engine) as s:
         ann = add_reviewer(s, "ann", "reviewer", PW)
