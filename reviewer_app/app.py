@@ -135,35 +135,52 @@ with tabs[0]:
                     st.caption(f"SSIM {n['ssim']:.3f} · texture {n['texture']:.3f}")
         with st.expander("Provenance"):
             st.json(view.provenance)
-        reason = st.selectbox("Reject reason", REJECT_REASONS, key="reason")
-        note = st.text_input("Note (optional)", key="note")
+        st.selectbox("Reject reason", REJECT_REASONS, key="reason")
+        st.text_input("Note (optional)", key="note")
         a, r, u, s = st.columns(4)
 
-        def decide(kind: str) -> None:
+        # Callbacks run before the next script run, so they may clear the note widget: a note
+        # must never carry over to the next candidate.
+        def decide(kind: str, candidate_id: int, label: str) -> None:
+            note = state.get("note", "").strip()
             text = (
-                reason + (f": {note.strip()}" if note.strip() else "") if kind == "reject" else ""
+                state.get("reason", "") + (f": {note}" if note else "") if kind == "reject" else ""
             )
             try:
                 with write_session(ws.engine) as session:
-                    record_decision(session, reviewer_row(session), current.id, kind, reason=text)
-                state.last_action = f"{kind}ed {current.name}"
+                    record_decision(session, reviewer_row(session), candidate_id, kind, reason=text)
+                state.last_action = f"{kind}ed {label}"
+                state.note = ""
             except PipelineError as exc:
                 state.last_action = f"error: {exc.message}"
 
-        if a.button("Accept (a)", type="primary", shortcut="a", key="accept"):
-            decide("accept")
-            st.rerun()
-        if r.button("Reject (x)", shortcut="x", key="reject"):
-            decide("reject")
-            st.rerun()
-        if s.button("Skip (s)", shortcut="s", key="skip"):
-            skipped.append(current.id)
-            st.rerun()
-        if u.button("Undo my last (u)", shortcut="u", key="undo"):
+        def skip(candidate_id: int) -> None:
+            skipped.append(candidate_id)
+            state.note = ""
+
+        def undo() -> None:
             with write_session(ws.engine) as session:
                 undone = undo_last(session, reviewer_row(session))
             state.last_action = "undid your last decision" if undone else "nothing to undo"
-            st.rerun()
+
+        label = f"{current.batch}/{current.name}"
+        a.button(
+            "Accept (a)",
+            type="primary",
+            shortcut="a",
+            key="accept",
+            on_click=decide,
+            args=("accept", current.id, label),
+        )
+        r.button(
+            "Reject (x)",
+            shortcut="x",
+            key="reject",
+            on_click=decide,
+            args=("reject", current.id, label),
+        )
+        s.button("Skip (s)", shortcut="s", key="skip", on_click=skip, args=(current.id,))
+        u.button("Undo my last (u)", shortcut="u", key="undo", on_click=undo)
     if state.get("last_action"):
         st.caption(state.last_action)
     if len(todo) > 1:

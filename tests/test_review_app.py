@@ -100,6 +100,7 @@ def test_accept_reject_undo_write_rows(ws):
     rows, _ = decisions(ws)
     assert [r[1] for r in rows] == ["accept", "reject"] and rows[1][2] == "artefact: streak"
     assert "2 of 7" in at.sidebar.markdown[1].value
+    assert at.text_input(key="note").value == ""  # a note never carries over to the next image
     at.button(key="undo").click().run()
     rows, _ = decisions(ws)
     assert [r[1] for r in rows] == ["accept", "reject", "undo"]
