@@ -159,6 +159,7 @@ class CandidateState:
     accepts: list[str] = field(default_factory=list)
     rejects: list[str] = field(default_factory=list)
     decisions: int = 0
+    decided_by: list[int] = field(default_factory=list)  # reviewer ids with a decision in effect
 
 
 def effective_decisions(session: Session) -> dict[int, dict[int, Decision]]:
@@ -218,21 +219,29 @@ def candidate_states(
                 accepts=accepts,
                 rejects=rejects,
                 decisions=len(mine),
+                decided_by=sorted(mine),
             )
         )
     return out
 
 
-def queue(session: Session, reviewer: Reviewer, *, policy: str) -> list[CandidateState]:
+def queue(
+    session: Session,
+    reviewer: Reviewer,
+    *,
+    policy: str,
+    states: list[CandidateState] | None = None,
+) -> list[CandidateState]:
     """What this reviewer still has to judge, in order: candidates waiting for a second
     reviewer first (they finish a pair), then the rest by batch and index. Honeypots sit in
-    the same order, unmarked. Flagged candidates are never in the queue."""
-    states = candidate_states(session, policy=policy)
-    current = effective_decisions(session)
+    the same order, unmarked. Flagged candidates are never in the queue. ``states``: the
+    current :func:`candidate_states`, when the caller has them already."""
+    if states is None:
+        states = candidate_states(session, policy=policy)
     todo = [
         s
         for s in states
-        if not s.flagged and reviewer.id not in current.get(s.id, {}) and s.state != "rejected"
+        if not s.flagged and reviewer.id not in s.decided_by and s.state != "rejected"
     ]
     regular = sorted(
         (s for s in todo if not s.honeypot),
@@ -311,13 +320,20 @@ def undo_last(session: Session, reviewer: Reviewer) -> Decision | None:
     return d
 
 
-def progress(session: Session, reviewer: Reviewer, *, policy: str) -> dict[str, int]:
+def progress(
+    session: Session,
+    reviewer: Reviewer,
+    *,
+    policy: str,
+    states: list[CandidateState] | None = None,
+) -> dict[str, int]:
     """'n of N reviewed' for this reviewer and overall (flagged candidates excluded)."""
-    states = [s for s in candidate_states(session, policy=policy) if not s.flagged]
-    current = effective_decisions(session)
-    mine = sum(reviewer.id in current.get(s.id, {}) for s in states)
-    done = sum(s.state in ("accepted", "rejected") for s in states)
-    return {"total": len(states), "mine": mine, "overall": done}
+    if states is None:
+        states = candidate_states(session, policy=policy)
+    open_ = [s for s in states if not s.flagged]
+    mine = sum(reviewer.id in s.decided_by for s in open_)
+    done = sum(s.state in ("accepted", "rejected") for s in open_)
+    return {"total": len(open_), "mine": mine, "overall": done}
 
 
 def reviewer_stats(session: Session) -> list[dict[str, Any]]:

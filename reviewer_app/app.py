@@ -75,7 +75,9 @@ with read_session(ws.engine) as session:
     if me is None or me.disabled:
         del state["user"]
         st.rerun()
-    counts = progress(session, me, policy=policy)
+    # one derivation of every candidate's state per script run, shared by all tabs
+    everything = candidate_states(session, policy=policy)
+    counts = progress(session, me, policy=policy, states=everything)
 with st.sidebar:
     st.markdown(f"**{state.user['name']}** ({state.user['role']})")
     st.markdown(
@@ -94,7 +96,7 @@ tabs = st.tabs(names)
 
 with tabs[0]:
     with read_session(ws.engine) as session:
-        todo = queue(session, reviewer_row(session), policy=policy)
+        todo = queue(session, reviewer_row(session), policy=policy, states=everything)
     skipped = state.setdefault("skipped", [])
     todo.sort(key=lambda s: skipped.index(s.id) + 1 if s.id in skipped else 0)
     if not todo:
@@ -191,7 +193,7 @@ with tabs[0]:
 
 with tabs[1]:
     with read_session(ws.engine) as session:
-        flagged = [s for s in candidate_states(session, policy=policy) if s.flagged]
+        flagged = [s for s in everything if s.flagged]
         rows = {
             c.id: c for c in session.scalars(select(Candidate).where(Candidate.flagged.is_(True)))
         }
@@ -208,8 +210,6 @@ with tabs[1]:
         )
 
 with tabs[2]:
-    with read_session(ws.engine) as session:
-        everything = candidate_states(session, policy=policy)
     kinds = ["unreviewed", "needs-second", "accepted", "rejected", "disagreement", "flagged"]
     chosen = st.multiselect("Status", kinds, default=kinds, key="status_filter")
     st.dataframe(
@@ -232,9 +232,7 @@ if state.user["role"] == "admin":
     with tabs[3]:
         with read_session(ws.engine) as session:
             stats = reviewer_stats(session)
-            disagreements = [
-                s for s in candidate_states(session, policy=policy) if s.state == "disagreement"
-            ]
+        disagreements = [s for s in everything if s.state == "disagreement"]
         st.markdown("**Reviewers** (agreement with other reviewers; honeypot catch rate)")
         st.dataframe(stats, width="stretch")
         st.markdown(f"**Disagreements** ({len(disagreements)})")

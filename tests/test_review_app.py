@@ -132,6 +132,12 @@ def test_admin_sees_the_admin_tab(ws):
     assert "Admin" not in [t.label for t in at2.tabs]
 
 
+def import_as_ann(ws, csv, password_line):
+    """`pipeline decisions import CSV --reviewer ann`, the password on stdin."""
+    args = ("decisions", "import", csv, "-w", ws, "--reviewer", "ann", "--password-stdin")
+    return run(*args, input=password_line)
+
+
 def test_review_cli(ws, tmp_path):
     listed = run("reviewers", "list", "-w", ws, "--json")
     assert [r["name"] for r in __import__("json").loads(listed.stdout)] == ["ann", "boss"]
@@ -143,42 +149,12 @@ def test_review_cli(ws, tmp_path):
         ids = [c.id for c in s.scalars(select(Candidate).order_by(Candidate.id))]
     w.close()
     csv.write_text(f"candidate,decision,reason\n{ids[0]},accept,\n{ids[7]},accept,\n")
-    bad = run(
-        "decisions",
-        "import",
-        csv,
-        "-w",
-        ws,
-        "--reviewer",
-        "ann",
-        "--password-stdin",
-        input=PW + "\n",
-    )
+    bad = import_as_ann(ws, csv, PW + "\n")
     assert bad.exit_code == 2 and "line 3" in bad.stderr and "flagged" in bad.stderr
     csv.write_text(f"candidate,decision,reason\n{ids[0]},accept,\n{ids[1]},reject,artefact\n")
-    wrong = run(
-        "decisions",
-        "import",
-        csv,
-        "-w",
-        ws,
-        "--reviewer",
-        "ann",
-        "--password-stdin",
-        input="nope nope\n",
-    )
+    wrong = import_as_ann(ws, csv, "nope nope\n")
     assert wrong.exit_code == 2 and "wrong name or password" in wrong.stderr
-    ok = run(
-        "decisions",
-        "import",
-        csv,
-        "-w",
-        ws,
-        "--reviewer",
-        "ann",
-        "--password-stdin",
-        input=PW + "\n",
-    )
+    ok = import_as_ann(ws, csv, PW + "\n")
     assert ok.exit_code == 0, ok.stderr
     listing = run("decisions", "list", "-w", ws)
     assert "1 accepted" in listing.stdout and "1 flagged" in listing.stdout
