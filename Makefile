@@ -12,8 +12,8 @@ $(BIN)/python:
 
 # pip >= 25.1 understands [dependency-groups] (--group dev).
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=25.1"
-	$(BIN)/python -m pip install --quiet --editable . --group dev
+	$(BIN)/python -m pip install -qq --upgrade "pip>=25.1"
+	$(BIN)/python -m pip install -qq --editable . --group dev
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,6 +28,8 @@ test: $(STAMP)
 			>/dev/null 2>&1 || echo "chromium could not be installed: the browser test will skip"; \
 	fi
 	$(BIN)/python -m pytest
+	@echo "numerics tests again as on an AVX2-only CPU (oneDNN limited to AVX2: float32, other kernels)"
+	ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -m numerics
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

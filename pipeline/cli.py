@@ -16,11 +16,10 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
+from pipeline.tflog import quiet_tensorflow
 from pipeline.workspace import DEFAULT_WORKSPACE, ENV_WORKSPACE, Workspace, open_workspace
 
 F = TypeVar("F", bound=Callable[..., Any])
-# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) is noise to a CLI user.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 class PipelineGroup(click.Group):
@@ -86,8 +85,15 @@ def echo_json(data: Any) -> None:
 
 @click.group(cls=PipelineGroup)
 @click.version_option(__version__, prog_name="cardiac-synth")
-def cli() -> None:
+@click.option(
+    "--verbose",
+    is_flag=True,
+    help="Show TensorFlow's own log lines (hidden unless TF_CPP_MIN_LOG_LEVEL is set).",
+)
+def cli(verbose: bool) -> None:
     """cardiac-synth: segmented cardiac CT in, a reviewed synthetic dataset out."""
+    # before any command imports TensorFlow; children (the review app, workers) inherit the level
+    quiet_tensorflow(os.environ, verbose=verbose)
 
 
 @cli.command()
@@ -591,7 +597,13 @@ def _filter_and_gate(ws: Workspace, batch: str, gates: Any) -> dict[str, Any]:
             .join(CandidateBatch, CandidateBatch.run_id == Run.id)
             .where(CandidateBatch.name == batch)
         )
-    return evaluate(ws, run, gates, batch=batch, progress=progress_bar("encoder", "step"))
+    return evaluate(
+        ws,
+        run,
+        gates,
+        batch=batch,
+        progress=progress_bar("training the feature encoder (once)", "step"),
+    )
 
 
 def describe_evaluation(report: dict[str, Any]) -> str:
@@ -813,7 +825,7 @@ def evaluate_cmd(
             _gate_config(**gates),
             batch=batch_name,
             inception_weights=inception_weights,
-            progress=progress_bar("encoder", "step"),
+            progress=progress_bar("training the feature encoder (once)", "step"),
         )
     _print_judgement(report, as_json)
 

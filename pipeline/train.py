@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 from collections.abc import Callable, Iterable
@@ -146,12 +147,65 @@ def encode_condition(masks: Any, num_classes: int, kind: str) -> Any:
     return tf.cast(masks, tf.float32)[..., None] / float(max(num_classes - 1, 1))
 
 
+# oneDNN's ISA levels (``ONEDNN_MAX_CPU_ISA``) that still run native bfloat16 kernels; any other
+# named level (SSE41, AVX, AVX2, AVX2_VNNI, AVX512_CORE, AVX512_CORE_VNNI, ...) lacks them.
+_BF16_ISAS = {
+    "ALL",
+    "DEFAULT",
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+}
+_KNOWN_ISAS = _BF16_ISAS | {
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+}
+
+
+def limit_to_isa(cpuinfo: str, max_isa: str | None) -> str:
+    """``/proc/cpuinfo`` text as oneDNN sees it under ``ONEDNN_MAX_CPU_ISA=max_isa``.
+
+    A limit below AVX512_CORE_BF16 removes the bf16/AMX flags (and below AVX512_CORE every
+    AVX-512 flag), so an AVX-512 machine limited to AVX2 picks the float32 path exactly as an
+    AVX2-only machine does. Unset, empty or unknown values (which oneDNN ignores) change nothing.
+    """
+    isa = (max_isa or "").strip().upper()
+    if not isa or isa not in _KNOWN_ISAS or isa in _BF16_ISAS:
+        return cpuinfo
+
+    def keep(flag: str) -> bool:
+        if "bf16" in flag or flag.startswith("amx"):
+            return False
+        return not (flag.startswith("avx512") and not isa.startswith("AVX512"))
+
+    lines = []
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags") and ":" in line:
+            head, flags = line.split(":", 1)
+            line = f"{head}: " + " ".join(f for f in flags.split() if keep(f))
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def read_cpuinfo() -> str:
-    """/proc/cpuinfo (empty where there is none): which CPU features mixed precision can use."""
+    """This CPU's features as this process's kernels may use them: ``/proc/cpuinfo`` (empty
+    where there is none) narrowed by ``ONEDNN_MAX_CPU_ISA`` when that is set."""
     try:
-        return Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
+    return limit_to_isa(text, os.environ.get("ONEDNN_MAX_CPU_ISA"))
 
 
 def cpu_has_bf16(cpuinfo: str) -> bool:
@@ -550,13 +604,21 @@ def train(
 def generate_images(generator: Any, masks: np.ndarray, cfg: Any, *, batch: int = 16) -> np.ndarray:
     """(N, S, S) float32 images in [0, 1] for (N, S, S) class-index masks, deterministically.
 
-    Inference mode (batch-norm moving statistics), fixed batches: the same mask gives the same
-    bytes on the same machine.
+    Inference mode (batch-norm moving statistics). Every call runs the model on batches of
+    exactly ``batch`` masks, padding the last one with empty masks: oneDNN picks its convolution
+    kernel (and so the float rounding) by the batch shape, and on some CPUs (AVX2) a batch of 3
+    and a batch of 16 round differently. With one fixed shape an image's bytes depend only on its
+    mask, not on how many others ran beside it or where it sat in the batch (measured on AVX-512
+    and on oneDNN limited to AVX2).
     """
     out = []
     for i in range(0, len(masks), batch):
-        cond = encode_condition(masks[i : i + batch], cfg.num_classes, cfg.condition)
-        out.append(np.asarray(generator(cond, training=False), dtype=np.float32)[..., 0])
+        chunk = np.asarray(masks[i : i + batch])
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
+        cond = encode_condition(chunk, cfg.num_classes, cfg.condition)
+        out.append(np.asarray(generator(cond, training=False), dtype=np.float32)[:n, ..., 0])
     size = masks.shape[1] if masks.ndim == 3 else 0
     return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)
 

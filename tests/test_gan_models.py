@@ -107,6 +107,7 @@ def test_bad_presets():
         preset("tiny", size=48)
 
 
+@pytest.mark.numerics
 def test_mirrored_update_equals_single_device_update():
     """2 logical CPU devices (a fresh process: logical devices must be set before TF starts);
     SGD, because Adam's first step would hide a wrongly scaled gradient."""
@@ -157,6 +158,7 @@ def test_tiny_model_learns_a_toy_mapping():
     assert np.mean(l1[-5:]) < 0.5 * np.mean(l1[:5]), l1
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_step(precision):
     """Both mixed policies build and train: float32 variables, outputs and losses; float16
@@ -165,6 +167,12 @@ def test_mixed_precision_step(precision):
     import tensorflow as tf
 
     from models.gan import ConditionalGAN
+    from pipeline.train import cpu_has_bf16, read_cpuinfo
+
+    if precision == "mixed_bfloat16" and not cpu_has_bf16(read_cpuinfo()):
+        # under ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 machine TF still routes bf16 to oneDNN,
+        # which then has no kernel for it: the CLI never picks bf16 there, so neither does this
+        pytest.skip("no native bfloat16 for oneDNN on this CPU (or ONEDNN_MAX_CPU_ISA limits it)")
 
     keras.utils.set_random_seed(0)
     cfg = preset("tiny", size=32, batch=4, precision=precision)

@@ -308,6 +308,7 @@ def test_crash_leaves_no_bundle_and_next_run_cleans_up(simple, tmp_path, monkeyp
     ws.close()
 
 
+@pytest.mark.numerics
 def test_same_state_and_epoch_give_identical_bytes(simple, tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     digests = []

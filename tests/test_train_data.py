@@ -12,6 +12,7 @@ from pipeline.train import (
     batch_order,
     cpu_has_bf16,
     is_chief,
+    limit_to_isa,
     make_dataset,
     parse_cluster,
     resolve_precision,
@@ -91,6 +92,19 @@ def test_precision_resolution():
     assert resolve_precision("float32", gpus=2, cpuinfo=bf16) == "float32"
     with pytest.raises(PipelineError, match="no native bfloat16"):
         resolve_precision("mixed", gpus=0, cpuinfo=plain)
+
+
+def test_onednn_isa_limit_narrows_cpu_features():
+    """ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512/bf16 machine must resolve like an AVX2 machine."""
+    bf16 = CPUINFO.format(extra="avx512_bf16 amx_bf16 amx_tile")
+    avx2 = limit_to_isa(bf16, "AVX2")
+    assert not cpu_has_bf16(avx2) and "avx512f" not in avx2 and "avx2" in avx2
+    assert resolve_precision("auto", gpus=0, cpuinfo=avx2) == "float32"
+    core = limit_to_isa(bf16, "avx512_core")  # oneDNN reads the value case-insensitively
+    assert not cpu_has_bf16(core) and "avx512f" in core
+    for unlimited in (None, "", "ALL", "AVX512_CORE_BF16", "AVX512_CORE_AMX", "no-such-isa"):
+        assert limit_to_isa(bf16, unlimited) == bf16
+    assert limit_to_isa("", "AVX2") == ""
 
 
 def test_tf_config_parsing():

@@ -49,6 +49,7 @@ def ws32(phantom_dir, ws_path):
 TINY = ["--preset", "tiny", "--size", "32", "--batch", "8"]
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_multi_worker_two_local_processes(ws32):
     hosts = [f"127.0.0.1:{p}" for p in _free_ports(2)]
@@ -80,6 +81,7 @@ def test_multi_worker_two_local_processes(ws32):
     assert (run_dir / "generator.keras").exists()
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_continues(ws32):
     args = _pipeline("train", "-w", ws32, *TINY, "--steps", 100000, "--eval-every", 2)
@@ -110,3 +112,48 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(ws32):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {step}" in resumed.stdout
     assert f"trained {step + 2} steps" in resumed.stdout
+
+
+NOISE = ("absl::InitializeLog", "I0000", "W0000", "E0000", "cuda", "cuInit", "oneDNN")
+
+
+@pytest.mark.slow
+def test_cli_start_is_quiet_unless_verbose(ws32):
+    """No TensorFlow/absl/CUDA start-up lines on a plain command (TF 2.21 writes them to fd 2
+    before its log level applies); --verbose shows TensorFlow's own lines again."""
+    env = _env()
+    del env["TF_CPP_MIN_LOG_LEVEL"]
+    args = ["train", "-w", ws32, *TINY, "--steps", 2, "--eval-every", 2]
+    quiet = subprocess.run(
+        _pipeline(*args, "--run", "q"), capture_output=True, text=True, env=env, timeout=600
+    )
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert not [ln for ln in quiet.stderr.splitlines() if any(n in ln for n in NOISE)], quiet.stderr
+    loud = subprocess.run(
+        _pipeline("--verbose", *args, "--run", "v"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert any(n in loud.stderr for n in NOISE), "TensorFlow 2.21 logs its start-up lines"
+
+
+def test_stderr_redirect_replays_what_a_failing_block_wrote():
+    code = (
+        "import os\n"
+        "from pipeline.tflog import stderr_to_file\n"
+        "with stderr_to_file():\n"
+        "    os.write(2, b'hidden\\n')\n"
+        "try:\n"
+        "    with stderr_to_file():\n"
+        "        os.write(2, b'explains the failure\\n')\n"
+        "        raise ImportError('boom')\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "os.write(2, b'after\\n')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == ["explains the failure", "after"]
