@@ -33,6 +33,39 @@ class PipelineGroup(click.Group):
             err = click.ClickException(str(exc))
             err.exit_code = exc.exit_code
             raise err from None
+        except click.UsageError as exc:  # click's own checks of options: one line too
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            err = click.ClickException(" ".join(exc.format_message().split()) + where)
+            err.exit_code = exc.exit_code
+            raise err from None
+        except OSError as exc:  # a full disk, a permission, a path that is not what it seems
+            raise _one_line(exc) from None
+        except Exception as exc:
+            if _is_locked_catalog(exc):
+                raise _one_line(
+                    PipelineError("the catalog is busy (another command is writing); try again")
+                ) from None
+            raise
+
+
+def _one_line(exc: Exception) -> click.ClickException:
+    """A library or system error as one line on stderr with exit code 2 (1 for failed checks)."""
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else ""
+        what = exc.strerror or str(exc)
+        text = f"{where}: {what}" if where else what
+    else:
+        text = str(exc)
+    err = click.ClickException(" ".join(text.split()))
+    err.exit_code = getattr(exc, "exit_code", 2)
+    return err
+
+
+def _is_locked_catalog(exc: Exception) -> bool:
+    """SQLite's 'database is locked' after the busy timeout, as SQLAlchemy raises it."""
+    from sqlalchemy.exc import OperationalError
+
+    return isinstance(exc, OperationalError) and "database is locked" in str(exc)
 
 
 def workspace_option(func: F) -> F:
@@ -40,12 +73,20 @@ def workspace_option(func: F) -> F:
     return click.option(
         "--workspace",
         "-w",
-        type=click.Path(path_type=Path, file_okay=False),
+        type=click.Path(path_type=str, file_okay=False),
+        callback=_workspace_path,
         envvar=ENV_WORKSPACE,
         default=DEFAULT_WORKSPACE,
         show_default=True,
         help=f"Workspace folder holding all state (env {ENV_WORKSPACE}).",
     )(func)
+
+
+def _workspace_path(ctx: click.Context, param: click.Parameter, value: str) -> Path:
+    """``--workspace`` as a path; an empty value is refused (it would mean the current folder)."""
+    if not value.strip():
+        raise PipelineError("--workspace is empty; name a folder (or leave the option out)")
+    return Path(value)
 
 
 def json_option(func: F) -> F:
@@ -928,20 +969,23 @@ def reviewers_policy(policy: str | None, workspace: Path) -> None:
 )
 def review_cmd(workspace: Path, port: int, address: str) -> None:
     """Start the Streamlit reviewer app on this workspace (Ctrl-C stops it)."""
-    import subprocess
     import sys
 
     import reviewer_app
 
     open_workspace(workspace, create=False).close()  # a clear error before Streamlit starts
     app = Path(reviewer_app.__file__).parent / "app.py"
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port)]
-    cmd += ["--server.address", address, "--server.headless", "true"]
-    cmd += ["--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
-    cmd += ["--client.toolbarMode", "viewer"]
+    cmd = [sys.executable, "-m", "reviewer_app.serve", "run", str(app)]
+    cmd += ["--server.port", str(port), "--server.address", address]
+    cmd += ["--server.headless", "true", "--server.fileWatcherType", "none"]
+    cmd += ["--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
+    cmd += ["--server.enableAgentApi", "false", "--server.enableStaticServing", "false"]
     env = {**os.environ, "PIPELINE_WORKSPACE": str(workspace.resolve())}
     click.echo(f"reviewer app on http://{address}:{port} (workspace {workspace})")
-    raise SystemExit(subprocess.call(cmd, env=env))
+    sys.stdout.flush()
+    # exec, not a child: a supervisor's SIGTERM (or Ctrl-C) reaches the server itself, and
+    # no orphaned app keeps serving on the port after 'pipeline review' is stopped
+    os.execve(sys.executable, cmd, env)
 
 
 @cli.command("honeypots")
@@ -1015,21 +1059,25 @@ def decisions_import(
 ) -> None:
     """Record decisions made elsewhere (columns candidate,decision,reason), checked as at
     login; all or nothing."""
-    from pipeline.catalog import Reviewer, write_session
-    from pipeline.review import import_decisions, login
+    from pipeline.catalog import Reviewer, read_session, write_session
+    from pipeline.review import MAX_IMPORT_BYTES, check_decisions, import_decisions, login
 
     password = _read_password(password_stdin, confirm=False)
     with opened_workspace(workspace, create=False) as ws:
         who = login(ws.engine, reviewer_name, password)
         try:
+            if csv_path.stat().st_size > MAX_IMPORT_BYTES:
+                raise PipelineError(f"CSV is larger than {MAX_IMPORT_BYTES // 2**20} MiB")
             text = csv_path.read_text()
+            # every check that needs no write lock first: a bad file never blocks the app
+            with read_session(ws.engine) as session:
+                check_decisions(session, session.get(Reviewer, who["id"]), text)
+            with write_session(ws.engine) as session:
+                n = import_decisions(session, session.get(Reviewer, who["id"]), text)
         except (OSError, UnicodeDecodeError) as exc:
             raise PipelineError(f"unreadable CSV ({exc})", path=csv_path) from None
-        with write_session(ws.engine) as session:
-            try:
-                n = import_decisions(session, session.get(Reviewer, who["id"]), text)
-            except PipelineError as exc:
-                raise PipelineError(exc.message, path=csv_path) from None
+        except PipelineError as exc:
+            raise PipelineError(exc.message, path=csv_path) from None
     click.echo(f"imported {n} decisions as {reviewer_name} from {csv_path}")
 
 
@@ -1090,6 +1138,8 @@ def verify_cmd(bundle: Path, as_json: bool) -> None:
     from pipeline.errors import CheckFailedError
     from release.verify import verify_bundle
 
+    if not bundle.is_dir():
+        raise PipelineError("not a bundle folder", path=bundle)
     problems = verify_bundle(bundle)
     if as_json:
         echo_json({"bundle": str(bundle), "sound": not problems, "problems": problems})

@@ -29,6 +29,7 @@ from pipeline.index import SliceRef, SliceStore, slice_refs
 from pipeline.labels import LabelSchema
 from pipeline.preprocess import display_to_ras, ras_to_display, resize_mask, unit_to_hu
 from pipeline.preview import overlay, save_png, to_uint8
+from pipeline.validate import path_name
 from pipeline.workspace import Workspace
 
 Progress = Callable[[Iterable[Any]], Iterable[Any]]
@@ -210,7 +211,8 @@ def read_user_masks(folder: Path, schema: LabelSchema, size: int) -> list[MaskSp
                 raise PipelineError(f"{data.ndim}-D mask; expected 2-D or 3-D", path=f)
             ornt = nib.orientations.io_orientation(img.affine)
             disp = ras_to_display(nib.orientations.apply_orientation(data, ornt))
-            zooms = [float(z) for z in img.header.get_zooms()[:3]]
+            # a 2-D file has two zooms: its one slice is 1 mm thick unless the header says more
+            zooms = ([float(z) for z in img.header.get_zooms()[:3]] + [1.0, 1.0, 1.0])[:3]
             planes = [(disp[z], zooms, f"{f.name}#{z}") for z in range(len(disp))]
         for plane, zooms, name in planes:
             try:
@@ -235,6 +237,9 @@ def _run_row(ws: Workspace, run: str) -> tuple[Run, dict[str, Any]]:
         if row is None or not row.generator_path:
             raise PipelineError(f"no trained run {run!r} (run 'pipeline train')", path=ws.runs_dir)
         session.expunge(row)
+    # the file always lives in the run's folder: derive it from the workspace that is open now,
+    # so a copied or moved workspace (or another working directory) finds it
+    row.generator_path = str(ws.runs_dir / path_name(row.name, what="run") / "generator.keras")
     if not Path(row.generator_path).exists():
         raise PipelineError("the run's generator.keras is missing", path=row.generator_path)
     return row, row.config
@@ -324,7 +329,9 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
         notes.append("sources are display-unit PNGs: candidates are in display units, not HU")
     if len(config.get("data", {}).get("windows") or []) > 1:
         notes.append(f"sources use several HU windows; candidates use {window}")
-    name = cfg.batch_name or f"{cfg.run}-{cfg.masks if cfg.masks in MASK_SOURCES else 'dir'}"
+    default = f"{cfg.run}-{cfg.masks if cfg.masks in MASK_SOURCES else 'dir'}"
+    name = default if cfg.batch_name is None else cfg.batch_name  # "" is refused, not defaulted
+    path_name(name, what="batch")
     folder = ws.candidates_dir / name
     if cfg.masks in MASK_SOURCES:
         spec_of = source_masks(ws, cfg, schema, size)

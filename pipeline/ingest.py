@@ -331,6 +331,13 @@ def load_nifti(spec: VolumeSpec, cfg: IngestConfig) -> LoadedVolume:
     labels = apply_orientation(_read_data(lab, spec.label), ornt)
     if not np.issubdtype(hu.dtype, np.number) or np.issubdtype(hu.dtype, np.complexfloating):
         raise PipelineError(f"image data type {hu.dtype} is not real-valued", path=spec.image)
+    if np.issubdtype(hu.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(hu)))
+        if bad:  # NaN has no HU, and ±Inf is a broken scan, not a very dense or empty voxel
+            raise PipelineError(
+                f"{bad} voxels are NaN or infinite; fix or mask them before ingesting",
+                path=spec.image,
+            )
     n = hu.shape[2]
     # Display slice z is volume[::-1, ::-1, z].T: rows anterior→posterior, cols right→left.
     return LoadedVolume(
@@ -358,8 +365,14 @@ def read_png(path: Path, *, mask: bool) -> np.ndarray:
             im.load()
             mode = im.mode
             arr = np.asarray(im)
+    except Image.DecompressionBombError as exc:
+        raise PipelineError(
+            f"PNG is too large to be a CT slice ({_reason(exc)})", path=path
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PipelineError(f"unreadable PNG ({_reason(exc)})", path=path) from None
+    if arr.ndim == 3 and arr.shape[-1] == 2:  # grey + alpha (LA): the alpha is not the image
+        arr = arr[..., 0]
     if arr.ndim == 3:
         rgb = arr[..., :3]
         if not (

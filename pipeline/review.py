@@ -32,6 +32,7 @@ from pipeline.catalog import (
     utcnow,
 )
 from pipeline.errors import PipelineError
+from pipeline.validate import csv_cell, csv_uncell, reviewer_name
 
 ROLES = ("reviewer", "admin", "demo")
 POLICIES = ("one", "two")
@@ -73,10 +74,8 @@ def verify_password(password: str, stored: str) -> bool:
 
 
 def add_reviewer(session: Session, name: str, role: str, password: str) -> Reviewer:
-    """Create an account; names are unique."""
-    name = name.strip()
-    if not name:
-        raise PipelineError("reviewer name is empty")
+    """Create an account; names are canonical (:func:`reviewer_name`) and unique."""
+    name = reviewer_name(name)
     if role not in ROLES:
         raise PipelineError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
     if session.scalar(select(Reviewer).where(Reviewer.name == name)) is not None:
@@ -88,11 +87,25 @@ def add_reviewer(session: Session, name: str, role: str, password: str) -> Revie
 
 
 def get_reviewer(session: Session, name: str) -> Reviewer:
-    """An account by name, or a clear error."""
-    row = session.scalar(select(Reviewer).where(Reviewer.name == name))
+    """An account by name (any case), or a clear error."""
+    row = _by_name(session, name)
     if row is None:
         raise PipelineError(f"no reviewer {name!r}")
     return row
+
+
+def _by_name(session: Session, name: str) -> Reviewer | None:
+    """The account a typed name means: canonical form, matched case-insensitively (accounts
+    made before names were canonical keep working)."""
+    try:
+        canonical = reviewer_name(name)
+    except PipelineError:
+        return None
+    return session.scalar(select(Reviewer).where(func.lower(Reviewer.name) == canonical))
+
+
+#: Verified against for unknown names, so a login takes as long whether or not the name exists.
+_DUMMY_HASH = hash_password("not-a-password", salt=b"\0" * 16)
 
 
 def disable_reviewer(session: Session, name: str) -> None:
@@ -129,6 +142,10 @@ def authenticate(
     says whether the name exists."""
     now = now or utcnow()
     since = now - LOCK_WINDOW
+    try:  # the lockout counts per canonical name: 'Bob ' and 'bob' share one window
+        name = reviewer_name(name)
+    except PipelineError:
+        name = " ".join(name.split())[:64]
     failed = session.scalar(
         select(func.count())
         .select_from(LoginEvent)
@@ -137,8 +154,10 @@ def authenticate(
     if failed >= MAX_FAILED:
         session.add(LoginEvent(name=name, ok=False, reason="rate limited", created_at=now))
         raise PipelineError("too many failed logins; wait a few minutes and try again")
-    row = session.scalar(select(Reviewer).where(Reviewer.name == name))
-    ok = row is not None and not row.disabled and verify_password(password, row.password_hash)
+    row = _by_name(session, name)
+    # always one scrypt: an unknown name must not answer faster than a wrong password
+    matches = verify_password(password, row.password_hash if row is not None else _DUMMY_HASH)
+    ok = row is not None and not row.disabled and matches
     reason = "" if ok else ("disabled" if row is not None and row.disabled else "bad credentials")
     session.add(LoginEvent(name=name, ok=ok, reason=reason, created_at=now))
     if not ok:
@@ -298,7 +317,10 @@ def record_decision(
 
 def undo_last(session: Session, reviewer: Reviewer) -> Decision | None:
     """Append an undo of this reviewer's latest decision that is still in effect (None if
-    there is nothing to undo). Only one's own decisions can be undone."""
+    there is nothing to undo). Only one's own decisions can be undone; a disabled reviewer
+    can undo nothing."""
+    if reviewer.disabled:
+        raise PipelineError(f"reviewer {reviewer.name!r} is disabled")
     undone = set(session.scalars(select(Decision.undoes_id).where(Decision.undoes_id.is_not(None))))
     last = session.scalars(
         select(Decision)
@@ -407,40 +429,120 @@ def log_csv(rows: list[dict[str, Any]]) -> str:
     fields += ["undoes", "imported", "app_version"]
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    # every cell neutralised: a reason like '=HYPERLINK(...)' must stay text in a spreadsheet
+    writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     return buf.getvalue()
+
+
+#: Bounds of an imported decision CSV: a few reviewers' work, not a denial of service.
+MAX_IMPORT_BYTES = 10 * 2**20
+MAX_IMPORT_ROWS = 100_000
+MAX_FIELD = 4096
+MAX_LISTED = 10
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    """One parsed line of an imported decision CSV."""
+
+    line: int
+    candidate: int
+    decision: str
+    reason: str
+
+
+def _refuse(problems: list[str]) -> PipelineError:
+    shown = "; ".join(problems[:MAX_LISTED])
+    more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return PipelineError(
+        f"import refused, nothing recorded ({len(problems)} bad row(s)): {shown}{more}"
+    )
+
+
+def parse_decision_csv(text: str) -> tuple[list[DecisionRow], list[str]]:
+    """Parse CSV text (columns candidate, decision, reason) within the import bounds: the
+    well-formed rows and a problem line for each malformed one. No database involved."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_IMPORT_BYTES:
+        raise PipelineError(f"CSV is larger than {MAX_IMPORT_BYTES // 2**20} MiB")
+    reader = csv.DictReader(io.StringIO(text))
+    rows: list[DecisionRow] = []
+    problems: list[str] = []
+    try:
+        missing = {"candidate", "decision"} - set(reader.fieldnames or [])
+        if missing:
+            raise PipelineError(f"CSV lacks column(s) {', '.join(sorted(missing))}")
+        for n, row in enumerate(reader, start=2):  # line numbers, header is line 1
+            if len(rows) + len(problems) >= MAX_IMPORT_ROWS:
+                raise PipelineError(f"CSV has more than {MAX_IMPORT_ROWS:,} rows; split it")
+            values = [v for v in row.values() if isinstance(v, str)]
+            if any(len(v) > MAX_FIELD for v in values):
+                problems.append(f"line {n}: a field is longer than {MAX_FIELD} characters")
+                continue
+            decision = csv_uncell(row.get("decision") or "").strip().lower()
+            try:
+                candidate = int(csv_uncell(row.get("candidate") or ""))
+            except ValueError:
+                problems.append(f"line {n}: candidate is not a number")
+                continue
+            if decision not in ("accept", "reject"):
+                problems.append(f"line {n}: decision must be accept or reject")
+                continue
+            reason = csv_uncell(row.get("reason") or "").strip()
+            rows.append(DecisionRow(n, candidate, decision, reason))
+    except csv.Error as exc:
+        raise PipelineError(f"malformed CSV ({exc})") from None
+    if not rows and not problems:
+        raise PipelineError("CSV has no decisions")
+    return rows, problems
+
+
+def check_decisions(session: Session, reviewer: Reviewer, text: str) -> list[DecisionRow]:
+    """The rows of a decision CSV, refusing (listing the bad lines) anything malformed or that
+    :func:`record_decision` would refuse. Reads only: a bad file is turned away before anyone
+    takes the catalog's write lock."""
+    rows, problems = parse_decision_csv(text)
+    if reviewer.disabled:
+        raise PipelineError(f"reviewer {reviewer.name!r} is disabled")
+    ids = sorted({r.candidate for r in rows})
+    known: dict[int, tuple[bool | None, bool]] = {}
+    for i in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+        for cid, flagged, masks in session.execute(
+            select(Candidate.id, Candidate.flagged, CandidateBatch.masks)
+            .join(CandidateBatch)
+            .where(Candidate.id.in_(ids[i : i + 900]))
+        ):
+            known[cid] = (flagged, masks == "honeypot")
+    for r in rows:
+        if r.candidate not in known:
+            problems.append(f"line {r.line}: no candidate {r.candidate}")
+            continue
+        flagged, honeypot = known[r.candidate]
+        if not honeypot and flagged is None:
+            problems.append(f"line {r.line}: candidate {r.candidate} is not filtered yet")
+        elif r.decision == "accept" and flagged and not honeypot:
+            problems.append(f"line {r.line}: candidate {r.candidate} is flagged too similar")
+        elif r.decision == "reject" and not r.reason:
+            problems.append(f"line {r.line}: a reject needs a reason")
+    if problems:
+        problems.sort(key=lambda p: int(p.split(":")[0].split()[1]))
+        raise _refuse(problems)
+    return rows
 
 
 def import_decisions(session: Session, reviewer: Reviewer, text: str) -> int:
     """Record decisions from CSV text (columns candidate,decision,reason) as ``reviewer``,
-    marked imported. All or nothing: any bad row fails the whole import, listing the rows."""
-    reader = csv.DictReader(io.StringIO(text))
-    missing = {"candidate", "decision"} - set(reader.fieldnames or [])
-    if missing:
-        raise PipelineError(f"CSV lacks column(s) {', '.join(sorted(missing))}")
-    rows = list(reader)
-    if not rows:
-        raise PipelineError("CSV has no decisions")
-    problems = []
+    marked imported. All or nothing: any bad row fails the whole import, listing the rows.
+    Values our own export neutralised for spreadsheets (a leading apostrophe) are read back."""
+    rows = check_decisions(session, reviewer, text)
     whole = session.begin_nested()  # all or nothing, whatever the caller does with the error
-    for n, row in enumerate(rows, start=2):  # line numbers, header is line 1
-        try:
-            with session.begin_nested():
-                record_decision(
-                    session,
-                    reviewer,
-                    int(row["candidate"]),
-                    (row.get("decision") or "").strip().lower(),
-                    reason=row.get("reason") or "",
-                    imported=True,
-                )
-        except (PipelineError, ValueError) as exc:
-            problems.append(f"line {n}: {exc}")
-    if problems:
+    try:
+        for r in rows:
+            record_decision(
+                session, reviewer, r.candidate, r.decision, reason=r.reason, imported=True
+            )
+    except PipelineError:
         whole.rollback()
-        raise PipelineError(
-            f"import refused, nothing recorded ({len(problems)} bad row(s)): " + "; ".join(problems)
-        )
+        raise
     whole.commit()
     return len(rows)
 
@@ -479,6 +581,21 @@ def nearest_sources(loaded: Any, image: Any, *, k: int = 3) -> list[dict[str, An
         }
         for j in order
     ]
+
+
+#: A logged-in session ends after this many idle seconds.
+SESSION_IDLE_S = 30 * 60
+
+
+def open_session_reviewer(
+    session: Session, user_id: int | None, last_seen: float | None, now: float
+) -> Reviewer | None:
+    """The reviewer behind an app session if it may still act: logged in, active within
+    ``SESSION_IDLE_S``, account present and enabled. Every write checks this first."""
+    if user_id is None or last_seen is None or now - last_seen > SESSION_IDLE_S:
+        return None
+    row = session.get(Reviewer, user_id)
+    return None if row is None or row.disabled else row
 
 
 def login(engine: Any, name: str, password: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from pipeline.index import SliceStore, slice_refs
 from pipeline.preprocess import resize_image, resize_mask
 from pipeline.preview import PALETTE, grid, save_png, to_uint8
 from pipeline.privacy import ssim_batch
+from pipeline.validate import path_name
 from pipeline.workspace import Workspace
 
 Progress = Callable[[Iterable[Any]], Iterable[Any]]
@@ -423,6 +424,7 @@ def train(
 
     if opts.augment not in AUGMENTATIONS:
         raise PipelineError(f"unknown augmentation {opts.augment!r}")
+    path_name(opts.run, what="run")  # it becomes runs/<run>/: refuse it before any work
     with Session(ws.engine) as session:
         schema = get_meta(session, "label_schema")
     if schema is None:
@@ -580,7 +582,9 @@ def train(
                 row = Run(name=opts.run, preset=cfg.preset, config=config)
                 session.add(row)
             row.config, row.steps_done, row.updated_at = config, steps_done, utcnow()
-            row.generator_path, row.generator_sha256 = str(generator_path), digest
+            # relative to the workspace: a workspace stays usable when copied or moved
+            row.generator_path = generator_path.relative_to(ws.root).as_posix()
+            row.generator_sha256 = digest
     if stop["signal"] is not None:
         raise PipelineError(
             f"interrupted at step {steps_done}; checkpoint saved, continue with --resume",

@@ -78,7 +78,9 @@ def markdown_text(value: object) -> str:
     """Text that Streamlit's markdown shows literally: every markdown and HTML metacharacter
     escaped, line breaks and other control characters replaced by spaces (no images, links,
     HTML or layout can come from user text)."""
-    text = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c for c in str(value))
+    text = "".join(
+        " " if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c for c in str(value)
+    )
     return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
 
 

@@ -10,6 +10,7 @@ state and ``SOURCE_DATE_EPOCH`` every byte is the same.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import io
@@ -17,7 +18,8 @@ import json
 import os
 import shutil
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +37,7 @@ from pipeline.errors import PipelineError
 from pipeline.preprocess import display_to_ras, ras_to_display, window_to_unit
 from pipeline.preview import overlay
 from pipeline.review import candidate_states, effective_decisions
+from pipeline.validate import path_name
 from pipeline.workspace import Workspace
 
 Progress = Callable[[Iterable[Any]], Iterable[Any]]
@@ -183,22 +186,60 @@ def export_time(source_date_epoch: int | None) -> str:
 
 
 def _sweep(parent: Path) -> None:
-    """Remove temporary folders a crashed export left beside the target."""
+    """Remove what crashed exports left beside the target: temporary folders *and* zips.
+    Called only with the out folder's lock held, so no live export owns any of them."""
     for stale in parent.glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+@contextmanager
+def _out_lock(out: Path) -> Iterator[None]:
+    """One export at a time into a folder (``OUT/.export.lock``); a second one is refused."""
+    with open(out / ".export.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineError("another export is writing into this folder", path=out) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _out_folder(out: Path) -> Path:
+    """``--out``: a folder we can write into (created if missing), not a dangling link."""
+    out = Path(out)
+    if not str(out).strip():
+        raise PipelineError("--out is empty")
+    if out.is_symlink() and not out.exists():
+        raise PipelineError("--out is a symbolic link to nothing", path=out)
+    if out.exists() and not out.is_dir():
+        raise PipelineError("--out exists and is not a folder", path=out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PipelineError("--out is not a folder this user can write into", path=out)
+    return out
 
 
 def build_bundle(ws: Workspace, cfg: ExportConfig, *, progress: Progress = iter) -> Path:
     """Build ``cfg.out/DatasetNNN_Name`` (and ``.zip``) from the releasable candidates."""
     if not 1 <= cfg.dataset_id <= 999:
         raise PipelineError("--dataset-id must be 1–999 (nnU-Net's three digits)")
-    if not cfg.name.replace("_", "").isalnum():
+    path_name(cfg.name, what="bundle")
+    if "." in cfg.name or "-" in cfg.name:  # nnU-Net's DatasetNNN_Name: no dots or dashes
         raise PipelineError(f"--name {cfg.name!r}: letters, digits and underscores only")
+    out = _out_folder(cfg.out)
+    with _out_lock(out):
+        _sweep(out)
+        return _build(ws, cfg, out, progress)
+
+
+def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> Path:
     folder_name = f"Dataset{cfg.dataset_id:03d}_{cfg.name}"
-    out = Path(cfg.out)
     target = out / folder_name
-    out.mkdir(parents=True, exist_ok=True)
-    _sweep(out)
     if target.exists() or target.with_suffix(".zip").exists():
         raise PipelineError("bundle exists; choose another --out or --name", path=target)
     with Session(ws.engine) as session:

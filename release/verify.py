@@ -48,6 +48,9 @@ def verify_bundle(root: Path) -> list[str]:
             if not m:
                 problems.append(f"SHA256SUMS line {n} is malformed")
                 continue
+            if not _inside(root, m.group(2)):
+                problems.append(f"SHA256SUMS line {n}: {m.group(2)!r} points outside the bundle")
+                continue
             listed[m.group(2)] = m.group(1)
     for f in files:
         if f != "SHA256SUMS" and f not in listed:
@@ -60,22 +63,84 @@ def verify_bundle(root: Path) -> list[str]:
             problems.append(f"{f}: SHA-256 does not match SHA256SUMS")
     manifest = _json(root / "manifest.json", problems)
     if manifest is not None:
-        entries = {e["path"]: e for e in manifest.get("files", [])}
-        for f in files:
-            if f not in ("manifest.json", "SHA256SUMS") and f not in entries:
-                problems.append(f"{f}: not listed in manifest.json")
-        for f, e in entries.items():
-            p = root / f
-            if not p.is_file():
-                problems.append(f"{f}: listed in manifest.json but missing")
-                continue
-            if p.stat().st_size != e["size"]:
-                problems.append(f"{f}: size differs from manifest.json")
-            if _sha(p) != e["sha256"]:
-                problems.append(f"{f}: SHA-256 differs from manifest.json")
+        problems += _check_manifest(root, manifest, files)
     dataset = _json(root / "dataset.json", problems)
     if dataset is not None:
-        problems += _check_layout(root, dataset)
+        shape = _dataset_shape(dataset)
+        problems += shape or _check_layout(root, dataset)
+    cases = manifest.get("cases") if isinstance(manifest, dict) else None
+    if dataset is not None and isinstance(cases, list):
+        named = {c.get("case") for c in cases if isinstance(c, dict)}
+        found = {p.name[: -len(".nii.gz")] for p in (root / "labelsTr").glob("case_*.nii.gz")}
+        if named != found:
+            extra, gone = sorted(found - named), sorted(named - found, key=str)
+            problems.append(
+                f"manifest.json cases differ from labelsTr (not in manifest: {extra[:5]}, "
+                f"missing files: {gone[:5]})"
+            )
+    return problems
+
+
+def _inside(root: Path, relative: str) -> bool:
+    """Whether a listed path names a file inside the bundle (no absolute path, no '..')."""
+    if relative.startswith(("/", "\\")) or ".." in Path(relative).parts:
+        return False
+    base = root.resolve()
+    return base in (root / relative).resolve().parents
+
+
+def _check_manifest(root: Path, manifest: Any, files: list[str]) -> list[str]:
+    """manifest.json's file list against the files (its shape checked, never trusted)."""
+    entries_raw = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(entries_raw, list) or not all(
+        isinstance(e, dict)
+        and isinstance(e.get("path"), str)
+        and isinstance(e.get("size"), int)
+        and isinstance(e.get("sha256"), str)
+        for e in entries_raw
+    ):
+        return ["manifest.json: 'files' is not a list of {path, size, sha256} entries"]
+    problems = []
+    entries = {}
+    for e in entries_raw:
+        if not _inside(root, e["path"]):
+            problems.append(f"manifest.json: {e['path']!r} points outside the bundle")
+        else:
+            entries[e["path"]] = e
+    for f in files:
+        if f not in ("manifest.json", "SHA256SUMS") and f not in entries:
+            problems.append(f"{f}: not listed in manifest.json")
+    for f, e in entries.items():
+        p = root / f
+        if not p.is_file():
+            problems.append(f"{f}: listed in manifest.json but missing")
+            continue
+        if p.stat().st_size != e["size"]:
+            problems.append(f"{f}: size differs from manifest.json")
+        if _sha(p) != e["sha256"]:
+            problems.append(f"{f}: SHA-256 differs from manifest.json")
+    return problems
+
+
+def _dataset_shape(dataset: Any) -> list[str]:
+    """dataset.json's keys and their types (nnU-Net v2), before anything reads them."""
+    if not isinstance(dataset, dict):
+        return ["dataset.json is not a JSON object"]
+    problems = [f"dataset.json lacks {k!r}" for k in REQUIRED if k not in dataset]
+    if problems:
+        return problems
+    labels, channels = dataset["labels"], dataset["channel_names"]
+    if not isinstance(labels, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in labels.values()
+    ):
+        problems.append("dataset.json labels must map names to integers")
+    if not isinstance(channels, dict) or not channels:
+        problems.append("dataset.json channel_names must be a non-empty object")
+    n = dataset["numTraining"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        problems.append("dataset.json numTraining must be a non-negative integer")
+    if not isinstance(dataset["file_ending"], str):
+        problems.append("dataset.json file_ending must be a string")
     return problems
 
 

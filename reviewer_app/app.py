@@ -10,6 +10,7 @@ import time
 
 import streamlit as st
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from pipeline.catalog import Candidate, Reviewer, read_session, write_session
@@ -18,16 +19,18 @@ from pipeline.review import (
     REJECT_REASONS,
     candidate_states,
     login,
+    open_session_reviewer,
     progress,
     queue,
     record_decision,
     reviewer_stats,
     undo_last,
 )
+from pipeline.validate import markdown_text
 from reviewer_app.views import (
     PRESETS,
-    SESSION_IDLE_S,
     candidate_view,
+    image_html,
     legend_html,
     load_index_cached,
     neighbours_cached,
@@ -48,12 +51,16 @@ def show_login() -> None:
         password = st.text_input("Password", type="password", key="login_password")
         if st.form_submit_button("Log in"):
             try:
-                state.user = login(ws.engine, name.strip(), password)
+                state.user = login(ws.engine, name, password)
                 state.last_seen = time.time()
                 state.skipped = []
                 st.rerun()
             except PipelineError as exc:
-                st.error(exc.message)
+                st.error(markdown_text(exc.message))
+            except OperationalError as exc:  # a long write (an import) holds the catalog
+                if "locked" not in str(exc):
+                    raise
+                st.warning("The catalog is busy (another command is writing); try again shortly.")
 
 
 def reviewer_row(session: Session) -> Reviewer:
@@ -61,9 +68,24 @@ def reviewer_row(session: Session) -> Reviewer:
     return session.get(Reviewer, state.user["id"])
 
 
-if "user" in state and time.time() - state.get("last_seen", 0) > SESSION_IDLE_S:
-    del state["user"]
-    st.info("Your session expired; please log in again.")
+def acting_reviewer(session: Session) -> Reviewer | None:
+    """The reviewer this page may write for *now* (alive, not idle too long, enabled); else
+    the session ends. Callbacks run before the script body, so each write asks this itself."""
+    user = state.get("user")
+    row = open_session_reviewer(
+        session, user["id"] if user else None, state.get("last_seen"), time.time()
+    )
+    if row is None and "user" in state:
+        del state["user"]
+        state.expired = True
+    return row
+
+
+if "user" in state:
+    with read_session(ws.engine) as session:
+        acting_reviewer(session)
+if state.pop("expired", False):
+    st.info("Your session expired or your account was disabled; please log in again.")
 if "user" not in state:
     show_login()
     st.stop()
@@ -72,14 +94,11 @@ policy = policy_of(ws)
 
 with read_session(ws.engine) as session:
     me = reviewer_row(session)
-    if me is None or me.disabled:
-        del state["user"]
-        st.rerun()
     # one derivation of every candidate's state per script run, shared by all tabs
     everything = candidate_states(session, policy=policy)
     counts = progress(session, me, policy=policy, states=everything)
 with st.sidebar:
-    st.markdown(f"**{state.user['name']}** ({state.user['role']})")
+    st.markdown(f"**{markdown_text(state.user['name'])}** ({state.user['role']})")
     st.markdown(
         f"You: **{counts['mine']} of {counts['total']}** reviewed  \n"
         f"Overall: **{counts['overall']} of {counts['total']}** decided (policy: {policy})"
@@ -104,7 +123,7 @@ with tabs[0]:
     else:
         current = todo[0]
         view = candidate_view(ws, current.id)
-        st.subheader(f"{current.batch} / {current.name}")
+        st.subheader(markdown_text(f"{current.batch} / {current.name}"))
         left, right = st.columns([3, 2])
         with left:
             if view.units == "HU":
@@ -113,7 +132,7 @@ with tabs[0]:
                 preset = None
                 st.caption("Display units (the sources were PNG): no HU window.")
             show_mask = st.toggle("Mask overlay", value=True, key="overlay")
-            st.image(view.picture(preset, show_mask), width=512)
+            st.html(image_html(view.picture(preset, show_mask), alt="candidate", width=512))
             if show_mask:
                 st.markdown(legend_html(view.class_names), unsafe_allow_html=True)
         with right:
@@ -133,7 +152,7 @@ with tabs[0]:
             cols = st.columns(len(near) or 1)
             for col, n in zip(cols, near, strict=False):
                 with col:
-                    st.image(n["picture"], width="stretch")
+                    st.html(image_html(n["picture"], alt="nearest source slice"))
                     st.caption(f"SSIM {n['ssim']:.3f} · texture {n['texture']:.3f}")
         with st.expander("Provenance"):
             st.json(view.provenance)
@@ -150,7 +169,10 @@ with tabs[0]:
             )
             try:
                 with write_session(ws.engine) as session:
-                    record_decision(session, reviewer_row(session), candidate_id, kind, reason=text)
+                    who = acting_reviewer(session)
+                    if who is None:
+                        return
+                    record_decision(session, who, candidate_id, kind, reason=text)
                 state.last_action = f"{kind}ed {label}"
                 state.note = ""
             except PipelineError as exc:
@@ -162,7 +184,10 @@ with tabs[0]:
 
         def undo() -> None:
             with write_session(ws.engine) as session:
-                undone = undo_last(session, reviewer_row(session))
+                who = acting_reviewer(session)
+                if who is None:
+                    return
+                undone = undo_last(session, who)
             state.last_action = "undid your last decision" if undone else "nothing to undo"
 
         label = f"{current.batch}/{current.name}"
@@ -184,7 +209,7 @@ with tabs[0]:
         s.button("Skip (s)", shortcut="s", key="skip", on_click=skip, args=(current.id,))
         u.button("Undo my last (u)", shortcut="u", key="undo", on_click=undo)
     if state.get("last_action"):
-        st.caption(state.last_action)
+        st.caption(markdown_text(state.last_action))
     if len(todo) > 1:
         # The page is already drawn: warm the cache for the next candidate while the physician
         # looks at this one, so Accept → next image does not wait for the neighbour search.
@@ -206,7 +231,8 @@ with tabs[1]:
     for f in flagged[:50]:
         score, texture, margin = info.get(f.id, (None, None, None))
         st.markdown(
-            f"- {f.batch} / {f.name}: SSIM {score:.3f}, texture {texture:.3f}, margin {margin:.3f}"
+            f"- {markdown_text(f.batch)} / {markdown_text(f.name)}: SSIM {score:.3f}, "
+            f"texture {texture:.3f}, margin {margin:.3f}"
         )
 
 with tabs[2]:
@@ -238,6 +264,7 @@ if state.user["role"] == "admin":
         st.markdown(f"**Disagreements** ({len(disagreements)})")
         for d in disagreements:
             st.markdown(
-                f"- {d.batch} / {d.name}: accepted by {', '.join(d.accepts)}; "
-                f"rejected by {', '.join(d.rejects)}"
+                f"- {markdown_text(d.batch)} / {markdown_text(d.name)}: accepted by "
+                f"{markdown_text(', '.join(d.accepts))}; rejected by "
+                f"{markdown_text(', '.join(d.rejects))}"
             )

@@ -3,6 +3,9 @@ source slices, its provenance. Reading and drawing only; the rules are in ``pipe
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +14,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import streamlit as st
+from PIL import Image
 
 from pipeline.catalog import Candidate, get_meta, read_session
 from pipeline.preprocess import ras_to_display, window_to_unit
@@ -23,7 +27,6 @@ PRESETS: dict[str, tuple[float, float]] = {
     "cardiac": (200.0, 700.0),
     "lung": (-600.0, 1500.0),
 }
-SESSION_IDLE_S = 30 * 60
 DISPLAY_SIDE = 512
 
 
@@ -103,6 +106,17 @@ def _candidate_view(root: str, candidate_id: int) -> CandidateView:
     )
 
 
+def image_html(rgb: np.ndarray, *, alt: str, width: int | None = None) -> str:
+    """An ``<img>`` whose bytes are inline (a PNG data URI). Streamlit's ``st.image`` serves
+    pictures from ``/media/<hash>``, a URL anyone can fetch without logging in; inline bytes
+    leave no URL to fetch, and vanish with the page."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG", compress_level=1)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    size = f'width="{int(width)}"' if width else 'style="width:100%"'
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" {size}>'
+
+
 def legend_html(class_names: list[str]) -> str:
     """Coloured labels of the structures, in the overlay's palette."""
     chips = []
@@ -111,7 +125,8 @@ def legend_html(class_names: list[str]) -> str:
         chips.append(
             f'<span style="display:inline-block;margin-right:10px">'
             f'<span style="background:rgb({r},{g},{b});width:12px;height:12px;'
-            f'display:inline-block;margin-right:4px"></span>{name.replace("_", " ")}</span>'
+            f'display:inline-block;margin-right:4px"></span>'
+            f"{html.escape(name.replace('_', ' '))}</span>"
         )
     return "".join(chips)
 

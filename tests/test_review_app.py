@@ -7,6 +7,7 @@ import pytest
 from sqlalchemy import select
 
 from pipeline.catalog import Candidate, Decision, LoginEvent, read_session, write_session
+from pipeline.validate import markdown_text
 from pipeline.workspace import open_workspace
 from tests.conftest import run
 
@@ -119,8 +120,9 @@ def test_flagged_candidates_cannot_be_accepted(ws):
         seen.add(at.subheader[0].value)
         at.button(key="accept").click().run()
     assert at.success[0].value == "Nothing left for you to review."
-    assert not any(flagged_name in s for s in seen) and len(seen) == 7
-    assert any(flagged_name in m.value for m in at.markdown)  # listed in the flagged tab
+    shown = markdown_text(flagged_name)  # names reach the page escaped, as literal text
+    assert not any(shown in s for s in seen) and len(seen) == 7
+    assert any(shown in m.value for m in at.markdown)  # listed in the flagged tab
     rows, _ = decisions(ws)
     assert flagged_id not in [r[0] for r in rows]
 
@@ -189,3 +191,38 @@ def test_honeypots_mixed_in_unmarked_and_scored(ws):
     w.close()
     at = log_in(app(), "ann", PW)
     assert "honeypot" not in " ".join(str(e.value) for e in at.subheader).lower()
+
+
+def _expire(at):
+    import time
+
+    from pipeline.review import SESSION_IDLE_S
+
+    at.session_state["last_seen"] = time.time() - SESSION_IDLE_S - 90  # idle 31.5 minutes
+
+
+def test_writes_after_expiry_or_disabling_are_refused(ws):
+    at = log_in(app(), "ann", PW)
+    at.button(key="accept").click().run()
+    assert len(decisions(ws)[0]) == 1
+    _expire(at)
+    at.button(key="accept").click().run()  # the callback runs before the script body
+    assert len(decisions(ws)[0]) == 1 and at.text_input(key="login_name") is not None
+    assert any("expired" in m.value for m in at.info)
+    at = log_in(at, "ann", PW)
+    _expire(at)
+    at.button(key="undo").click().run()
+    assert [r[1] for r in decisions(ws)[0]] == ["accept"]
+    at = log_in(at, "ann", PW)
+    assert run("reviewers", "disable", "ann", "-w", ws).exit_code == 0
+    at.button(key="undo").click().run()  # an open page of a disabled account
+    assert [r[1] for r in decisions(ws)[0]] == ["accept"]
+    at.text_input(key="login_name")  # back at the login form (KeyError otherwise)
+
+
+def test_images_are_inline_not_served_from_media_urls(ws):
+    at = log_in(app(), "ann", PW)
+    assert not at.get("imgs")  # st.image would register a /media/<hash> URL anyone can fetch
+    pictures = [h.proto.body for h in at.get("html")]
+    assert len(pictures) == 4  # the candidate and its three nearest source slices
+    assert all(p.startswith('<img src="data:image/png;base64,') for p in pictures)

@@ -5,10 +5,12 @@ to $E2E_SCREENSHOTS when set); the Accept → next image latency is printed and 
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -126,6 +128,10 @@ def test_review_in_a_real_browser(server, workspace_256, tmp_path):
         log_in(page)
         expect(page.get_by_text(f"0 of {total}").first).to_be_visible()
         snap(page, "2-first-candidate")
+        # every picture's bytes are inline: no /media/ URL another browser could fetch
+        page.locator("img").first.wait_for(state="visible")
+        sources = page.locator("img").evaluate_all("els => els.map(e => e.src)")
+        assert len(sources) >= 4 and all(s.startswith("data:image/png;base64,") for s in sources)
         for _ in range(2):
             page.wait_for_timeout(1500)  # a physician looks before deciding
             before = heading(page)
@@ -156,3 +162,47 @@ def test_review_in_a_real_browser(server, workspace_256, tmp_path):
     assert rows[2][1] == "too similar to a source scan: streak artefact"
     print(f"Accept → next image: {', '.join(f'{t * 1000:.0f} ms' for t in latencies)}")
     assert max(latencies) < 5.0  # a sanity bound for a shared CI machine; the target is 0.3 s
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.slow
+def test_metrics_endpoint_is_closed(server):
+    """Streamlit's /_stcore/metrics (session counts, distinct media viewed) is not served: the
+    path falls through to the app's HTML shell like any unknown path."""
+    assert _status(f"{server}/_stcore/health") == 200
+    for fmt in ("", "?format=text", "?families=session_events_total"):
+        with urllib.request.urlopen(f"{server}/_stcore/metrics{fmt}", timeout=10) as r:
+            body = r.read().decode("utf-8", "replace")
+            assert r.headers.get_content_type() == "text/html"
+        assert "# TYPE" not in body and "# EOF" not in body  # no OpenMetrics text
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_app_and_frees_the_port(workspace_256):
+    port = _free_port()
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pipeline.cli", "review", "-w", str(workspace_256)]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}/_stcore/health"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if _status(url) == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    assert _status(url) == 200
+    proc.send_signal(signal.SIGTERM)  # what a supervisor (systemd, a test harness) sends
+    proc.wait(timeout=30)
+    time.sleep(1)
+    with socket.socket() as s:  # nothing serves on the port any more (no orphaned child)
+        assert s.connect_ex(("127.0.0.1", port)) != 0
