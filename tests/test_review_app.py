@@ -226,3 +226,22 @@ def test_images_are_inline_not_served_from_media_urls(ws):
     pictures = [h.proto.body for h in at.get("html")]
     assert len(pictures) == 4  # the candidate and its three nearest source slices
     assert all(p.startswith('<img src="data:image/png;base64,') for p in pictures)
+
+
+def test_a_busy_catalog_at_login_gives_a_retry_message(ws, monkeypatch):
+    """A long write elsewhere (an import) holds SQLite's lock past the busy timeout: the login
+    form says to retry instead of showing SQLAlchemy's traceback."""
+    from sqlalchemy.exc import OperationalError
+
+    import pipeline.review
+
+    def locked(*args, **kwargs):
+        raise OperationalError("BEGIN IMMEDIATE", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(pipeline.review, "login", locked)
+    at = app()
+    at.text_input(key="login_name").input("ann")
+    at.text_input(key="login_password").input(PW)
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert any("busy" in w.value for w in at.warning)
