@@ -22,8 +22,34 @@ from pipeline.workspace import DEFAULT_WORKSPACE, ENV_WORKSPACE, Workspace, open
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: ``pipeline --help`` lists the commands in the order data flows through them.
+FLOW_ORDER = (
+    "phantom",
+    "ingest",
+    "status",
+    "index",
+    "train",
+    "generate",
+    "filter",
+    "evaluate",
+    "reviewers",
+    "review",
+    "decisions",
+    "honeypots",
+    "export",
+    "verify",
+    "demo",
+)
+
+
 class PipelineGroup(click.Group):
     """A click group that turns library errors into one line on stderr and the right exit code."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """The commands in the order of the flow (any not in ``FLOW_ORDER`` last, sorted)."""
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(FLOW_ORDER)}
+        return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
     def invoke(self, ctx: click.Context) -> Any:
         """Run the subcommand; PipelineError → ``Error: <file>: <problem>`` and exit 2 (or 1)."""
@@ -341,6 +367,14 @@ def status(workspace: Path, as_json: bool) -> None:
     help="DEMO ONLY: a built-in 'demo' reviewer accepts every unflagged candidate, then the "
     "bundle is exported and verified (recorded as a demo review in the manifest).",
 )
+@click.option(
+    "--review",
+    "start_review",
+    is_flag=True,
+    help="Afterwards start the review app with a one-time admin account 'demo-physician' "
+    "(a fresh random password, printed once).",
+)
+@click.option("--port", default=8501, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo(
     workspace: Path,
@@ -349,6 +383,8 @@ def demo(
     train_steps: int,
     candidates: int,
     auto_review: bool,
+    start_review: bool,
+    port: int,
     seed: int,
 ) -> None:
     """Run the main job on the built-in phantom: phantom → ingest → index → train (tiny) →
@@ -402,6 +438,9 @@ def demo(
     click.echo(describe_evaluation(judged))
     if auto_review:
         _demo_auto_review(workspace, generated.batch)
+    if start_review:
+        _demo_review_app(workspace, port)
+    if auto_review:
         return
     click.echo(
         "Review: previews with mask overlays are in "
@@ -416,6 +455,23 @@ def demo(
         f"  .venv/bin/pipeline verify {workspace}/releases/Dataset500_CardiacSynth\n"
         "(or all in one, as a clearly marked demo: pipeline demo --auto-review)"
     )
+
+
+def _demo_review_app(workspace: Path, port: int) -> None:
+    """A one-time account for a newcomer, its password printed once, then the app (exec)."""
+    import secrets
+
+    from pipeline.catalog import write_session
+    from pipeline.review import demo_account
+
+    password = secrets.token_urlsafe(12)
+    with opened_workspace(workspace, create=False) as ws, write_session(ws.engine) as session:
+        demo_account(session, "demo-physician", password)
+    click.echo(
+        f"[demo] review app: http://127.0.0.1:{port} — log in as demo-physician with password "
+        f"{password} (shown once; a new one is set on every 'demo --review')"
+    )
+    _exec_review_app(workspace, port, "127.0.0.1")
 
 
 def _demo_auto_review(workspace: Path, batch: str) -> None:
@@ -969,11 +1025,16 @@ def reviewers_policy(policy: str | None, workspace: Path) -> None:
 )
 def review_cmd(workspace: Path, port: int, address: str) -> None:
     """Start the Streamlit reviewer app on this workspace (Ctrl-C stops it)."""
+    open_workspace(workspace, create=False).close()  # a clear error before Streamlit starts
+    _exec_review_app(workspace, port, address)
+
+
+def _exec_review_app(workspace: Path, port: int, address: str) -> None:
+    """Replace this process with the Streamlit server of the review app."""
     import sys
 
     import reviewer_app
 
-    open_workspace(workspace, create=False).close()  # a clear error before Streamlit starts
     app = Path(reviewer_app.__file__).parent / "app.py"
     cmd = [sys.executable, "-m", "reviewer_app.serve", "run", str(app)]
     cmd += ["--server.port", str(port), "--server.address", address]

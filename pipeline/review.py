@@ -86,6 +86,16 @@ def add_reviewer(session: Session, name: str, role: str, password: str) -> Revie
     return row
 
 
+def demo_account(session: Session, name: str, password: str) -> Reviewer:
+    """An admin account for a demo, created or given ``password`` anew (and re-enabled)."""
+    row = _by_name(session, name)
+    if row is None:
+        return add_reviewer(session, name, "admin", password)
+    row.password_hash = hash_password(password)
+    row.disabled = False
+    return row
+
+
 def get_reviewer(session: Session, name: str) -> Reviewer:
     """An account by name (any case), or a clear error."""
     row = _by_name(session, name)
@@ -244,6 +254,31 @@ def candidate_states(
     return out
 
 
+#: States no further vote can change (a disagreement waits for an admin, so it is not final).
+FINAL_STATES = ("accepted", "rejected", "flagged")
+
+
+def visible_state(s: CandidateState, *, viewer_id: int, admin: bool) -> dict[str, Any]:
+    """One candidate as a reviewer may see it. Admins see everything; a plain reviewer sees
+    other reviewers' names and votes only once the candidate's state is final, and until then
+    only "open" or "waiting for others" (after their own vote): the second reading stays
+    blind, and the rule is written once for every view."""
+    final = s.state in FINAL_STATES
+    if admin or final:
+        state, accepts, rejects = s.state, s.accepts, s.rejects
+    else:
+        state = "waiting for others" if viewer_id in s.decided_by else "open"
+        accepts, rejects = [], []
+    return {
+        "id": s.id,
+        "batch": s.batch,
+        "candidate": s.name,
+        "state": state,
+        "accepted by": ", ".join(accepts),
+        "rejected by": ", ".join(rejects),
+    }
+
+
 def queue(
     session: Session,
     reviewer: Reviewer,
@@ -251,10 +286,11 @@ def queue(
     policy: str,
     states: list[CandidateState] | None = None,
 ) -> list[CandidateState]:
-    """What this reviewer still has to judge, in order: candidates waiting for a second
-    reviewer first (they finish a pair), then the rest by batch and index. Honeypots sit in
-    the same order, unmarked. Flagged candidates are never in the queue. ``states``: the
-    current :func:`candidate_states`, when the caller has them already."""
+    """What this reviewer still has to judge, by batch and index: the order never depends on
+    other reviewers' votes, so a second reader cannot tell which candidates a first reader
+    accepted (blind double reading). Honeypots sit in the same order, unmarked. Flagged and
+    rejected candidates are never in the queue. ``states``: the current
+    :func:`candidate_states`, when the caller has them already."""
     if states is None:
         states = candidate_states(session, policy=policy)
     todo = [
@@ -262,10 +298,7 @@ def queue(
         for s in states
         if not s.flagged and reviewer.id not in s.decided_by and s.state != "rejected"
     ]
-    regular = sorted(
-        (s for s in todo if not s.honeypot),
-        key=lambda s: (s.state != "needs-second", s.batch, s.name),
-    )
+    regular = sorted((s for s in todo if not s.honeypot), key=lambda s: (s.batch, s.name))
     honeypots = [s for s in todo if s.honeypot]
     # spread honeypots through the queue at positions fixed per reviewer, not at its end
     rng = random.Random(f"{reviewer.id}:{len(regular)}")

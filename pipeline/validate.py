@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError
 #: with room for suffixes such as ``.zip`` and ``.export-tmp-XXXXXXXX``.
 MAX_NAME = 64
 _PATH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_REVIEWER = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_REVIEWER = re.compile(r"[a-z0-9](?:[a-z0-9._-]| (?! ))*[a-z0-9._-]")
 MAX_REVIEWER = 32
 
 
@@ -57,15 +57,15 @@ def inside(root: Path, path: Path) -> Path:
 
 def reviewer_name(value: str) -> str:
     """The canonical form of a reviewer's name: Unicode NFKC, trimmed, case-folded; 2 to
-    ``MAX_REVIEWER`` of ``a-z 0-9 . _ -``, starting with a letter or digit.
+    ``MAX_REVIEWER`` of ``a-z 0-9 . _ -`` and single spaces, starting with a letter or digit.
 
-    So ``Bob``, ``bob`` and ``ｂｏｂ`` are one account, and a name can hold no markup, no
-    whitespace, no control or zero-width character.
+    So ``Bob``, ``bob`` and ``ｂｏｂ`` are one account, ``Dr Ann Lee`` is ``dr ann lee``, and a
+    name can hold no markup, no tab, newline, double space, control or zero-width character.
     """
     name = unicodedata.normalize("NFKC", value or "").strip().casefold()
     if not 2 <= len(name) <= MAX_REVIEWER or not _REVIEWER.fullmatch(name):
         raise PipelineError(
-            f"reviewer names are 2–{MAX_REVIEWER} of a-z, 0-9, '.', '_' and '-' "
+            f"reviewer names are 2–{MAX_REVIEWER} of a-z, 0-9, '.', '_', '-' and single spaces "
             "(case does not matter), starting with a letter or digit"
         )
     return name

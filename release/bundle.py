@@ -197,16 +197,17 @@ def _sweep(parent: Path) -> None:
 
 @contextmanager
 def _out_lock(out: Path) -> Iterator[None]:
-    """One export at a time into a folder (``OUT/.export.lock``); a second one is refused."""
-    with open(out / ".export.lock", "a+") as handle:
+    """One export at a time into a folder: an advisory lock on the folder itself (no lock file
+    is left among the bundles); a second export is refused."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise PipelineError("another export is writing into this folder", path=out) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _out_folder(out: Path) -> Path:

@@ -25,6 +25,7 @@ from pipeline.review import (
     record_decision,
     reviewer_stats,
     undo_last,
+    visible_state,
 )
 from pipeline.validate import markdown_text
 from reviewer_app.views import (
@@ -36,9 +37,13 @@ from reviewer_app.views import (
     neighbours_cached,
     open_ws,
     policy_of,
+    source_slice,
+    window_label,
 )
 
 st.set_page_config(page_title="cardiac-synth review", layout="wide")
+PRESETS_DEFAULT = "soft tissue"
+FLAGGED_PAIRS = 12
 ws = open_ws(os.environ.get("PIPELINE_WORKSPACE", "workspace"))
 state = st.session_state
 
@@ -124,6 +129,8 @@ with tabs[0]:
         current = todo[0]
         view = candidate_view(ws, current.id)
         st.subheader(markdown_text(f"{current.batch} / {current.name}"))
+        loaded = load_index_cached(ws)
+        near = neighbours_cached(ws, current.id, view.unit)
         left, right = st.columns([3, 2])
         with left:
             if view.units == "HU":
@@ -132,13 +139,36 @@ with tabs[0]:
                 preset = None
                 st.caption("Display units (the sources were PNG): no HU window.")
             show_mask = st.toggle("Mask overlay", value=True, key="overlay")
-            st.html(image_html(view.picture(preset, show_mask), alt="candidate", width=512))
+            compare = st.radio(
+                "Beside the candidate",
+                ["nothing", *[f"source {i + 1}" for i in range(len(near))]],
+                horizontal=True,
+                key="compare",
+            )
+            shown = window_label(view.units, preset)
+            picture = image_html(
+                view.picture(preset, show_mask), alt=f"candidate · {shown}", width=512
+            )
+            if compare == "nothing":
+                st.html(picture)
+            else:
+                n = near[int(compare.split()[1]) - 1]
+                c1, c2 = st.columns(2)
+                with c1:
+                    st.html(image_html(view.picture(preset, show_mask), alt=f"candidate · {shown}"))
+                    st.caption("candidate")
+                with c2:
+                    st.html(
+                        image_html(
+                            view.source_picture(n["image"], preset), alt=f"{compare} · {shown}"
+                        )
+                    )
+                    st.caption(markdown_text(f"{compare} (a real scan)"))
+            st.caption(markdown_text(f"All pictures on this page: {shown}, same scale."))
             if show_mask:
                 st.markdown(legend_html(view.class_names), unsafe_allow_html=True)
         with right:
-            st.markdown("**Nearest source slices** (the filter's aligned scores)")
-            loaded = load_index_cached(ws)
-            near = neighbours_cached(ws, current.id, view.unit)
+            st.markdown("**Nearest source slices** (found and scored here as the filter scores)")
             thr = loaded.manifest["calibration"]
             st.caption(
                 f"Too similar above SSIM {thr['threshold']:.3f}"
@@ -150,13 +180,38 @@ with tabs[0]:
                 + f" (calibrated, q{thr['quantile']})"
             )
             cols = st.columns(len(near) or 1)
-            for col, n in zip(cols, near, strict=False):
+            for i, (col, n) in enumerate(zip(cols, near, strict=False), start=1):
                 with col:
-                    st.html(image_html(n["picture"], alt="nearest source slice"))
-                    st.caption(f"SSIM {n['ssim']:.3f} · texture {n['texture']:.3f}")
+                    st.html(
+                        image_html(
+                            view.source_picture(n["image"], preset), alt=f"source {i} · {shown}"
+                        )
+                    )
+                    st.caption(f"{i}: SSIM {n['ssim']:.3f} · texture {n['texture']:.3f}")
         with st.expander("Provenance"):
             st.json(view.provenance)
-        st.selectbox("Reject reason", REJECT_REASONS, key="reason")
+        st.selectbox(
+            "Reject reason",
+            REJECT_REASONS,
+            index=None,
+            placeholder="choose a reason before rejecting (keys 1–6)",
+            key="reason",
+        )
+
+        def pick_reason(reason: str) -> None:
+            state.reason = reason
+
+        for i, (col, reason) in enumerate(
+            zip(st.columns(len(REJECT_REASONS)), REJECT_REASONS, strict=True), start=1
+        ):
+            col.button(
+                f"{i} {reason}",
+                shortcut=str(i),
+                key=f"reason_{i}",
+                on_click=pick_reason,
+                args=(reason,),
+                width="stretch",
+            )
         st.text_input("Note (optional)", key="note")
         a, r, u, s = st.columns(4)
 
@@ -164,9 +219,11 @@ with tabs[0]:
         # must never carry over to the next candidate.
         def decide(kind: str, candidate_id: int, label: str) -> None:
             note = state.get("note", "").strip()
-            text = (
-                state.get("reason", "") + (f": {note}" if note else "") if kind == "reject" else ""
-            )
+            reason = state.get("reason")
+            if kind == "reject" and not reason:  # no reason nobody chose: refuse, say how
+                state.last_action = "pick a reject reason first (keys 1–6), then reject"
+                return
+            text = (reason or "") + (f": {note}" if note else "") if kind == "reject" else ""
             try:
                 with write_session(ws.engine) as session:
                     who = acting_reviewer(session)
@@ -175,12 +232,14 @@ with tabs[0]:
                     record_decision(session, who, candidate_id, kind, reason=text)
                 state.last_action = f"{kind}ed {label}"
                 state.note = ""
+                state.reason = None
             except PipelineError as exc:
                 state.last_action = f"error: {exc.message}"
 
         def skip(candidate_id: int) -> None:
             skipped.append(candidate_id)
             state.note = ""
+            state.reason = None
 
         def undo() -> None:
             with write_session(ws.engine) as session:
@@ -216,6 +275,8 @@ with tabs[0]:
         upcoming = candidate_view(ws, todo[1].id)
         neighbours_cached(ws, todo[1].id, upcoming.unit)
 
+is_admin = state.user["role"] == "admin"
+
 with tabs[1]:
     with read_session(ws.engine) as session:
         flagged = [s for s in everything if s.flagged]
@@ -223,36 +284,50 @@ with tabs[1]:
             c.id: c for c in session.scalars(select(Candidate).where(Candidate.flagged.is_(True)))
         }
         info = {
-            cid: (c.privacy_score, c.texture_score, c.privacy_margin) for cid, c in rows.items()
+            cid: (c.privacy_score, c.texture_score, c.privacy_margin, c.nearest_slice_id)
+            for cid, c in rows.items()
         }
     st.caption("Too similar to a source scan: these can never be accepted or exported.")
     if not flagged:
         st.write("No flagged candidates.")
-    for f in flagged[:50]:
-        score, texture, margin = info.get(f.id, (None, None, None))
-        st.markdown(
-            f"- {markdown_text(f.batch)} / {markdown_text(f.name)}: SSIM {score:.3f}, "
+    elif is_admin:
+        # admins judging whether the filter is too strict compare each pair by eye
+        st.caption(
+            "Each flagged candidate beside the source slice the filter found nearest, both in "
+            f"the {PRESETS_DEFAULT} window at the same scale (first {FLAGGED_PAIRS} shown)."
+        )
+    for n, f in enumerate(flagged[:50]):
+        score, texture, margin, nearest = info.get(f.id, (None, None, None, None))
+        line = (
+            f"{markdown_text(f.batch)} / {markdown_text(f.name)}: SSIM {score:.3f}, "
             f"texture {texture:.3f}, margin {margin:.3f}"
         )
+        if not is_admin or n >= FLAGGED_PAIRS:
+            st.markdown(f"- {line}")
+            continue
+        st.markdown(f"**{line}**")
+        flagged_view = candidate_view(ws, f.id)
+        source = source_slice(ws, nearest) if nearest is not None else None
+        shown = window_label(flagged_view.units, PRESETS_DEFAULT)
+        c1, c2, _ = st.columns([1, 1, 2])
+        with c1:
+            picture = flagged_view.picture(PRESETS_DEFAULT, False)
+            st.html(image_html(picture, alt=f"flagged candidate · {shown}"))
+            st.caption("candidate")
+        with c2:
+            if source is None:
+                st.caption("nearest source slice not in the index (re-run pipeline index)")
+            else:
+                picture = flagged_view.source_picture(source, PRESETS_DEFAULT)
+                st.html(image_html(picture, alt=f"nearest source · {shown}"))
+                st.caption("nearest source slice (a real scan)")
 
 with tabs[2]:
-    kinds = ["unreviewed", "needs-second", "accepted", "rejected", "disagreement", "flagged"]
+    # blind double reading: plain reviewers see others' votes only once a state is final
+    table = [visible_state(s, viewer_id=state.user["id"], admin=is_admin) for s in everything]
+    kinds = sorted({row["state"] for row in table})
     chosen = st.multiselect("Status", kinds, default=kinds, key="status_filter")
-    st.dataframe(
-        [
-            {
-                "id": s.id,
-                "batch": s.batch,
-                "candidate": s.name,
-                "state": s.state,
-                "accepted by": ", ".join(s.accepts),
-                "rejected by": ", ".join(s.rejects),
-            }
-            for s in everything
-            if s.state in chosen
-        ],
-        width="stretch",
-    )
+    st.dataframe([row for row in table if row["state"] in chosen], width="stretch")
 
 if state.user["role"] == "admin":
     with tabs[3]:

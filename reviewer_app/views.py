@@ -42,27 +42,57 @@ def policy_of(ws: Workspace) -> str:
         return get_meta(session, "review_policy") or "one"
 
 
+def window_label(units: str, preset: str | None) -> str:
+    """How a picture's grey levels were set, in words (shown with every picture)."""
+    if units != "HU" or preset is None:
+        return "display units" if units != "HU" else "storage window"
+    level, width = PRESETS[preset]
+    return f"{preset} window {level:g}/{width:g} HU"
+
+
+def draw(
+    unit: np.ndarray,
+    *,
+    window: tuple[float, float],
+    units: str,
+    preset: str | None,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """The one way every slice in the app is drawn: a [0, 1] slice stored in ``window`` (HU) is
+    taken back to HU and shown in the CT ``preset``, then enlarged (nearest) to about
+    ``DISPLAY_SIDE`` px. Candidates and source slices go through here alike, so a physician
+    compares them in the same window at the same scale."""
+    if units == "HU" and preset is not None:
+        lo, hi = window
+        level, width = PRESETS[preset]
+        hu = np.float32(lo) + unit.astype(np.float32) * np.float32(hi - lo)
+        grey = window_to_unit(hu, (level - width / 2, level + width / 2))
+    else:
+        grey = unit
+    rgb = overlay(grey, mask) if mask is not None else np.repeat(to_uint8(grey)[..., None], 3, 2)
+    zoom = max(1, DISPLAY_SIDE // rgb.shape[0])
+    return np.repeat(np.repeat(rgb, zoom, axis=0), zoom, axis=1)
+
+
 @dataclass
 class CandidateView:
     """One candidate ready to draw."""
 
     units: str
-    hu: np.ndarray  # HU, or display units 0–255
+    window: tuple[float, float]  # the storage window of the run's sources (HU)
     unit: np.ndarray  # [0, 1], as the filter saw it
     mask: np.ndarray
     class_names: list[str]
     provenance: dict[str, Any]
 
     def picture(self, preset: str | None, show_mask: bool) -> np.ndarray:
-        """RGB uint8, enlarged (nearest) to about 512 px, windowed with ``preset``."""
-        if self.units == "HU" and preset is not None:
-            level, width = PRESETS[preset]
-            grey = window_to_unit(self.hu, (level - width / 2, level + width / 2))
-        else:
-            grey = self.unit
-        rgb = overlay(grey, self.mask) if show_mask else np.repeat(to_uint8(grey)[..., None], 3, 2)
-        zoom = max(1, DISPLAY_SIDE // rgb.shape[0])
-        return np.repeat(np.repeat(rgb, zoom, axis=0), zoom, axis=1)
+        """RGB uint8, enlarged to about 512 px, in the CT window ``preset``."""
+        mask = self.mask if show_mask else None
+        return draw(self.unit, window=self.window, units=self.units, preset=preset, mask=mask)
+
+    def source_picture(self, source: np.ndarray, preset: str | None) -> np.ndarray:
+        """A source slice ([0, 1] in the same storage window) drawn exactly like this one."""
+        return draw(source, window=self.window, units=self.units, preset=preset)
 
 
 def candidate_view(ws: Workspace, candidate_id: int) -> CandidateView:
@@ -98,7 +128,7 @@ def _candidate_view(root: str, candidate_id: int) -> CandidateView:
     unit = window_to_unit(image, (lo, hi)) if units == "HU" else image / np.float32(255.0)
     return CandidateView(
         units=units,
-        hu=image,
+        window=(float(lo), float(hi)),
         unit=unit,
         mask=mask.astype(np.uint8),
         class_names=list(meta["label_schema"]),
@@ -148,14 +178,22 @@ def _neighbours(root: str, candidate_id: int, unit: np.ndarray) -> list[dict[str
     from pipeline.review import nearest_sources
 
     loaded = _load_index(root)
-    out = []
-    for n in nearest_sources(loaded, unit, k=3):
-        zoom = max(1, 192 // n["image"].shape[0])
-        picture = np.repeat(np.repeat(to_uint8(n["image"]), zoom, axis=0), zoom, axis=1)
-        out.append({"ssim": n["ssim"], "texture": n["texture"], "picture": picture})
-    return out
+    return [
+        {"ssim": n["ssim"], "texture": n["texture"], "image": n["image"]}
+        for n in nearest_sources(loaded, unit, k=3)
+    ]
 
 
 def neighbours_cached(ws: Workspace, candidate_id: int, unit: np.ndarray) -> list[dict[str, Any]]:
-    """The three nearest source slices of a candidate (cached per candidate)."""
+    """The three nearest source slices of a candidate ([0, 1] images with their re-scored
+    SSIM and texture; cached per candidate). Draw them with ``CandidateView.source_picture``."""
     return _neighbours(str(ws.root), candidate_id, unit)
+
+
+def source_slice(ws: Workspace, slice_id: int) -> np.ndarray | None:
+    """One source slice ([0, 1]) from the index's slice store, or None if it is not there."""
+    loaded = load_index_cached(ws)
+    try:
+        return loaded.store.images([slice_id])[0]
+    except (KeyError, IndexError):
+        return None

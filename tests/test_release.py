@@ -400,7 +400,7 @@ def test_no_source_identifier_in_any_byte(real_pipeline, tmp_path):
             b"SECRET-AUX",
             b"SECRETDB",
             b"SECRETINT",
-            b"Secretname",
+            b"ecretname",  # the account is stored case-folded: "dr annabel secretname"
             str(root).encode(),
             b"_image.nii",
         ):

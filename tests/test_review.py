@@ -1,6 +1,7 @@
 """Review rules on a real tmp_path SQLite catalog: accounts, login limits, policy, undo, queue,
 honeypots, import/export, and two processes writing decisions at once."""
 
+import json
 import subprocess
 import sys
 from datetime import timedelta
@@ -140,7 +141,7 @@ def test_decisions_undo_queue_and_flag_rules(engine):
         record_decision(s, ann, ids[1], "reject", reason="artefact")
         states = {c.id: c.state for c in candidate_states(s, policy="two")}
         assert states == {ids[0]: "needs-second", ids[1]: "rejected", ids[2]: "flagged"}
-        # bob sees the candidate waiting for a second reviewer first; rejected ones not at all
+        # bob sees the candidate ann accepted; the one she rejected is final and gone
         assert [q.id for q in queue(s, bob, policy="two")] == [ids[0]]
         record_decision(s, bob, ids[0], "accept")
         assert {c.id: c.state for c in candidate_states(s, policy="two")}[ids[0]] == "accepted"
@@ -240,3 +241,27 @@ def test_two_processes_500_decisions_each(tmp_path):
         )
     ws.close()
     assert per == {who[0]: 500, who[1]: 500}
+
+
+def test_second_reading_is_blind(engine):
+    from pipeline.review import visible_state
+
+    with write_session(engine) as s:
+        ids = make_batch(s, "b", [False, False, False])
+        ann = add_reviewer(s, "ann", "reviewer", PW)
+        bob = add_reviewer(s, "bob", "reviewer", PW)
+        boss = add_reviewer(s, "boss", "admin", PW)
+        before = [q.id for q in queue(s, bob, policy="two")]
+        record_decision(s, ann, ids[2], "accept")  # the last one: it must not jump the queue
+        assert [q.id for q in queue(s, bob, policy="two")] == before == ids
+        states = {c.id: c for c in candidate_states(s, policy="two")}
+        seen = visible_state(states[ids[2]], viewer_id=bob.id, admin=False)
+        assert seen["state"] == "open" and "ann" not in json.dumps(seen)
+        mine = visible_state(states[ids[2]], viewer_id=ann.id, admin=False)
+        assert mine["state"] == "waiting for others" and mine["accepted by"] == ""
+        full = visible_state(states[ids[2]], viewer_id=boss.id, admin=True)
+        assert full["state"] == "needs-second" and full["accepted by"] == "ann"
+        record_decision(s, bob, ids[2], "accept")  # final now: the votes may be shown
+        states = {c.id: c for c in candidate_states(s, policy="two")}
+        final = visible_state(states[ids[2]], viewer_id=bob.id, admin=False)
+        assert final["state"] == "accepted" and final["accepted by"] == "ann, bob"

@@ -245,3 +245,86 @@ def test_a_busy_catalog_at_login_gives_a_retry_message(ws, monkeypatch):
     at.button[0].click().run()
     assert not at.exception, at.exception
     assert any("busy" in w.value for w in at.warning)
+
+
+def test_second_reader_sees_no_first_verdict(ws):
+    """Blind double reading: under the two-reviewer policy a plain reviewer sees neither the
+    other's name nor vote, and the queue order does not move the candidate the other accepted."""
+    from pipeline.review import get_reviewer, record_decision
+
+    assert run("reviewers", "policy", "two", "-w", ws).exit_code == 0
+    assert run("reviewers", "add", "bob", "-w", ws, "--password-stdin", input=PW + "\n")
+    w = open_workspace(ws, create=False)
+    with write_session(w.engine) as s:
+        last = s.scalars(
+            select(Candidate).where(Candidate.flagged.is_(False)).order_by(Candidate.id.desc())
+        ).first()
+        record_decision(s, get_reviewer(s, "ann"), last.id, "accept")
+    w.close()
+    at = log_in(app(), "bob", PW)
+    assert at.subheader[0].value.endswith("cand\\_00000")  # order unchanged by ann's vote
+    table = at.dataframe[0].value
+    assert set(table["state"]) == {"open", "flagged"}
+    assert not table["accepted by"].str.contains("ann").any()
+    page = " ".join(str(e.value) for e in at.markdown) + " ".join(c.value for c in at.caption)
+    assert "ann" not in page and "needs-second" not in page
+    admin = log_in(app(), "boss", PW)  # admins keep the full view
+    assert "needs-second" in set(admin.dataframe[0].value["state"])
+
+
+def test_a_bare_reject_records_nothing_and_number_keys_pick_reasons(ws):
+    at = log_in(app(), "ann", PW)
+    assert at.selectbox(key="reason").value is None  # no reason nobody chose
+    at.button(key="reject").click().run()
+    assert decisions(ws)[0] == []
+    assert any("pick a reject reason" in c.value for c in at.caption)
+    at.button(key="reason_2").click().run()  # what the key "2" presses
+    assert at.selectbox(key="reason").value == "anatomically implausible"
+    at.button(key="reject").click().run()
+    rows, _ = decisions(ws)
+    assert [(r[1], r[2]) for r in rows] == [("reject", "anatomically implausible")]
+    assert at.selectbox(key="reason").value is None  # the next candidate starts without one
+
+
+def _alts(at):
+    import re
+
+    return [re.search(r'alt="([^"]*)"', h.proto.body).group(1) for h in at.get("html")]
+
+
+def test_candidate_and_neighbours_share_one_window(ws):
+    at = log_in(app(), "ann", PW)
+    alts = _alts(at)
+    assert len(alts) == 4 and all(a.endswith("soft tissue window 40/400 HU") for a in alts)
+    at.radio(key="preset").set_value("cardiac").run()
+    assert all(a.endswith("cardiac window 200/700 HU") for a in _alts(at))
+    at.radio(key="compare").set_value("source 2").run()  # enlarge a neighbour beside it
+    alts = _alts(at)
+    assert alts[:2] == [
+        "candidate · cardiac window 200/700 HU",
+        "source 2 · cardiac window 200/700 HU",
+    ]
+
+
+def test_draw_takes_candidates_and_sources_through_the_same_window():
+    import numpy as np
+
+    from reviewer_app.views import draw
+
+    hu = np.linspace(-200, 600, 32 * 32, dtype=np.float32).reshape(32, 32)
+    window = (-1024.0, 2048.0)
+    unit = (hu - window[0]) / (window[1] - window[0])
+    pic = draw(unit, window=window, units="HU", preset="soft tissue")
+    assert pic.shape == (512, 512, 3)
+    grey = pic[::16, ::16, 0].astype(int)
+    expected = np.clip((hu + 160) / 400, 0, 1) * 255  # soft tissue: level 40, width 400
+    assert np.abs(grey - expected).max() <= 1
+
+
+def test_admins_see_flagged_candidates_beside_their_nearest_source(ws):
+    at = log_in(app(), "boss", PW)
+    alts = _alts(at)
+    assert any(a.startswith("flagged candidate ·") for a in alts)
+    assert any(a.startswith("nearest source ·") for a in alts)
+    plain = log_in(app(), "ann", PW)
+    assert not any(a.startswith("flagged candidate") for a in _alts(plain))
