@@ -190,38 +190,15 @@ with tabs[0]:
                     st.caption(f"{i}: SSIM {n['ssim']:.3f} · texture {n['texture']:.3f}")
         with st.expander("Provenance"):
             st.json(view.provenance)
-        st.selectbox(
-            "Reject reason",
-            REJECT_REASONS,
-            index=None,
-            placeholder="choose a reason before rejecting (keys 1–6)",
-            key="reason",
-        )
-
-        def pick_reason(reason: str) -> None:
-            state.reason = reason
-
-        for i, (col, reason) in enumerate(
-            zip(st.columns(len(REJECT_REASONS)), REJECT_REASONS, strict=True), start=1
-        ):
-            col.button(
-                f"{i} {reason}",
-                shortcut=str(i),
-                key=f"reason_{i}",
-                on_click=pick_reason,
-                args=(reason,),
-                width="stretch",
-            )
         st.text_input("Note (optional)", key="note")
         a, r, u, s = st.columns(4)
 
         # Callbacks run before the next script run, so they may clear the note widget: a note
         # must never carry over to the next candidate.
-        def decide(kind: str, candidate_id: int, label: str) -> None:
+        def decide(kind: str, candidate_id: int, label: str, reason: str | None = None) -> None:
             note = state.get("note", "").strip()
-            reason = state.get("reason")
-            if kind == "reject" and not reason:  # no reason nobody chose: refuse, say how
-                state.last_action = "pick a reject reason first (keys 1–6), then reject"
+            if kind == "reject" and not reason:  # never a reason nobody chose: say how
+                state.last_action = "a reject needs a reason: press 1–6 (or click one below)"
                 return
             text = (reason or "") + (f": {note}" if note else "") if kind == "reject" else ""
             try:
@@ -230,16 +207,14 @@ with tabs[0]:
                     if who is None:
                         return
                     record_decision(session, who, candidate_id, kind, reason=text)
-                state.last_action = f"{kind}ed {label}"
+                state.last_action = f"{kind}ed {label}" + (f" ({reason})" if reason else "")
                 state.note = ""
-                state.reason = None
             except PipelineError as exc:
                 state.last_action = f"error: {exc.message}"
 
         def skip(candidate_id: int) -> None:
             skipped.append(candidate_id)
             state.note = ""
-            state.reason = None
 
         def undo() -> None:
             with write_session(ws.engine) as session:
@@ -267,6 +242,19 @@ with tabs[0]:
         )
         s.button("Skip (s)", shortcut="s", key="skip", on_click=skip, args=(current.id,))
         u.button("Undo my last (u)", shortcut="u", key="undo", on_click=undo)
+        st.caption("Reject with a reason (type a note first if you want one):")
+        for i, (col, reason) in enumerate(
+            zip(st.columns(len(REJECT_REASONS)), REJECT_REASONS, strict=True), start=1
+        ):
+            col.button(
+                f"{i} {reason}",
+                shortcut=str(i),
+                key=f"reason_{i}",
+                on_click=decide,
+                args=("reject", current.id, label, reason),
+                width="stretch",
+                help=f"Reject: {reason} (key {i})",
+            )
     if state.get("last_action"):
         st.caption(markdown_text(state.last_action))
     if len(todo) > 1:

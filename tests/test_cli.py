@@ -10,6 +10,7 @@ from PIL import Image
 
 from pipeline.cli import cli
 from pipeline.phantom import make_volume, volume_to_nifti
+from pipeline.workspace import open_workspace
 from tests.conftest import run
 
 
@@ -318,7 +319,7 @@ def test_bad_window_and_format(good, ws_path):
 
 
 @pytest.mark.slow
-def test_demo(tmp_path):
+def test_demo(tmp_path, monkeypatch):
     args = ("demo", "-w", tmp_path / "demo", "--volumes", 4, "--size", 32, "--train-steps", 20)
     args += ("--candidates", 8)
     result = run(*args)
@@ -328,8 +329,18 @@ def test_demo(tmp_path):
     run_dir = tmp_path / "demo" / "runs" / "demo"
     assert "trained 20 steps" in result.stdout and "tensorboard --logdir" in result.stdout
     assert (run_dir / "generator.keras").exists() and list((run_dir / "samples").glob("*.png"))
-    again = run(*args, "--auto-review")  # a second demo continues instead of failing
+    started = []
+    monkeypatch.setattr("pipeline.cli._exec_review_app", lambda *a: started.append(a))
+    again = run(*args, "--auto-review", "--review")  # a second demo continues, not fails
     assert again.exit_code == 0, again.stderr
+    # --review: a one-time admin account whose password is printed once, then the app
+    assert started == [(tmp_path / "demo", 8501, "127.0.0.1")]
+    password = again.stdout.split("demo-physician with password ")[1].split()[0]
+    from pipeline.review import login
+
+    w = open_workspace(tmp_path / "demo", create=False)
+    assert login(w.engine, "demo-physician", password)["role"] == "admin"
+    w.close()
     assert "resumed from step 20" in again.stdout
     # the candidates of the first demo are reused (the generator was not rewritten)
     batch = tmp_path / "demo" / "candidates" / "demo-augmented"
@@ -337,3 +348,11 @@ def test_demo(tmp_path):
     assert (batch / "report" / "metrics.json").exists() and "gate max_fd_ratio" in again.stdout
     # 20 training steps fail the quality gates, so the demo export is refused, with the reason
     assert "[demo] export refused: quality gates did not pass" in again.stdout
+
+
+def test_help_lists_commands_in_the_order_of_the_flow():
+    from pipeline.cli import FLOW_ORDER
+
+    text = run("--help").stdout
+    listed = [ln.split()[0] for ln in text.split("Commands:")[1].splitlines() if ln.strip()]
+    assert listed == list(FLOW_ORDER)

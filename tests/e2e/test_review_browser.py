@@ -15,9 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from pipeline.catalog import Decision, read_session
+from pipeline.catalog import Decision, read_session, write_session
+from pipeline.review import candidate_states
 from pipeline.workspace import open_workspace
 from tests.conftest import run
 
@@ -141,7 +142,8 @@ def test_review_in_a_real_browser(server, workspace_256, tmp_path):
             page.locator("img").first.wait_for(state="visible")
             latencies.append(time.perf_counter() - start)
         page.get_by_role("textbox", name="Note (optional)").fill("streak artefact")
-        page.get_by_role("button", name="Reject (x)").click()
+        page.get_by_role("textbox", name="Note (optional)").press("Enter")
+        page.get_by_role("button", name="1 too similar to a source scan").click()  # a reason
         expect(page.get_by_text(f"3 of {total}").first).to_be_visible(timeout=30_000)
         snap(page, "3-after-reject")
         page.get_by_role("button", name="Undo my last (u)").click()
@@ -206,3 +208,54 @@ def test_sigterm_stops_the_app_and_frees_the_port(workspace_256):
     time.sleep(1)
     with socket.socket() as s:  # nothing serves on the port any more (no orphaned child)
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.slow
+def test_blind_second_reading_reason_rule_and_one_window(server, workspace_256, tmp_path):
+    """The second reader's page shows no first-reader verdict; a bare Reject records nothing;
+    number keys pick a reason; the candidate and its neighbours share one CT window."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from pipeline.review import get_reviewer, record_decision
+
+    assert run("reviewers", "policy", "two", "-w", workspace_256).exit_code == 0
+    add = run("reviewers", "add", "bob", "-w", workspace_256, "--password-stdin", input=PW + "\n")
+    assert add.exit_code == 0, add.stderr
+    w = open_workspace(workspace_256, create=False)
+    with write_session(w.engine) as s:
+        states = [c for c in candidate_states(s, policy="two") if not c.flagged]
+        record_decision(s, get_reviewer(s, "ann"), states[-1].id, "accept")
+        before = s.scalar(select(func.count()).select_from(Decision))
+    w.close()
+    shots = Path(os.environ.get("E2E_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(server)
+        page.get_by_role("textbox", name="Name").fill("bob")
+        page.get_by_role("textbox", name="Password").fill(PW)
+        page.get_by_role("button", name="Log in").click()
+        expect(page.get_by_role("button", name="Accept (a)")).to_be_visible(timeout=60_000)
+        page.locator("img").first.wait_for(state="visible")
+        page.screenshot(path=str(shots / "5-second-reader.png"), full_page=True)
+        text = page.inner_text("body")
+        assert "ann" not in text and "needs-second" not in text and "accepted by" not in text
+        alts = page.locator("img").evaluate_all("els => els.map(e => e.alt)")
+        assert len(alts) == 4 and all(a.endswith("soft tissue window 40/400 HU") for a in alts)
+        page.get_by_role("button", name="Reject (x)").click()
+        expect(page.get_by_text("a reject needs a reason")).to_be_visible(timeout=30_000)
+        page.get_by_role("tab", name="All candidates").click()
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(shots / "6-all-candidates-blind.png"), full_page=True)
+        page.get_by_role("tab", name="Review").click()
+        page.get_by_role("button", name="3 artefact").click()  # what the key "3" presses
+        expect(page.get_by_text("(artefact)").first).to_be_visible(timeout=30_000)
+        page.screenshot(path=str(shots / "7-rejected-with-reason.png"), full_page=True)
+        browser.close()
+    w = open_workspace(workspace_256, create=False)
+    with read_session(w.engine) as s:
+        rows = s.scalars(select(Decision).order_by(Decision.id)).all()
+        new = [(d.decision, d.reason) for d in rows][before:]
+    w.close()
+    assert new == [("reject", "artefact")]  # the bare reject wrote nothing
