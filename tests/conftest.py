@@ -56,3 +56,13 @@ def shared_dataset(name: str) -> Path:
 def run(*args: object, input: str | None = None) -> Result:
     """Invoke the `pipeline` CLI in-process (click's CliRunner; stdout and stderr separate)."""
     return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+def indexed_workspace(root: Path, *, volumes: int, seed: int, slices: int) -> Path:
+    """``root/ws``: a small phantom (64², ``slices`` per volume) ingested at 32² with a
+    0.5/0.25/0.25 split and its privacy index built."""
+    write_phantom(root / "src", volumes=volumes, seed=seed, size=64, n_slices=slices, workers=1)
+    ws = root / "ws"
+    assert run("ingest", root / "src", "-w", ws, "--size", 32, "--split", "0.5,0.25,0.25")
+    assert run("index", "-w", ws).exit_code == 0
+    return ws

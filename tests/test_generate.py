@@ -13,7 +13,7 @@ from sqlalchemy import select
 from pipeline.catalog import CandidateBatch, Slice, read_session
 from pipeline.generate import deform_mask
 from pipeline.workspace import open_workspace
-from tests.conftest import run
+from tests.conftest import indexed_workspace, run
 
 # At 32² different phantom patients already score SSIM ≈ 0.99 against each other, so a
 # fifth of good candidates land above the calibrated threshold; the flagged-fraction gate is
@@ -24,13 +24,8 @@ GATES_FAST = ("--features", "encoder", "--encoder-steps", 20, "--max-flagged", 0
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 32² phantom workspace with an index, a trained tiny run and a 1-step one."""
-    from pipeline.phantom import write_phantom
-
     root = tmp_path_factory.mktemp("gen")
-    write_phantom(root / "src", volumes=6, seed=5, size=64, n_slices=16, workers=1)
-    ws = root / "ws"
-    assert run("ingest", root / "src", "-w", ws, "--size", 32, "--split", "0.5,0.25,0.25")
-    assert run("index", "-w", ws).exit_code == 0
+    ws = indexed_workspace(root, volumes=6, seed=5, slices=16)
     tiny = ("--preset", "tiny", "--size", 32, "--batch", 16, "--eval-every", 1000)
     good = run("train", "-w", ws, *tiny, "--steps", 400, "--run", "good", "--precision", "float32")
     assert good.exit_code == 0, good.stderr

@@ -35,7 +35,7 @@ from pipeline.review import (
 )
 from pipeline.validate import csv_cell, csv_uncell, markdown_text, path_name, reviewer_name
 from pipeline.workspace import open_workspace
-from tests.conftest import run
+from tests.conftest import indexed_workspace, run
 from tests.test_release import PW, fake_workspace
 
 BAD_NAMES = ["../../x", "/tmp/abs-name", "..", "", "a/b", "x" * 300, ".hidden", "a\nb", "-rf"]
@@ -52,13 +52,8 @@ def one_line_exit_2(result) -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 32² phantom workspace with an index and a 2-step tiny run 'r'."""
-    from pipeline.phantom import write_phantom
-
     root = tmp_path_factory.mktemp("hard")
-    write_phantom(root / "src", volumes=4, seed=4, size=64, n_slices=12, workers=1)
-    ws = root / "ws"
-    assert run("ingest", root / "src", "-w", ws, "--size", 32, "--split", "0.5,0.25,0.25")
-    assert run("index", "-w", ws).exit_code == 0
+    ws = indexed_workspace(root, volumes=4, seed=4, slices=12)
     tiny = ("--preset", "tiny", "--size", 32, "--batch", 8, "--steps", 2)
     result = run("train", "-w", ws, *tiny, "--run", "r")
     assert result.exit_code == 0, result.stderr

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from pipeline.catalog import Candidate, Decision, LoginEvent, read_session, write_session
 from pipeline.validate import markdown_text
 from pipeline.workspace import open_workspace
-from tests.conftest import run
+from tests.conftest import indexed_workspace, run
 
 APP = Path(__file__).resolve().parents[1] / "reviewer_app" / "app.py"
 PW = "doctor-pass-1"
@@ -19,13 +19,8 @@ PW = "doctor-pass-1"
 def reviewed_master(tmp_path_factory):
     """A 32² workspace with a filtered batch of 8 candidates (one forced flagged) and two
     accounts."""
-    from pipeline.phantom import write_phantom
-
     root = tmp_path_factory.mktemp("rev")
-    write_phantom(root / "src", volumes=4, seed=2, size=64, n_slices=12, workers=1)
-    ws = root / "ws"
-    assert run("ingest", root / "src", "-w", ws, "--size", 32, "--split", "0.5,0.25,0.25")
-    assert run("index", "-w", ws).exit_code == 0
+    ws = indexed_workspace(root, volumes=4, seed=2, slices=12)
     tiny = ("--preset", "tiny", "--size", 32, "--batch", 8, "--steps", 2)
     assert run("train", "-w", ws, *tiny, "--run", "r").exit_code == 0
     gen = run("generate", "-w", ws, "--run", "r", "--count", 8, "--filter", "--features", "pixel")

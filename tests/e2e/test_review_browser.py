@@ -65,11 +65,11 @@ def workspace_256(tmp_path_factory):
     return ws
 
 
-@pytest.fixture
-def server(workspace_256):
+def _start_app(workspace: Path) -> tuple[subprocess.Popen, str, int]:
+    """`pipeline review` on a free loopback port, once its health check answers."""
     port = _free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pipeline.cli", "review", "-w", str(workspace_256)]
+    cmd = [sys.executable, "-m", "pipeline.cli", "review", "-w", str(workspace)]
     proc = subprocess.Popen(
         [*cmd, "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -79,12 +79,16 @@ def server(workspace_256):
         try:
             with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return proc, url, port
         except OSError:
             time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"reviewer app did not start: {proc.stdout.read().decode()[-2000:]}")
+    proc.kill()
+    pytest.fail(f"reviewer app did not start: {proc.stdout.read().decode()[-2000:]}")
+
+
+@pytest.fixture
+def server(workspace_256):
+    proc, url, _ = _start_app(workspace_256)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -188,21 +192,7 @@ def test_metrics_endpoint_is_closed(server):
 
 @pytest.mark.slow
 def test_sigterm_stops_the_app_and_frees_the_port(workspace_256):
-    port = _free_port()
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pipeline.cli", "review", "-w", str(workspace_256)]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}/_stcore/health"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if _status(url) == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    assert _status(url) == 200
+    proc, _, port = _start_app(workspace_256)
     proc.send_signal(signal.SIGTERM)  # what a supervisor (systemd, a test harness) sends
     proc.wait(timeout=30)
     time.sleep(1)
