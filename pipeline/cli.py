@@ -375,6 +375,13 @@ def status(workspace: Path, as_json: bool) -> None:
     "(a fresh random password, printed once).",
 )
 @click.option("--port", default=8501, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--encoder-steps",
+    default=300,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Training steps of the feature encoder the quality gates use.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo(
     workspace: Path,
@@ -385,6 +392,7 @@ def demo(
     auto_review: bool,
     start_review: bool,
     port: int,
+    encoder_steps: int,
     seed: int,
 ) -> None:
     """Run the main job on the built-in phantom: phantom → ingest → index → train (tiny) →
@@ -434,7 +442,8 @@ def demo(
             progress=progress_bar("generate", "batch"),
         )
         click.echo(f"      {generated.folder}: images/ (HU NIfTI), masks/, previews/")
-        judged = _filter_and_gate(ws, generated.batch, GateConfig(seed=seed))
+        gates = GateConfig(seed=seed, encoder_steps=encoder_steps)
+        judged = _filter_and_gate(ws, generated.batch, gates)
     click.echo(describe_evaluation(judged))
     if auto_review:
         _demo_auto_review(workspace, generated.batch)

@@ -321,7 +321,7 @@ def test_bad_window_and_format(good, ws_path):
 @pytest.mark.slow
 def test_demo(tmp_path, monkeypatch):
     args = ("demo", "-w", tmp_path / "demo", "--volumes", 4, "--size", 32, "--train-steps", 20)
-    args += ("--candidates", 8)
+    args += ("--candidates", 8, "--encoder-steps", 20)
     result = run(*args)
     assert result.exit_code == 0, result.stderr
     assert "train" in result.stdout
