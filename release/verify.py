@@ -18,6 +18,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from pipeline.errors import PipelineError
+from pipeline.validate import inside
+
 REQUIRED = ("channel_names", "labels", "numTraining", "file_ending")
 IMAGE = re.compile(r"^(case_\d{4})_(\d{4})\.nii\.gz$")
 LABEL = re.compile(r"^(case_\d{4})\.nii\.gz$")
@@ -85,8 +88,10 @@ def _inside(root: Path, relative: str) -> bool:
     """Whether a listed path names a file inside the bundle (no absolute path, no '..')."""
     if relative.startswith(("/", "\\")) or ".." in Path(relative).parts:
         return False
-    base = root.resolve()
-    return base in (root / relative).resolve().parents
+    try:
+        return inside(root, root / relative) != root.resolve()
+    except PipelineError:
+        return False
 
 
 def _check_manifest(root: Path, manifest: Any, files: list[str]) -> list[str]:

@@ -86,19 +86,16 @@ def acting_reviewer(session: Session) -> Reviewer | None:
     return row
 
 
-if "user" in state:
-    with read_session(ws.engine) as session:
-        acting_reviewer(session)
-if state.pop("expired", False):
-    st.info("Your session expired or your account was disabled; please log in again.")
-if "user" not in state:
-    show_login()
-    st.stop()
-state.last_seen = time.time()
 policy = policy_of(ws)
-
 with read_session(ws.engine) as session:
-    me = reviewer_row(session)
+    # one session per script run: the session check, then (if it holds) the page's data
+    me = acting_reviewer(session) if "user" in state else None
+    if me is None:
+        if state.pop("expired", False):
+            st.info("Your session expired or your account was disabled; please log in again.")
+        show_login()
+        st.stop()
+    state.last_seen = time.time()
     # one derivation of every candidate's state per script run, shared by all tabs
     everything = candidate_states(session, policy=policy)
     counts = progress(session, me, policy=policy, states=everything)
@@ -146,16 +143,14 @@ with tabs[0]:
                 key="compare",
             )
             shown = window_label(view.units, preset)
-            picture = image_html(
-                view.picture(preset, show_mask), alt=f"candidate · {shown}", width=512
-            )
+            drawn = view.picture(preset, show_mask)
             if compare == "nothing":
-                st.html(picture)
+                st.html(image_html(drawn, alt=f"candidate · {shown}", width=512))
             else:
                 n = near[int(compare.split()[1]) - 1]
                 c1, c2 = st.columns(2)
                 with c1:
-                    st.html(image_html(view.picture(preset, show_mask), alt=f"candidate · {shown}"))
+                    st.html(image_html(drawn, alt=f"candidate · {shown}"))
                     st.caption("candidate")
                 with c2:
                     st.html(

@@ -66,3 +66,10 @@ def indexed_workspace(root: Path, *, volumes: int, seed: int, slices: int) -> Pa
     assert run("ingest", root / "src", "-w", ws, "--size", 32, "--split", "0.5,0.25,0.25")
     assert run("index", "-w", ws).exit_code == 0
     return ws
+
+
+def copy_workspace(src: Path, tmp_path: Path) -> Path:
+    """A private copy of a module-scoped workspace that a test may change."""
+    dst = tmp_path / "ws"
+    shutil.copytree(src, dst)
+    return dst

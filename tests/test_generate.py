@@ -1,7 +1,6 @@
 """`pipeline generate`, `filter --batch` and `evaluate`: provenance, resumability, gates."""
 
 import json
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -13,7 +12,7 @@ from sqlalchemy import select
 from pipeline.catalog import CandidateBatch, Slice, read_session
 from pipeline.generate import deform_mask
 from pipeline.workspace import open_workspace
-from tests.conftest import indexed_workspace, run
+from tests.conftest import copy_workspace, indexed_workspace, run
 
 # At 32² different phantom patients already score SSIM ≈ 0.99 against each other, so a
 # fifth of good candidates land above the calibrated threshold; the flagged-fraction gate is
@@ -36,9 +35,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture
 def ws(trained, tmp_path):
-    dst = tmp_path / "ws"
-    shutil.copytree(trained, dst)
-    return dst
+    return copy_workspace(trained, tmp_path)
 
 
 def test_deform_mask_preserves_labels_and_records_parameters():

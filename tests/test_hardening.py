@@ -35,7 +35,7 @@ from pipeline.review import (
 )
 from pipeline.validate import csv_cell, csv_uncell, markdown_text, path_name, reviewer_name
 from pipeline.workspace import open_workspace
-from tests.conftest import indexed_workspace, run
+from tests.conftest import copy_workspace, indexed_workspace, run
 from tests.test_release import PW, fake_workspace
 
 BAD_NAMES = ["../../x", "/tmp/abs-name", "..", "", "a/b", "x" * 300, ".hidden", "a\nb", "-rf"]
@@ -62,9 +62,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture
 def ws(trained, tmp_path):
-    dst = tmp_path / "ws"
-    shutil.copytree(trained, dst)
-    return dst
+    return copy_workspace(trained, tmp_path)
 
 
 # --- names and paths -------------------------------------------------------------------------
