@@ -33,8 +33,7 @@ def throughput(cfg: Any, weights: list[Any] | None, seconds: float) -> tuple[dic
     """Images/s and GFLOP/s of generate_images on one batch of random masks."""
     import numpy as np
 
-    from models.gan import build_generator
-    from pipeline.train import generate_images
+    from models.gan import build_generator, generate_images
 
     g = build_generator(cfg)
     if weights is not None:
@@ -96,7 +95,7 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from models.gan import preset
+    from models.config import preset
     from pipeline.train import read_cpuinfo, resolve_precision
 
     gpus = tf.config.list_logical_devices("GPU")

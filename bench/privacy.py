@@ -26,11 +26,12 @@ from sqlalchemy.orm import Session
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.augment import PLANTED
-from pipeline.filtering import RERANK, FilterConfig, _make_embedder, score_against
-from pipeline.index import SliceStore, embed_refs, make_index, search_both_ways, slice_refs
+from pipeline.filtering import RERANK, FilterConfig, make_embedder, score_against
+from pipeline.index import embed_refs, make_index, search_both_ways
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.phantom import write_phantom
-from pipeline.privacy import calibrate
+from pipeline.privacy import Calibration, calibrate
+from pipeline.slices import SliceStore, slice_refs
 from pipeline.workspace import open_workspace
 
 RESULTS = Path(__file__).parent / "results"
@@ -74,7 +75,7 @@ def run_dataset(name: str, embedders: list[str], args) -> list[dict]:
     for emb_name in embedders:
         cfg = FilterConfig(embedder=emb_name, k=args.k, encoder_steps=args.encoder_steps)
         t0 = time.perf_counter()
-        embedder, _ = _make_embedder(ws, cfg, store, refs, iter)
+        embedder, _ = make_embedder(ws, cfg, store, refs, iter)
         if emb_name == "pixel":
             from pipeline.embed import PixelEmbedder
 
@@ -203,9 +204,12 @@ def run_dataset(name: str, embedders: list[str], args) -> list[dict]:
 
 def print_row(row: dict) -> None:
     p = row["product"]
+    rule = Calibration.from_manifest(
+        {"threshold": p["ssim_threshold"], "texture_threshold": p["texture_threshold"]}
+    ).describe()
     print(
         f"\n{row['dataset']} / {row['embedder']} (k={row['k']}, smooth={row['smooth']}): "
-        f"flag if SSIM > {p['ssim_threshold']:.3f} or texture > {p['texture_threshold']:.3f} "
+        f"flag if {rule} "
         f"(calibration n={row['n_calibration']}, negatives n={row['n_negatives']})"
     )
     print(

@@ -149,7 +149,7 @@ def main() -> None:
 
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    from models.gan import preset
+    from models.config import preset
     from pipeline.train import read_cpuinfo, resolve_precision
 
     gpus = tf.config.list_logical_devices("GPU")

@@ -1,111 +1,19 @@
-"""The paper's conditional GAN: config presets, U-Net generator, PatchGAN discriminator, losses.
+"""The paper's conditional GAN: U-Net generator, PatchGAN discriminator, losses, inference.
 
-Model code only (no I/O, no config files): builders are functions of a frozen ``GanConfig``.
+Model code only (no I/O, no config files): builders are functions of a frozen ``GanConfig``
+(``models.config``, importable without Keras).
 The training loop, distribution strategy and checkpoints belong to ``pipeline`` (issue 3).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import keras
+import numpy as np
 from keras import layers, ops
 
-PRESETS = ("paper", "seed-code", "tiny")
-#: Keras dtype policies a model can be built with (variables stay float32 in the mixed ones).
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-
-
-@dataclass(frozen=True)
-class GanConfig:
-    """Everything that shapes the models and their optimisation."""
-
-    preset: str = "paper"
-    size: int = 256
-    num_classes: int = 8  # background + structures
-    condition: str = "onehot"  # "onehot" (num_classes channels) or "labelmap" (one channel)
-    g_filters: tuple[int, ...] = (64, 128, 256, 512, 512, 512, 512)  # one per stride-2 step
-    skips: bool = True
-    up_block: str = "paper"  # "paper": transposed conv + conv; "seed-code": see DESIGN.md
-    d_filters: tuple[int, ...] = (64, 128, 256, 512, 512)  # one per stride-2 layer
-    bn_momentum: float = 0.9
-    batch: int = 16  # global
-    steps: int = 100_000
-    g_lr: float = 1.3e-4
-    d_lr: float = 1.3e-4
-    beta1: float = 0.5
-    adv_weight: float = 0.012
-    l1_weight: float = 1.0
-    precision: str = "float32"  # a PRECISIONS policy; outputs and losses are always float32
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def depth(self) -> int:
-        """Generator stride-2 steps."""
-        return len(self.g_filters)
-
-    @property
-    def condition_channels(self) -> int:
-        """Channels of the generator input."""
-        return self.num_classes if self.condition == "onehot" else 1
-
-    @property
-    def patch_map(self) -> int:
-        """Side of the discriminator's output map."""
-        return self.size // 2 ** len(self.d_filters)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (for ``runs/<run>/config.json``)."""
-        return asdict(self)
-
-
-def preset(name: str, **overrides: Any) -> GanConfig:
-    """A named preset with field overrides; the generator's depth follows the image size.
-
-    ``tiny`` (32–64 px, base width 16) keeps the bottleneck at least 1×1: below 128² seven
-    stride-2 steps no longer fit, so depth = min(7, log2(size)).
-    """
-    if name == "paper":
-        cfg = GanConfig()
-    elif name == "seed-code":
-        cfg = GanConfig(
-            preset="seed-code",
-            condition="labelmap",
-            skips=False,
-            up_block="seed-code",
-            d_filters=(64, 128, 256, 512),
-            bn_momentum=0.8,
-            batch=8,
-            d_lr=1.5e-4,
-            adv_weight=1.0,
-            l1_weight=100.0,
-        )
-    elif name == "tiny":
-        cfg = GanConfig(
-            preset="tiny",
-            size=64,
-            g_filters=(16, 32, 64, 128, 128, 128, 128),
-            d_filters=(16, 32, 64),
-            batch=16,
-            steps=600,
-            g_lr=2e-4,
-            d_lr=2e-4,
-        )
-    else:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    cfg = replace(cfg, **overrides)
-    if cfg.size < 4 or cfg.size & (cfg.size - 1):
-        raise ValueError(f"size {cfg.size} must be a power of two ≥ 4")
-    depth = min(len(cfg.g_filters), int(math.log2(cfg.size)))
-    cfg = replace(cfg, g_filters=tuple(cfg.g_filters[:depth]))
-    # "mixed" / "auto" are requests that the training code resolves for the machine
-    if cfg.precision not in (*PRECISIONS, "mixed", "auto"):
-        raise ValueError(f"precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if cfg.size // 2 ** len(cfg.d_filters) < 1:
-        raise ValueError(f"{len(cfg.d_filters)} discriminator layers do not fit {cfg.size}²")
-    return cfg
+from models.config import GanConfig
 
 
 def _norm(cfg: GanConfig, name: str) -> layers.Layer:
@@ -268,3 +176,39 @@ class ConditionalGAN:
             "d_acc_real": average(acc_real),
             "d_acc_fake": average(acc_fake),
         }
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def encode_condition(masks: Any, num_classes: int, kind: str) -> Any:
+    """Masks → generator input: one-hot channels, or the label map scaled to [0, 1]."""
+    import tensorflow as tf
+
+    if kind == "onehot":
+        return tf.one_hot(tf.cast(masks, tf.int32), num_classes, dtype=tf.float32)
+    return tf.cast(masks, tf.float32)[..., None] / float(max(num_classes - 1, 1))
+
+
+def generate_images(
+    generator: Any, masks: np.ndarray, cfg: GanConfig, *, batch: int = 16
+) -> np.ndarray:
+    """(N, S, S) float32 images in [0, 1] for (N, S, S) class-index masks, deterministically.
+
+    Inference mode (batch-norm moving statistics). Every call runs the model on batches of
+    exactly ``batch`` masks, padding the last one with empty masks: oneDNN picks its convolution
+    kernel (and so the float rounding) by the batch shape, and on some CPUs (AVX2) a batch of 3
+    and a batch of 16 round differently. With one fixed shape an image's bytes depend only on its
+    mask, not on how many others ran beside it or where it sat in the batch (measured on AVX-512
+    and on oneDNN limited to AVX2).
+    """
+    out = []
+    for i in range(0, len(masks), batch):
+        chunk = np.asarray(masks[i : i + batch])
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
+        cond = encode_condition(chunk, cfg.num_classes, cfg.condition)
+        out.append(np.asarray(generator(cond, training=False), dtype=np.float32)[:n, ..., 0])
+    size = masks.shape[1] if masks.ndim == 3 else 0
+    return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)

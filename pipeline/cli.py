@@ -14,8 +14,10 @@ from typing import Any, TypeVar
 import click
 from tqdm import tqdm
 
+from models.config import GanConfig
 from pipeline import __version__
 from pipeline.errors import PipelineError
+from pipeline.progress import Progress
 from pipeline.tflog import quiet_tensorflow
 from pipeline.workspace import DEFAULT_WORKSPACE, ENV_WORKSPACE, Workspace, open_workspace
 
@@ -120,7 +122,7 @@ def json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(func)
 
 
-def progress_bar(desc: str, unit: str) -> Callable[[Iterable[Any]], Iterable[Any]]:
+def progress_bar(desc: str, unit: str) -> Progress:
     """A tqdm wrapper on stderr that stays silent when stderr is not a terminal (CI, pipes)."""
 
     def wrap(items: Iterable[Any]) -> Iterable[Any]:
@@ -403,6 +405,7 @@ def demo(
     from pipeline.ingest import ingest as run_ingest
     from pipeline.phantom import write_phantom
     from pipeline.quality import GateConfig
+    from pipeline.render import describe_evaluation, describe_index
     from pipeline.train import TrainOptions, train
 
     src = workspace / "demo-sources" / "phantom"
@@ -443,7 +446,7 @@ def demo(
         )
         click.echo(f"      {generated.folder}: images/ (HU NIfTI), masks/, previews/")
         gates = GateConfig(seed=seed, encoder_steps=encoder_steps)
-        judged = _filter_and_gate(ws, generated.batch, gates)
+        judged = _judge(ws, generated.batch, gates)
     click.echo(describe_evaluation(judged))
     if auto_review:
         _demo_auto_review(workspace, generated.batch)
@@ -468,14 +471,10 @@ def demo(
 
 def _demo_review_app(workspace: Path, port: int) -> None:
     """A one-time account for a newcomer, its password printed once, then the app (exec)."""
-    import secrets
+    from pipeline.workflows import open_demo_account
 
-    from pipeline.catalog import write_session
-    from pipeline.review import demo_account
-
-    password = secrets.token_urlsafe(12)
-    with opened_workspace(workspace, create=False) as ws, write_session(ws.engine) as session:
-        demo_account(session, "demo-physician", password)
+    with opened_workspace(workspace, create=False) as ws:
+        password = open_demo_account(ws, "demo-physician")
     click.echo(
         f"[demo] review app: http://127.0.0.1:{port} — log in as demo-physician with password "
         f"{password} (shown once; a new one is set on every 'demo --review')"
@@ -485,41 +484,22 @@ def _demo_review_app(workspace: Path, port: int) -> None:
 
 def _demo_auto_review(workspace: Path, batch: str) -> None:
     """DEMO ONLY: the 'demo' reviewer accepts every unflagged candidate; export; verify."""
-    import secrets
-
-    from sqlalchemy import select
-
-    from pipeline.catalog import Reviewer, write_session
-    from pipeline.review import add_reviewer, candidate_states, record_decision
-    from release.bundle import ExportConfig, build_bundle
-    from release.verify import verify_bundle
+    from pipeline.workflows import demo_auto_review
 
     click.echo(
         "[demo] auto-review: the built-in 'demo' reviewer accepts every unflagged "
         "candidate — a demonstration, not a clinical review"
     )
     with opened_workspace(workspace, create=False) as ws:
-        with write_session(ws.engine) as session:
-            demo = session.scalar(select(Reviewer).where(Reviewer.name == "demo"))
-            if demo is None:  # a random password nobody knows: the account cannot log in
-                demo = add_reviewer(session, "demo", "demo", secrets.token_urlsafe(24))
-            for s in candidate_states(session, policy="one", batch=batch):
-                if s.state == "unreviewed" and not s.flagged:
-                    record_decision(session, demo, s.id, "accept")
-        out = ws.releases_dir
-        bundle = out / "Dataset500_CardiacSynthDemo"
-        if bundle.exists():
-            click.echo(f"[demo] bundle already there: {bundle}")
-        else:
-            cfg = ExportConfig(out=out, batches=(batch,), name="CardiacSynthDemo", policy="one")
-            try:
-                bundle = build_bundle(ws, cfg, progress=progress_bar("export", "case"))
-            except PipelineError as exc:  # e.g. a short demo run fails its gates: show why
-                click.echo(f"[demo] export refused: {exc}")
-                return
-    problems = verify_bundle(bundle)
+        done = demo_auto_review(ws, batch, progress=progress_bar("export", "case"))
+    if done.refused is not None:  # e.g. a short demo run fails its gates: show why
+        click.echo(f"[demo] export refused: {done.refused}")
+        return
+    if done.existed:
+        click.echo(f"[demo] bundle already there: {done.bundle}")
     click.echo(
-        f"[demo] bundle {bundle} (+ .zip): " + ("sound" if not problems else "; ".join(problems))
+        f"[demo] bundle {done.bundle} (+ .zip): "
+        + ("sound" if not done.problems else "; ".join(done.problems))
     )
 
 
@@ -587,6 +567,7 @@ def index_cmd(
 ) -> None:
     """Embed every source slice into the FAISS index and calibrate the 'too similar' threshold."""
     from pipeline.filtering import FilterConfig, build_index
+    from pipeline.render import describe_index
 
     cfg = FilterConfig(
         embedder=embedder,
@@ -604,27 +585,6 @@ def index_cmd(
         echo_json(manifest)
         return
     click.echo(describe_index(manifest))
-
-
-def describe_index(manifest: dict[str, Any]) -> str:
-    """Two lines on an index build: what is indexed, and the threshold with its provenance."""
-    cal = manifest["calibration"]
-    how = (
-        "explicit"
-        if cal["explicit"]
-        else f"q{cal['quantile']} of {cal['n_baseline']} held-out-vs-training scores"
-    )
-    return (
-        f"indexed {manifest['count']} slices ({manifest['embedder']}, {manifest['dim']}-d, "
-        f"{manifest['index']['type']}; {manifest['reused_embeddings']} embeddings reused)\n"
-        f"too similar: SSIM > {cal['threshold']:.4f}"
-        + (
-            f" or texture > {cal['texture_threshold']:.4f}"
-            if cal["texture_threshold"] is not None
-            else ""
-        )
-        + f" ({how})"
-    )
 
 
 def gate_options(func: F) -> F:
@@ -688,81 +648,23 @@ def _gate_config(
     )
 
 
-def _filter_and_gate(ws: Workspace, batch: str, gates: Any) -> dict[str, Any]:
-    """The privacy filter on a batch, then the evaluation with its gates (stored)."""
-    from sqlalchemy import select
-    from sqlalchemy.orm import Session
+def _judge(ws: Workspace, batch: str, gates: Any) -> dict[str, Any]:
+    """The privacy filter and the gated evaluation of a batch, with progress bars."""
+    from pipeline.workflows import judge_batch
 
-    from pipeline.catalog import CandidateBatch, Run
-    from pipeline.quality import evaluate, filter_batch
-
-    filter_batch(ws, batch, progress=progress_bar("filter", "batch"))
-    with Session(ws.engine) as session:
-        run = session.scalar(
-            select(Run.name)
-            .join(CandidateBatch, CandidateBatch.run_id == Run.id)
-            .where(CandidateBatch.name == batch)
-        )
-    return evaluate(
+    return judge_batch(
         ws,
-        run,
+        batch,
         gates,
-        batch=batch,
-        progress=progress_bar("training the feature encoder (once)", "step"),
+        filter_progress=progress_bar("filter", "batch"),
+        encoder_progress=progress_bar("training the feature encoder (once)", "step"),
     )
-
-
-def describe_evaluation(report: dict[str, Any]) -> str:
-    """The evaluation summary: paired fidelity, distribution (named by feature space), gates."""
-    p, d = report["paired"], report["distribution"]
-    lines = [
-        f"run {report['run']}" + (f", batch {report['batch']}" if report["batch"] else ""),
-        f"  paired on {p['n']} held-out slices: SSIM {p['ssim']['mean']:.3f} "
-        f"(median {p['ssim']['median']:.3f}), PSNR {p['psnr_db']['mean']:.1f} dB, "
-        f"MAE {p['mae_unit']['mean']:.4f} (of the [0, 1] range)",
-    ]
-    key = next(k for k in p if k.startswith("structure_mae_"))
-    unit = "HU" if key.endswith("hu") else "display units"
-    per = ", ".join(f"{k} {v:.0f}" for k, v in p[key].items() if v is not None)
-    lines.append(f"  mean |error| inside structures ({unit}): {per}")
-    lines.append(
-        f"  [{d['feature_space']}] Fréchet distance {d['frechet_distance']:.4g} vs real-vs-real "
-        f"{d['frechet_baseline_real_halves']:.4g} (ratio {d['frechet_ratio']:.2f}; "
-        f"{d['n_candidates']} candidates, {d['n_real']} real)"
-    )
-    if d.get("prdc_k5"):
-        m = d["prdc_k5"]
-        lines.append(
-            f"  [{d['feature_space']}] precision {m['precision']:.3f} recall {m['recall']:.3f} "
-            f"density {m['density']:.3f} coverage {m['coverage']:.3f} (k=5)"
-        )
-    if "fid_inception_v3" in d:
-        lines.append(f"  [InceptionV3 pool3] FID {d['fid_inception_v3']:.2f}")
-    if report["privacy"]:
-        pr = report["privacy"]
-        lines.append(
-            f"  privacy: {pr['flagged']} of {pr['count']} flagged too similar "
-            f"(SSIM > {pr['threshold']:.4f}"
-            + (
-                f" or texture > {pr['texture_threshold']:.4f}"
-                if pr.get("texture_threshold") is not None
-                else ""
-            )
-            + ")"
-        )
-    for g in report["gates"]["results"]:
-        sign = "≥" if g["gate"].startswith("min") else "≤"
-        verdict = "pass" if g["passed"] else "FAIL"
-        lines.append(f"  gate {g['gate']}: {g['value']:.4f} {sign} {g['threshold']} → {verdict}")
-    lines.append(
-        f"  gates {'passed' if report['gates']['passed'] else 'FAILED'}; "
-        f"report: {report['report_dir']}"
-    )
-    return "\n".join(lines)
 
 
 def _print_judgement(report: dict[str, Any], as_json: bool) -> None:
     """Print an evaluation; a failed gate is exit 1 (after printing everything)."""
+    from pipeline.render import describe_evaluation
+
     echo_json(report) if as_json else click.echo(describe_evaluation(report))
     _check_gates(report)
 
@@ -796,12 +698,13 @@ def filter_cmd(
 ) -> None:
     """Score images against every source slice; flag those too similar to one."""
     from pipeline.filtering import dumps_results, filter_images
+    from pipeline.privacy import Calibration
 
     if (images is None) == (batch_name is None):
         raise click.UsageError("give exactly one of --images PATH or --batch NAME")
     if batch_name is not None:
         with opened_workspace(workspace, create=False) as ws:
-            report = _filter_and_gate(ws, batch_name, _gate_config(**gates))
+            report = _judge(ws, batch_name, _gate_config(**gates))
         _print_judgement(report, as_json)
         return
     with opened_workspace(workspace, create=False) as ws:
@@ -822,15 +725,9 @@ def filter_cmd(
             f"{r.name[:31]:<32}{r.score:>8.4f}{r.texture:>9.4f}{r.margin:>9.4f}  "
             f"{f'{r.nearest_slice} ({r.nearest_patient})':<24}{flag}"
         )
+    rule = Calibration.from_manifest(summary).describe()
     click.echo(
-        f"{summary['flagged']} of {summary['images']} flagged "
-        f"(SSIM > {summary['threshold']:.4f}"
-        + (
-            f" or texture > {summary['texture_threshold']:.4f}"
-            if summary["texture_threshold"] is not None
-            else ""
-        )
-        + f", {summary['embedder']} index)"
+        f"{summary['flagged']} of {summary['images']} flagged ({rule}, {summary['embedder']} index)"
     )
 
 
@@ -886,7 +783,7 @@ def generate_cmd(
     )
     with opened_workspace(workspace, create=False) as ws:
         report = generate(ws, cfg, progress=progress_bar("generate", "batch"))
-        judged = _filter_and_gate(ws, report.batch, _gate_config(**gates)) if run_filter else None
+        judged = _judge(ws, report.batch, _gate_config(**gates)) if run_filter else None
     if as_json:
         echo_json({"generate": dataclasses.asdict(report), "evaluation": judged})
     else:
@@ -898,8 +795,9 @@ def generate_cmd(
         )
     if judged is not None:
         if not as_json:
-            click.echo(describe_evaluation(judged))
-        _check_gates(judged)
+            _print_judgement(judged, as_json=False)
+        else:
+            _check_gates(judged)
 
 
 @cli.command("evaluate")
@@ -949,10 +847,11 @@ def _read_password(password_stdin: bool, *, confirm: bool) -> str:
 
 
 def _policy(ws: Workspace) -> str:
-    from pipeline.catalog import get_meta, read_session
+    from pipeline.catalog import read_session
+    from pipeline.decisions import review_policy
 
     with read_session(ws.engine) as session:
-        return get_meta(session, "review_policy") or "one"
+        return review_policy(session)
 
 
 @cli.group()
@@ -1014,12 +913,13 @@ def reviewers_disable(name: str, workspace: Path) -> None:
 @workspace_option
 def reviewers_policy(policy: str | None, workspace: Path) -> None:
     """Show or set the review policy: one accept suffices, or two reviewers must accept."""
-    from pipeline.catalog import set_meta, write_session
+    from pipeline.catalog import write_session
+    from pipeline.decisions import set_review_policy
 
     with opened_workspace(workspace, create=False) as ws:
         if policy is not None:
             with write_session(ws.engine) as session:
-                set_meta(session, "review_policy", policy)
+                set_review_policy(session, policy)
         click.echo(f"review policy: {_policy(ws)}")
 
 
@@ -1085,7 +985,7 @@ def decisions() -> None:
 def decisions_list(workspace: Path, batch_name: str | None, as_json: bool) -> None:
     """Candidates with their current state under the review policy."""
     from pipeline.catalog import read_session
-    from pipeline.review import candidate_states, states_json
+    from pipeline.decisions import candidate_states, states_json
 
     with opened_workspace(workspace, create=False) as ws:
         policy = _policy(ws)
@@ -1129,25 +1029,12 @@ def decisions_import(
 ) -> None:
     """Record decisions made elsewhere (columns candidate,decision,reason), checked as at
     login; all or nothing."""
-    from pipeline.catalog import Reviewer, read_session, write_session
-    from pipeline.review import MAX_IMPORT_BYTES, check_decisions, import_decisions, login
+    from pipeline.review import import_decision_file, login
 
     password = _read_password(password_stdin, confirm=False)
     with opened_workspace(workspace, create=False) as ws:
         who = login(ws.engine, reviewer_name, password)
-        try:
-            if csv_path.stat().st_size > MAX_IMPORT_BYTES:
-                raise PipelineError(f"CSV is larger than {MAX_IMPORT_BYTES // 2**20} MiB")
-            text = csv_path.read_text()
-            # every check that needs no write lock first: a bad file never blocks the app
-            with read_session(ws.engine) as session:
-                check_decisions(session, session.get(Reviewer, who["id"]), text)
-            with write_session(ws.engine) as session:
-                n = import_decisions(session, session.get(Reviewer, who["id"]), text)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PipelineError(f"unreadable CSV ({exc})", path=csv_path) from None
-        except PipelineError as exc:
-            raise PipelineError(exc.message, path=csv_path) from None
+        n = import_decision_file(ws.engine, who["id"], csv_path)
     click.echo(f"imported {n} decisions as {reviewer_name} from {csv_path}")
 
 
@@ -1194,9 +1081,9 @@ def export_cmd(
             policy=_policy(ws),
             source_date_epoch=int(epoch) if epoch is not None else None,
         )
-        bundle = build_bundle(ws, cfg, progress=progress_bar("export", "case"))
-    n = json.loads((bundle / "dataset.json").read_text())["numTraining"]
-    click.echo(f"exported {n} cases to {bundle} and {bundle.with_suffix('.zip')}")
+        built = build_bundle(ws, cfg, progress=progress_bar("export", "case"))
+    bundle = built.folder
+    click.echo(f"exported {built.cases} cases to {bundle} and {built.zip}")
     click.echo(f"check it: pipeline verify {bundle}   (or: cd {bundle} && sha256sum -c SHA256SUMS)")
 
 
@@ -1320,9 +1207,9 @@ def train_cmd(
     click.echo(describe_training(report))
 
 
-def _gan_config(preset_name: str, **overrides: Any) -> Any:
-    """A ``models.gan`` preset with the CLI's overrides (None: keep the preset's)."""
-    from models.gan import preset
+def _gan_config(preset_name: str, **overrides: Any) -> GanConfig:
+    """A ``models.config`` preset with the CLI's overrides (None: keep the preset's)."""
+    from models.config import preset
 
     fields = {k: v for k, v in overrides.items() if v is not None and k != "lr"}
     if overrides.get("lr") is not None:

@@ -12,8 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.augment import shift
-from pipeline.preprocess import resize_image
+from pipeline.preprocess import centre, resize_image
 
 EMBEDDERS = ("pixel", "encoder")
 
@@ -33,22 +32,6 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float32, copy=False)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
-
-
-def centre(image: np.ndarray) -> np.ndarray:
-    """Move an image so its intensity centroid sits at the centre (whole pixels, air-filled).
-
-    Both the index and the queries are centred, so a shifted copy embeds like its source.
-    """
-    h, w = image.shape
-    weights = image - image.min()
-    total = float(weights.sum())
-    if total <= 0:
-        return image
-    cy = float((weights.sum(axis=1) * np.arange(h)).sum() / total)
-    cx = float((weights.sum(axis=0) * np.arange(w)).sum() / total)
-    dy, dx = round((h - 1) / 2 - cy), round((w - 1) / 2 - cx)
-    return image if dy == 0 and dx == 0 else shift(image, dy, dx)
 
 
 @dataclass(frozen=True)

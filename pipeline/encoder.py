@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.augment import random_view
-from pipeline.embed import centre
-from pipeline.preprocess import resize_image
+from pipeline.preprocess import centre, resize_image
+from pipeline.progress import Progress
 
 WEIGHTS = "encoder.weights.h5"
 CONFIG = "encoder.json"
@@ -68,7 +68,7 @@ def train_encoder(
     steps: int = 300,
     batch: int = 64,
     seed: int = 0,
-    progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
+    progress: Progress = iter,
 ) -> EncoderEmbedder:
     """Train the encoder contrastively on ``refs``' slices; save it into ``folder``.
 

@@ -1,44 +1,43 @@
-"""`pipeline index` and `pipeline filter`: build the source index, calibrate, score images."""
+"""The privacy filter: build the source index and calibrate it (`pipeline index`), score images
+(`pipeline filter --images`) and candidate batches (`--batch`), and the nearest source slices
+the review app shows — all through one scorer, :func:`score_against`."""
 
 from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faiss
-import nibabel as nib
 import numpy as np
 from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.atomic import atomic_write
-from pipeline.catalog import PrivacyCalibration, Source, write_session
-from pipeline.embed import EMBEDDERS, Embedder, PixelEmbedder, centre
+from pipeline.candidates import batch_images, batch_row
+from pipeline.catalog import Candidate, PrivacyCalibration, Source, utcnow, write_session
+from pipeline.embed import EMBEDDERS, Embedder, PixelEmbedder, load_embedder
 from pipeline.errors import PipelineError
+from pipeline.imageio import image_files, read_nifti_slices, read_png
 from pipeline.index import (
     LoadedIndex,
-    SliceRef,
-    SliceStore,
     catalog_fingerprint,
     embed_refs,
     load_index,
     make_index,
     read_manifest,
     search_both_ways,
-    slice_refs,
     write_index,
 )
-from pipeline.ingest import read_png
-from pipeline.preprocess import ras_to_display, resize_image, window_to_unit
+from pipeline.preprocess import centre, resize_image, stored_to_unit
 from pipeline.privacy import DEFAULT_QUANTILE, Calibration, aligned_scores, calibrate
+from pipeline.progress import Progress
+from pipeline.slices import SliceRef, SliceStore, slice_refs
 from pipeline.workspace import Workspace
 
-Progress = Callable[[Iterable[Any]], Iterable[Any]]
 #: The embedding search returns RERANK·k neighbours; a full-resolution correlation keeps k.
 RERANK = 4
 
@@ -69,9 +68,11 @@ class FilterConfig:
     seed: int = 0
 
 
-def _make_embedder(
+def make_embedder(
     ws: Workspace, cfg: FilterConfig, store: SliceStore, refs: list[SliceRef], progress: Progress
 ) -> tuple[Embedder, dict[str, Any]]:
+    """The embedder ``cfg`` names, with its manifest parameters (the encoder is trained on
+    the training split and saved into the index folder)."""
     if cfg.embedder == "pixel":
         emb = PixelEmbedder()
         return emb, {"side": emb.side}
@@ -89,6 +90,30 @@ def _make_embedder(
         )
         return emb, emb.params()
     raise PipelineError(f"unknown embedder {cfg.embedder!r}; choose one of {', '.join(EMBEDDERS)}")
+
+
+def _view_scores(
+    view: np.ndarray,
+    found: np.ndarray,
+    store: SliceStore,
+    *,
+    k: int,
+    max_shift: int,
+    smooth: float,
+) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """One view (an image or its mirror image) against the ids its embedding search found:
+    a full-resolution correlation keeps the best ``k``, which get the aligned SSIM and texture
+    scores. Returns (slice ids, SSIM, texture, the source images), in the kept order."""
+    cand = list(dict.fromkeys(int(x) for x in found if x >= 0))
+    if not cand:
+        empty = np.zeros(0)
+        return [], empty, empty, np.zeros((0, *view.shape), np.float32)
+    sources = store.images(cand)
+    if len(cand) > k:
+        order = np.argsort(-full_correlation(view, sources), kind="stable")[:k]
+        cand, sources = [cand[o] for o in order], sources[order]
+    ssim, tex = aligned_scores(view, sources, max_shift=max_shift, flips=False, smooth=smooth)
+    return cand, ssim, tex, sources
 
 
 def score_against(
@@ -114,21 +139,51 @@ def score_against(
     nearest = np.full(len(images), -1, dtype=np.int64)
     for i, image in enumerate(images):
         for view, found in ((image, ids[i, :half]), (image[:, ::-1], ids[i, half:])):
-            cand = list(dict.fromkeys(int(x) for x in found if x >= 0))
+            cand, ssim, tex, _ = _view_scores(
+                view, found, store, k=k, max_shift=max_shift, smooth=smooth
+            )
             if not cand:
                 continue
-            sources = store.images(cand)
-            if len(cand) > k:  # full-resolution correlation picks the k to re-score
-                order = np.argsort(-full_correlation(view, sources), kind="stable")[:k]
-                cand, sources = [cand[o] for o in order], sources[order]
-            ssim, tex = aligned_scores(
-                view, sources, max_shift=max_shift, flips=False, smooth=smooth
-            )
             j = int(np.argmax(ssim))
             if nearest[i] < 0 or ssim[j] > scores[i]:
                 scores[i], nearest[i] = ssim[j], cand[j]
             texture[i] = max(texture[i], float(tex.max()))
     return scores, nearest, sims.max(axis=1), texture
+
+
+def nearest_sources(loaded: LoadedIndex, image: np.ndarray, *, k: int = 3) -> list[dict[str, Any]]:
+    """The ``k`` source slices most similar to ``image`` (a [0, 1] slice), best first, each
+    with the SSIM and texture score the filter gives it (same search, same re-scoring, the
+    index's settings; a neighbour found through the mirror image is shown mirrored, as it was
+    compared). What the reviewer compares by eye."""
+    cfg = loaded.manifest["config"]
+    _, ids = search_both_ways(loaded.index, loaded.embedder, image[None], int(cfg["k"]) * RERANK)
+    half = ids.shape[1] // 2
+    rows: dict[int, dict[str, Any]] = {}
+    for mirrored, view, found in (
+        (False, image, ids[0, :half]),
+        (True, image[:, ::-1], ids[0, half:]),
+    ):
+        cand, ssim, tex, sources = _view_scores(
+            view,
+            found,
+            loaded.store,
+            k=int(cfg["k"]),
+            max_shift=int(cfg["max_shift"]),
+            smooth=float(cfg.get("smooth", 0.0)),
+        )
+        for sid, s_, t_, src in zip(cand, ssim, tex, sources, strict=True):
+            if sid in rows and rows[sid]["ssim"] >= s_:
+                continue
+            rows[sid] = {
+                "slice_id": sid,
+                "patient": loaded.store.refs[sid].patient,
+                "ssim": float(s_),
+                "texture": float(t_),
+                "mirrored": mirrored,
+                "image": src[:, ::-1] if mirrored else src,
+            }
+    return sorted(rows.values(), key=lambda r: -r["ssim"])[:k]
 
 
 def calibrate_index(
@@ -182,8 +237,6 @@ def build_index(
     ids = np.array([r.slice_id for r in refs], dtype=np.int64)
     reused = 0
     if old is not None and old.get("embedder") == cfg.embedder and emb_file.exists():
-        from pipeline.embed import load_embedder
-
         embedder = load_embedder(cfg.embedder, ws.index_dir, old.get("embedder_params", {}))
         params = old.get("embedder_params", {})
         saved = np.load(emb_file)
@@ -200,15 +253,13 @@ def build_index(
         reused = len(refs) - len(todo)
     else:
         ws.index_dir.mkdir(exist_ok=True)
-        embedder, params = _make_embedder(ws, cfg, store, refs, progress)
+        embedder, params = make_embedder(ws, cfg, store, refs, progress)
         vectors = embed_refs(store, refs, embedder, progress=progress)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     index, info = make_index(vectors, ids, k=cfg.k, seed=cfg.seed)
 
     if cfg.threshold is not None:
-        cal = Calibration(
-            quantile=float("nan"), threshold=float(cfg.threshold), n_baseline=0, baseline=()
-        )
+        cal = Calibration.given(cfg.threshold)
     else:
         cal = calibrate_index(vectors, refs, embedder, store, cfg, progress)
         if cal is None:
@@ -228,13 +279,7 @@ def build_index(
         "catalog": fingerprint,
         "ids": ids.tolist(),
         "config": asdict(cfg),
-        "calibration": {
-            "quantile": None if cal.n_baseline == 0 else cal.quantile,
-            "threshold": cal.threshold,
-            "texture_threshold": cal.texture_threshold,
-            "n_baseline": cal.n_baseline,
-            "explicit": cal.n_baseline == 0,
-        },
+        "calibration": cal.to_manifest(),
     }
     atomic_write(emb_file, lambda tmp: np.save(tmp, vectors))
     write_index(ws, index, manifest)
@@ -244,10 +289,7 @@ def build_index(
                 index_fingerprint=fingerprint,
                 embedder=embedder.name,
                 k=cfg.k,
-                quantile=None if cal.n_baseline == 0 else cal.quantile,
-                threshold=cal.threshold,
-                texture_threshold=cal.texture_threshold,
-                n_baseline=cal.n_baseline,
+                **cal.summary(),
                 baseline=list(cal.baseline),
                 texture_baseline=list(cal.texture_baseline),
             )
@@ -267,35 +309,29 @@ class InputImages:
     warnings: list[str] = field(default_factory=list)
 
 
-IMAGE_SUFFIXES = (".png", ".nii", ".nii.gz")
-
-
-def _image_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise PipelineError("no such file or folder", path=path)
-    folder = path / "images" if (path / "images").is_dir() else path
-    files = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
-    )
-    if not files:
-        raise PipelineError("no PNG or NIfTI images here", path=folder)
-    return files
-
-
 def read_images(path: Path, *, size: int, window: tuple[float, float] | None) -> InputImages:
-    """Read PNG / NIfTI images (a NIfTI volume gives each axial slice) for scoring.
+    """Read PNG / NIfTI images (a NIfTI volume gives each axial slice) for scoring: a file, a
+    folder, or a batch-like folder with ``images/``.
 
-    NIfTI values are HU and are windowed with the workspace's window; PNG values are display
-    units (/255). Other sizes are resized (with a warning); NaN or infinite pixels are an error.
+    NIfTI values are HU and are windowed with the workspace's window (display units 0–255 in a
+    workspace of PNG sources, ``window`` None); PNG values are display units. Other sizes are
+    resized (with a warning); NaN or infinite pixels are an error.
     """
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = image_files(path / "images" if (path / "images").is_dir() else path, what="images")
+    else:
+        raise PipelineError("no such file or folder", path=path)
+    units = "HU" if window is not None else "display"
     names: list[str] = []
     slices: list[np.ndarray] = []
     notes: list[str] = []
-    for f in _image_files(path):
+    for f in files:
         if f.name.lower().endswith(".png"):
-            planes = [(f.name, read_png(f, mask=False) / np.float32(255.0))]
+            planes = [
+                (f.name, stored_to_unit(read_png(f, mask=False), units="display", window=None))
+            ]
             with Image.open(f) as probe:
                 if probe.mode not in ("L", "P", "I", "I;16", "I;16B"):
                     notes.append(f"{f.name}: {probe.mode} PNG of grey values read as one channel")
@@ -304,30 +340,17 @@ def read_images(path: Path, *, size: int, window: tuple[float, float] | None) ->
                 note = "display-unit workspace: NIfTI values read as 0–255 display units"
                 if note not in notes:
                     notes.append(note)
-            try:
-                img = nib.load(f)
-                data = np.asanyarray(img.dataobj).astype(np.float32)
-            except Exception as exc:
-                raise PipelineError(f"unreadable NIfTI ({exc})", path=f) from None
-            while data.ndim > 3 and data.shape[-1] == 1:
-                data = data[..., 0]
-            if data.ndim == 2:
-                data = data[:, :, None]
-            if data.ndim != 3:
-                raise PipelineError(f"{data.ndim}-D image; expected 2-D or 3-D", path=f)
-            canon = nib.orientations.apply_orientation(
-                data, nib.orientations.io_orientation(img.affine)
-            )
-            disp = ras_to_display(canon)
+            disp, _ = read_nifti_slices(f, what="image")
+            disp = disp.astype(np.float32)
+            if not np.isfinite(disp).all():
+                raise PipelineError("NaN or infinite pixel values", path=f)
             planes = [
                 (
                     f"{f.name}#{z}" if len(disp) > 1 else f.name,
-                    window_to_unit(disp[z], window) if window else disp[z] / np.float32(255.0),
+                    stored_to_unit(disp[z], units=units, window=window),
                 )
                 for z in range(len(disp))
             ]
-            if not np.isfinite(data).all():
-                raise PipelineError("NaN or infinite pixel values", path=f)
         for name, plane in planes:
             if not np.isfinite(plane).all():
                 raise PipelineError("NaN or infinite pixel values", path=f)
@@ -361,14 +384,7 @@ def score_images(
 ) -> list[ImageScore]:
     """Score images against the index with the calibrated threshold (same path for candidates)."""
     cfg = loaded.manifest["config"]
-    stored = loaded.manifest["calibration"]
-    cal = Calibration(
-        quantile=stored["quantile"] or float("nan"),
-        threshold=float(stored["threshold"]),
-        n_baseline=int(stored["n_baseline"]),
-        baseline=(),
-        texture_threshold=stored.get("texture_threshold"),
-    )
+    cal = loaded.calibration
     results: list[ImageScore] = []
     chunks = [range(i, min(i + 64, len(images))) for i in range(0, len(images), 64)]
     for chunk in progress(chunks):
@@ -419,16 +435,43 @@ def filter_images(
         )
     inputs = read_images(path, size=size, window=windows[0] if windows else None)
     results = score_images(loaded, inputs.images, inputs.names, progress=progress)
-    summary = {
-        "images": len(results),
+    summary = {"images": len(results), **_verdict_summary(loaded, results)}
+    return results, summary, inputs.warnings
+
+
+def _verdict_summary(loaded: LoadedIndex, results: list[ImageScore]) -> dict[str, Any]:
+    """How many were flagged, under which thresholds, by which index."""
+    return {
         "flagged": sum(r.flagged for r in results),
-        "threshold": loaded.manifest["calibration"]["threshold"],
-        "texture_threshold": loaded.manifest["calibration"].get("texture_threshold"),
-        "quantile": loaded.manifest["calibration"]["quantile"],
-        "n_baseline": loaded.manifest["calibration"]["n_baseline"],
+        **loaded.calibration.summary(),
         "embedder": loaded.manifest["embedder"],
     }
-    return results, summary, inputs.warnings
+
+
+def filter_batch(ws: Workspace, name: str, *, progress: Progress = iter) -> dict[str, Any]:
+    """Score every candidate of a batch against the source index; store scores and flags."""
+    loaded = load_index(ws)
+    ids, names, images = batch_images(ws, name)
+    results = score_images(loaded, images, names, progress=progress)
+    summary = {
+        "count": len(results),
+        **_verdict_summary(loaded, results),
+        "index_catalog": loaded.manifest["catalog"],
+    }
+    with write_session(ws.engine) as session:
+        for cid, r in zip(ids, results, strict=True):
+            row = session.get(Candidate, cid)
+            row.privacy_score, row.texture_score = r.score, r.texture
+            row.privacy_margin, row.flagged = r.margin, r.flagged
+            row.nearest_slice_id = r.nearest_slice
+        batch = batch_row(session, name)
+        batch.privacy = summary
+        batch.filtered_at = utcnow()
+    return {
+        **summary,
+        "scores": [r.score for r in results],
+        "textures": [r.texture for r in results],
+    }
 
 
 def dumps_results(results: list[ImageScore], summary: dict[str, Any], notes: list[str]) -> str:

@@ -9,30 +9,28 @@ re-run fills in what is missing instead of starting over.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline.atomic import atomic_write
 from pipeline.augment import affine_warp, elastic, random_affine
-from pipeline.catalog import Candidate, CandidateBatch, Run, Slice, Source, write_session
+from pipeline.candidates import open_batch, write_batch_json, write_candidate
+from pipeline.catalog import Candidate, Slice, write_session
 from pipeline.errors import PipelineError
-from pipeline.index import SliceRef, SliceStore, slice_refs
+from pipeline.imageio import image_files, read_nifti_slices, read_png
 from pipeline.labels import LabelSchema
-from pipeline.preprocess import display_to_ras, ras_to_display, resize_mask, unit_to_hu
-from pipeline.preview import overlay, save_png, to_uint8
+from pipeline.preprocess import resize_image, resize_mask
+from pipeline.progress import Progress
+from pipeline.runs import find_run, load_generator
+from pipeline.slices import SliceStore, slice_spacings, workspace_refs
 from pipeline.validate import path_name
 from pipeline.workspace import Workspace
 
-Progress = Callable[[Iterable[Any]], Iterable[Any]]
 MASK_SOURCES = ("augmented", "heldout")
 
 
@@ -115,25 +113,13 @@ def deform_mask(
     }
 
 
-def _refs(ws: Workspace, split: str) -> list[SliceRef]:
-    with Session(ws.engine) as session:
-        return [r for r in slice_refs(session) if r.split == split]
-
-
-def _spacings(ws: Workspace) -> dict[str, list[float]]:
-    """cache file → in-plane and slice spacing after resizing (1 mm where unknown)."""
-    with Session(ws.engine) as session:
-        rows = session.execute(select(Source.cache_file, Source.spacing)).all()
-    return {f: [float(v) for v in (sp or [1.0, 1.0, 1.0])] for f, sp in rows}
-
-
 def source_masks(
     ws: Workspace, cfg: GenerateConfig, schema: LabelSchema, size: int
 ) -> Callable[[int], MaskSpec]:
     """A function index → MaskSpec for ``cfg.masks`` (augmented / heldout)."""
-    spacing = _spacings(ws)
+    spacing = slice_spacings(ws)
     if cfg.masks == "augmented":
-        refs = _refs(ws, "train")
+        refs = workspace_refs(ws, ["train"])
         store = SliceStore(ws.cache_dir, refs)
         with Session(ws.engine) as session:
             fg = dict(session.execute(select(Slice.id, Slice.foreground)).all())
@@ -164,7 +150,7 @@ def source_masks(
 
         return augmented
     if cfg.masks == "heldout":
-        refs = _refs(ws, "test")
+        refs = workspace_refs(ws, ["test"])
         if not refs:
             raise PipelineError("the test split is empty: no held-out masks", path=ws.root)
         store = SliceStore(ws.cache_dir, refs)
@@ -184,35 +170,13 @@ def read_user_masks(folder: Path, schema: LabelSchema, size: int) -> list[MaskSp
     """Masks from a folder: PNG (label values per the run's schema) or NIfTI (each axial
     slice with a structure, in radiological view). Any value outside the schema is an error
     naming the file; other sizes are resized by nearest neighbour."""
-    from pipeline.ingest import read_png
-
-    if not folder.is_dir():
-        raise PipelineError("mask folder not found", path=folder)
-    files = sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and p.name.lower().endswith((".png", ".nii", ".nii.gz"))
-    )
-    if not files:
-        raise PipelineError("no PNG or NIfTI masks here", path=folder)
+    files = image_files(folder, what="masks")
     out: list[MaskSpec] = []
     for f in files:
         if f.name.lower().endswith(".png"):
             planes = [(read_png(f, mask=True), [1.0, 1.0, 1.0], f.name)]
         else:
-            try:
-                img = nib.load(f)
-                data = np.asanyarray(img.dataobj)
-            except Exception as exc:
-                raise PipelineError(f"unreadable NIfTI ({exc})", path=f) from None
-            if data.ndim == 2:
-                data = data[:, :, None]
-            if data.ndim != 3:
-                raise PipelineError(f"{data.ndim}-D mask; expected 2-D or 3-D", path=f)
-            ornt = nib.orientations.io_orientation(img.affine)
-            disp = ras_to_display(nib.orientations.apply_orientation(data, ornt))
-            # a 2-D file has two zooms: its one slice is 1 mm thick unless the header says more
-            zooms = ([float(z) for z in img.header.get_zooms()[:3]] + [1.0, 1.0, 1.0])[:3]
+            disp, zooms = read_nifti_slices(f, what="mask")
             planes = [(disp[z], zooms, f"{f.name}#{z}") for z in range(len(disp))]
         for plane, zooms, name in planes:
             try:
@@ -231,103 +195,18 @@ def read_user_masks(folder: Path, schema: LabelSchema, size: int) -> list[MaskSp
     return out
 
 
-def _run_row(ws: Workspace, run: str) -> tuple[Run, dict[str, Any]]:
-    with Session(ws.engine) as session:
-        row = session.scalar(select(Run).where(Run.name == run))
-        if row is None or not row.generator_path:
-            raise PipelineError(f"no trained run {run!r} (run 'pipeline train')", path=ws.runs_dir)
-        session.expunge(row)
-    # the file always lives in the run's folder: derive it from the workspace that is open now,
-    # so a copied or moved workspace (or another working directory) finds it
-    row.generator_path = str(ws.runs_dir / path_name(row.name, what="run") / "generator.keras")
-    if not Path(row.generator_path).exists():
-        raise PipelineError("the run's generator.keras is missing", path=row.generator_path)
-    return row, row.config
-
-
-def load_generator(path: str, expected_sha256: str) -> Any:
-    """Load ``generator.keras`` after checking it is the file the run recorded."""
-    import keras
-
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    if digest != expected_sha256:
-        raise PipelineError(
-            "generator.keras differs from the one the run recorded (sha256 mismatch)", path=path
-        )
-    return keras.models.load_model(path, compile=False)
-
-
-def _model_cfg(config: dict[str, Any]) -> Any:
-    from models.gan import GanConfig
-
-    fields = {k: config[k] for k in GanConfig.__dataclass_fields__ if k in config}
-    for k in ("g_filters", "d_filters"):
-        fields[k] = tuple(fields[k])
-    return GanConfig(**fields)
-
-
-def write_candidate(
-    folder: Path,
-    name: str,
-    image: np.ndarray,
-    mask: np.ndarray,
-    spacing: list[float],
-    *,
-    units: str,
-    window: tuple[float, float],
-) -> None:
-    """images/NAME.nii.gz (HU int16, or display units 0–255 uint8), masks/NAME.nii.gz (class
-    indices), previews/NAME.png and NAME_overlay.png. Each file atomically."""
-    affine = np.diag([spacing[0], spacing[1], spacing[2], 1.0])
-    hu = units == "HU"
-    data = np.rint(unit_to_hu(image, window)).astype(np.int16) if hu else to_uint8(image)
-    for sub, array in (("images", data), ("masks", mask.astype(np.uint8))):
-        nii = nib.Nifti1Image(display_to_ras(array[None]), affine)
-        nii.header.set_xyzt_units("mm")
-        nii.header["descrip"] = f"cardiac-synth synthetic {units}".encode()
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / sub / f"{name}.nii.gz", lambda tmp, n=nii: nib.save(n, tmp))
-    save_png(to_uint8(image), folder / "previews" / f"{name}.png")
-    save_png(overlay(image, mask), folder / "previews" / f"{name}_overlay.png")
-
-
-def write_batch_json(folder: Path, info: dict[str, Any]) -> None:
-    """``batch.json``: what a batch folder holds (run, generator, units, window, schema)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "batch.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2)))
-
-
-def read_candidate_image(path: Path, *, units: str, window: tuple[float, float]) -> np.ndarray:
-    """A candidate NIfTI back in [0, 1] (what the privacy filter and the metrics judge)."""
-    from pipeline.preprocess import window_to_unit
-
-    data = np.asanyarray(nib.load(path).dataobj).astype(np.float32)
-    plane = ras_to_display(data)[0]
-    return window_to_unit(plane, window) if units == "HU" else plane / np.float32(255.0)
-
-
-def batch_units(config: dict[str, Any]) -> tuple[str, tuple[float, float]]:
-    """The units and HU window a run's candidates are written in (from its config.json)."""
-    data = config.get("data", {})
-    units = data.get("units") or ["display"]
-    windows = data.get("windows") or [[-1024.0, 2048.0]]
-    unit = "HU" if units == ["HU"] else "display"
-    return unit, (float(windows[0][0]), float(windows[0][1]))
-
-
 def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -> GenerateReport:
     """Generate ``cfg.count`` candidates into ``candidates/<batch>/`` and the catalog."""
-    from pipeline.train import generate_images
+    from models.gan import generate_images
 
-    run, config = _run_row(ws, cfg.run)
-    model_cfg = _model_cfg(config)
-    schema = LabelSchema.from_mapping(config["label_schema"])
+    run = find_run(ws, cfg.run)
+    model_cfg, schema = run.model, run.schema
     size = model_cfg.size
-    units, window = batch_units(config)
+    units, window = run.units
     notes: list[str] = []
     if units == "display":
         notes.append("sources are display-unit PNGs: candidates are in display units, not HU")
-    if len(config.get("data", {}).get("windows") or []) > 1:
+    if len(run.config.get("data", {}).get("windows") or []) > 1:
         notes.append(f"sources use several HU windows; candidates use {window}")
     default = f"{cfg.run}-{cfg.masks if cfg.masks in MASK_SOURCES else 'dir'}"
     name = default if cfg.batch_name is None else cfg.batch_name  # "" is refused, not defaulted
@@ -337,7 +216,7 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
         spec_of = source_masks(ws, cfg, schema, size)
         count = cfg.count
         if cfg.masks == "heldout":
-            available = len(_refs(ws, "test"))
+            available = len(workspace_refs(ws, ["test"]))
             if count > available:
                 notes.append(f"only {available} held-out masks: generating {available}")
                 count = available
@@ -350,31 +229,19 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
         spec_of = specs.__getitem__
         kind = "dir"
     stored = {**asdict(cfg), "batch_name": name, "count": count}
-    same = ("run", "masks", "seed", "drop_structures", "elastic_alpha", "degrees", "scale")
     with write_session(ws.engine) as session:
-        batch = session.scalar(select(CandidateBatch).where(CandidateBatch.name == name))
-        if batch is None:
-            batch = CandidateBatch(
-                name=name,
-                run_id=run.id,
-                generator_sha256=run.generator_sha256,
-                masks=kind,
-                config=stored,
-                units=units,
-            )
-            session.add(batch)
-        else:
-            changed = [k for k in same if batch.config.get(k) != stored[k]]
-            if batch.generator_sha256 != run.generator_sha256:
-                changed.append("generator")
-            if changed:
-                raise PipelineError(
-                    f"batch {name!r} exists with other settings ({', '.join(changed)}); "
-                    "choose another --batch-name",
-                    path=folder,
-                )
-            batch.config = {**batch.config, "count": max(count, batch.config["count"])}
-        session.flush()
+        batch = open_batch(
+            session,
+            name,
+            run_id=run.id,
+            generator_sha256=run.generator_sha256,
+            kind=kind,
+            config=stored,
+            units=units,
+            same=("run", "masks", "seed", "drop_structures", "elastic_alpha", "degrees", "scale"),
+            folder=folder,
+        )
+        batch.config = {**batch.config, "count": max(count, batch.config["count"])}
         batch_id = batch.id
         done = {c.index for c in batch.candidates}
     todo = [i for i in range(count) if i not in done]
@@ -408,23 +275,15 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
             session.add_all(rows)
     write_batch_json(
         folder,
-        {
-            "batch": name,
-            "run": cfg.run,
-            "generator_sha256": run.generator_sha256,
-            "units": units,
-            "window": list(window),
-            "config": stored,
-            "label_schema": config["label_schema"],
-        },
+        batch=name,
+        run=cfg.run,
+        generator_sha256=run.generator_sha256,
+        units=units,
+        window=window,
+        label_schema=run.config["label_schema"],
+        config=stored,
     )
     return GenerateReport(name, str(folder), count, len(todo), count - len(todo), units, notes)
-
-
-def heldout_refs(ws: Workspace) -> list[SliceRef]:
-    """Slices of every held-out patient (val and test), in id order."""
-    with Session(ws.engine) as session:
-        return [r for r in slice_refs(session) if r.split in ("val", "test")]
 
 
 def add_honeypots(
@@ -436,30 +295,25 @@ def add_honeypots(
     They are never exported."""
     from pipeline.augment import add_noise, shift
 
-    row, config = _run_row(ws, run)
-    size = _model_cfg(config).size
-    units, window = batch_units(config)
-    refs = _refs(ws, "train")
+    trained = find_run(ws, run)
+    size = trained.model.size
+    units, window = trained.units
+    refs = workspace_refs(ws, ["train"])
     if not refs:
         raise PipelineError("no training slices to make honeypots from", path=ws.root)
     store = SliceStore(ws.cache_dir, refs)
-    spacing = _spacings(ws)
+    spacing = slice_spacings(ws)
     folder = ws.candidates_dir / name
     with write_session(ws.engine) as session:
-        batch = session.scalar(select(CandidateBatch).where(CandidateBatch.name == name))
-        if batch is None:
-            batch = CandidateBatch(
-                name=name,
-                run_id=row.id,
-                generator_sha256=row.generator_sha256,
-                masks="honeypot",
-                config={"count": 0, "seed": seed},
-                units=units,
-            )
-            session.add(batch)
-        elif batch.masks != "honeypot":
-            raise PipelineError(f"batch {name!r} exists and is not a honeypot batch")
-        session.flush()
+        batch = open_batch(
+            session,
+            name,
+            run_id=trained.id,
+            generator_sha256=trained.generator_sha256,
+            kind="honeypot",
+            config={"count": 0, "seed": seed},
+            units=units,
+        )
         start = len(batch.candidates)
         batch.config = {**batch.config, "count": start + count}
         batch_id = batch.id
@@ -469,8 +323,6 @@ def add_honeypots(
         ref = refs[int(rng.integers(len(refs)))]
         image, mask = store.images([ref.slice_id])[0], store.masks([ref.slice_id])[0]
         if image.shape[0] != size:
-            from pipeline.preprocess import resize_image
-
             image, mask = resize_image(image, size), resize_mask(mask, size)
         dy, dx = (int(v) for v in rng.integers(-2, 3, 2))
         near_copy = add_noise(shift(image, dy, dx), 0.01, rng)
@@ -495,14 +347,12 @@ def add_honeypots(
         session.add_all(rows)
     write_batch_json(
         folder,
-        {
-            "batch": name,
-            "run": run,
-            "generator_sha256": row.generator_sha256,
-            "units": units,
-            "window": list(window),
-            "honeypot": True,
-            "label_schema": config["label_schema"],
-        },
+        batch=name,
+        run=run,
+        generator_sha256=trained.generator_sha256,
+        units=units,
+        window=window,
+        label_schema=trained.config["label_schema"],
+        honeypot=True,
     )
     return GenerateReport(name, str(folder), start + count, count, start, units, [])

@@ -10,49 +10,26 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.atomic import atomic_write
-from pipeline.cache import open_cache
-from pipeline.catalog import PatientSplit, Slice, Source
 from pipeline.embed import Embedder, load_embedder
 from pipeline.errors import PipelineError
+from pipeline.privacy import Calibration
+from pipeline.progress import Progress
+from pipeline.slices import SliceRef, SliceStore, slice_refs
 from pipeline.workspace import Workspace
 
 #: Below this many slices the index is exact (IndexFlatIP); above it IVF with tuned nprobe.
 FLAT_MAX = 100_000
 TARGET_RECALL = 0.99
-Progress = Callable[[Iterable[Any]], Iterable[Any]]
-
-
-@dataclass(frozen=True)
-class SliceRef:
-    """Where a source slice lives: its cache file and row, and whose it is."""
-
-    slice_id: int
-    cache_file: str
-    row: int
-    patient: str
-    split: str
-
-
-def slice_refs(session: Session) -> list[SliceRef]:
-    """Every source slice of every split, in id order."""
-    stmt = (
-        select(Slice.id, Source.cache_file, Slice.index, Source.patient, PatientSplit.split)
-        .join(Source, Slice.source_id == Source.id)
-        .join(PatientSplit, PatientSplit.patient == Source.patient)
-        .order_by(Slice.id)
-    )
-    return [SliceRef(*row) for row in session.execute(stmt).all()]
 
 
 def catalog_fingerprint(refs: Sequence[SliceRef]) -> str:
@@ -61,33 +38,6 @@ def catalog_fingerprint(refs: Sequence[SliceRef]) -> str:
     for r in refs:
         h.update(f"{r.slice_id}:{r.cache_file}:{r.row}:{r.split};".encode())
     return h.hexdigest()
-
-
-class SliceStore:
-    """Reads source slices by id from the memory-mapped cache (files opened once)."""
-
-    def __init__(self, cache_dir: Path, refs: Sequence[SliceRef]) -> None:
-        self.cache_dir = cache_dir
-        self.refs = {r.slice_id: r for r in refs}
-        self._open: dict[str, np.ndarray] = {}
-
-    def images(self, ids: Sequence[int]) -> np.ndarray:
-        """(len(ids), S, S) float32 images."""
-        return self._field("image", ids)
-
-    def masks(self, ids: Sequence[int]) -> np.ndarray:
-        """(len(ids), S, S) uint8 class-index masks."""
-        return self._field("mask", ids)
-
-    def _field(self, name: str, ids: Sequence[int]) -> np.ndarray:
-        out = []
-        for i in ids:
-            ref = self.refs[int(i)]
-            arr = self._open.get(ref.cache_file)
-            if arr is None:
-                arr = self._open[ref.cache_file] = open_cache(self.cache_dir / ref.cache_file)
-            out.append(np.asarray(arr[name][ref.row]))
-        return np.stack(out)
 
 
 def embed_refs(
@@ -218,6 +168,11 @@ class LoadedIndex:
     embedder: Embedder
     refs: list[SliceRef]
     store: SliceStore
+
+    @property
+    def calibration(self) -> Calibration:
+        """The thresholds this index was calibrated with."""
+        return Calibration.from_manifest(self.manifest["calibration"])
 
 
 def load_index(ws: Workspace) -> LoadedIndex:

@@ -13,7 +13,7 @@ import json
 import re
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +22,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
-from PIL import Image, UnidentifiedImageError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -38,6 +37,7 @@ from pipeline.catalog import (
     write_session,
 )
 from pipeline.errors import PipelineError
+from pipeline.imageio import read_png, short_reason
 from pipeline.labels import LabelSchema
 from pipeline.preprocess import (
     DEFAULT_WINDOW,
@@ -47,12 +47,12 @@ from pipeline.preprocess import (
     resized_spacing,
     window_to_unit,
 )
+from pipeline.progress import Progress
 from pipeline.splits import SPLITS, assign_splits, check_required
 from pipeline.workspace import Workspace
 
 FORMATS = ("auto", "mmwhs", "nnunet", "png")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-Progress = Callable[[Iterable[Any]], Iterable[Any]]
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
     try:
         img = nib.load(path)
     except Exception as exc:  # nibabel raises many types for damaged files
-        raise PipelineError(f"cannot read NIfTI header ({_reason(exc)})", path=path) from None
+        raise PipelineError(f"cannot read NIfTI header ({short_reason(exc)})", path=path) from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise PipelineError("not a NIfTI image", path=path)
     shape = img.shape
@@ -244,11 +244,6 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
             f"{len(shape)}-D volume {tuple(shape)}; expected a 3-D volume", path=path
         )
     return img
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
 
 
 def check_pair_headers(spec: VolumeSpec) -> None:
@@ -300,7 +295,7 @@ def _read_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
         return np.asanyarray(img.dataobj)
     except Exception as exc:
         raise PipelineError(
-            f"corrupt or truncated image data ({_reason(exc)})", path=path
+            f"corrupt or truncated image data ({short_reason(exc)})", path=path
         ) from None
 
 
@@ -353,39 +348,6 @@ def load_nifti(spec: VolumeSpec, cfg: IngestConfig) -> LoadedVolume:
         original_spacing=[round(float(s), 6) for s in zooms],
         z_spacing=float(zooms[2]),
     )
-
-
-def read_png(path: Path, *, mask: bool) -> np.ndarray:
-    """A grey PNG as an array: masks as stored, images as float32 display units 0-255.
-
-    Grey stored as RGB(A) is accepted; real colour, or an unreadable file, is a PipelineError.
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            arr = np.asarray(im)
-    except Image.DecompressionBombError as exc:
-        raise PipelineError(
-            f"PNG is too large to be a CT slice ({_reason(exc)})", path=path
-        ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise PipelineError(f"unreadable PNG ({_reason(exc)})", path=path) from None
-    if arr.ndim == 3 and arr.shape[-1] == 2:  # grey + alpha (LA): the alpha is not the image
-        arr = arr[..., 0]
-    if arr.ndim == 3:
-        rgb = arr[..., :3]
-        if not (
-            np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
-        ):
-            kind = "mask" if mask else "image"
-            raise PipelineError(f"{kind} is colour ({mode}); expected single-channel", path=path)
-        arr = rgb[..., 0]
-    if mask:
-        return arr
-    if arr.dtype == np.uint16 or mode.startswith("I;16"):
-        return arr.astype(np.float32) * np.float32(255.0 / 65535.0)
-    return arr.astype(np.float32)
 
 
 def load_png(spec: VolumeSpec) -> LoadedVolume:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -26,6 +24,7 @@ from pipeline.atomic import atomic_write
 from pipeline.labels import MMWHS_LABELS
 from pipeline.preprocess import display_to_ras
 from pipeline.preview import grid, overlay, save_png, to_uint8
+from pipeline.progress import Progress
 
 FOV_MM = 380.0  # in-plane field of view
 Z_EXTENT_MM = 160.0  # cranio-caudal coverage: below the apex to above the pulmonary bifurcation
@@ -305,7 +304,7 @@ def write_phantom(
     size: int = 256,
     n_slices: int = 64,
     workers: int = 0,
-    progress: Callable[[Iterable[Any]], Iterable[Any]] = iter,
+    progress: Progress = iter,
 ) -> list[Path]:
     """Write ``volumes`` pairs ``ct_XXXX_image.nii.gz`` / ``ct_XXXX_label.nii.gz`` into ``out``.
 

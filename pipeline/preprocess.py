@@ -1,9 +1,12 @@
-"""Pure preprocessing of slices: HU windowing, square padding, anti-aliased and nearest resizing."""
+"""Pure preprocessing of slices: HU windowing, square padding, anti-aliased and nearest resizing,
+centring."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+
+from pipeline.augment import shift
 
 #: Default HU window: air to dense contrast/bone; recorded per source so exports map back to HU.
 DEFAULT_WINDOW: tuple[float, float] = (-1024.0, 2048.0)
@@ -22,6 +25,27 @@ def unit_to_hu(unit: np.ndarray, window: tuple[float, float] = DEFAULT_WINDOW) -
     """Inverse of :func:`window_to_unit` (exact inside the window), as float32 HU."""
     lo, hi = window
     return np.asarray(unit, dtype=np.float32) * np.float32(hi - lo) + np.float32(lo)
+
+
+def stored_to_unit(
+    values: np.ndarray, *, units: str, window: tuple[float, float] | None
+) -> np.ndarray:
+    """Stored pixel values → [0, 1], the one reading every stage shares: HU through the
+    ``window`` (``units == "HU"``), display units 0–255 divided by 255 (``window`` unused)."""
+    if units == "HU":
+        if window is None:
+            raise ValueError("HU values need a window")
+        return window_to_unit(values, window)
+    return np.asarray(values, dtype=np.float32) / np.float32(255.0)
+
+
+def unit_scale(units: str, window: tuple[float, float] | None) -> float:
+    """How many stored units the [0, 1] range spans (the HU window's width, or 255)."""
+    if units == "HU":
+        if window is None:
+            raise ValueError("HU values need a window")
+        return float(window[1] - window[0])
+    return 255.0
 
 
 def ras_to_display(volume: np.ndarray) -> np.ndarray:
@@ -104,3 +128,19 @@ def resized_spacing(
 def foreground_fraction(mask: np.ndarray) -> float:
     """Share of pixels that are not background."""
     return float(np.count_nonzero(mask)) / float(mask.size)
+
+
+def centre(image: np.ndarray) -> np.ndarray:
+    """Move an image so its intensity centroid sits at the centre (whole pixels, air-filled).
+
+    Both the index and the queries are centred, so a shifted copy embeds like its source.
+    """
+    h, w = image.shape
+    weights = image - image.min()
+    total = float(weights.sum())
+    if total <= 0:
+        return image
+    cy = float((weights.sum(axis=1) * np.arange(h)).sum() / total)
+    cx = float((weights.sum(axis=0) * np.arange(w)).sum() / total)
+    dy, dx = round((h - 1) / 2 - cy), round((w - 1) / 2 - cx)
+    return image if dy == 0 and dx == 0 else shift(image, dy, dx)

@@ -1,42 +1,34 @@
-"""Judging candidates: the privacy filter on a batch, quality metrics, gates and the report.
+"""`pipeline evaluate`: quality metrics of a run and a candidate batch, the gates, the report.
 
-`filter_batch` runs the same scoring as `pipeline filter` (``score_images``) on a batch's
-NIfTI files and stores every verdict. `evaluate` computes paired fidelity on held-out masks and
-distribution distances in a named feature space, applies the gates and writes a report folder.
+`evaluate` computes paired fidelity on held-out masks and distribution distances in a named
+feature space, judges them with :func:`apply_gates` (pure) and writes a report folder. A batch
+must have been through the privacy filter first (``pipeline.filtering.filter_batch``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.atomic import atomic_write
-from pipeline.catalog import CandidateBatch, utcnow, write_session
+from pipeline.candidates import batch_images, batch_row
+from pipeline.catalog import write_session
 from pipeline.errors import PipelineError
-from pipeline.generate import (
-    _model_cfg,
-    _run_row,
-    batch_units,
-    heldout_refs,
-    load_generator,
-    read_candidate_image,
-)
-from pipeline.index import SliceStore, load_index, slice_refs
-from pipeline.labels import LabelSchema
 from pipeline.metrics import frechet_of_features, paired_fidelity, prdc
-from pipeline.preprocess import resize_image
+from pipeline.preprocess import resize_image, unit_scale
 from pipeline.preview import overlay, to_uint8
+from pipeline.progress import Progress
+from pipeline.runs import find_run, load_generator
+from pipeline.slices import HELDOUT, SliceStore, load_slices, workspace_refs
 from pipeline.workspace import Workspace
 
-Progress = Callable[[Iterable[Any]], Iterable[Any]]
 FeatureFn = Callable[[np.ndarray], np.ndarray]
 
 
@@ -50,64 +42,6 @@ class GateConfig:
     features: str = "encoder"  # encoder | pixel
     encoder_steps: int = 300  # when the workspace has no trained encoder yet
     seed: int = 0
-
-
-def _batch(session: Session, name: str) -> CandidateBatch:
-    batch = session.scalar(select(CandidateBatch).where(CandidateBatch.name == name))
-    if batch is None:
-        raise PipelineError(f"no candidate batch {name!r} (run 'pipeline generate')")
-    return batch
-
-
-def batch_images(ws: Workspace, name: str) -> tuple[list[int], list[str], np.ndarray]:
-    """Candidate ids, names and [0, 1] images of a batch, read back from its NIfTI files."""
-    with Session(ws.engine) as session:
-        batch = _batch(session, name)
-        units = batch.units
-        window = tuple(json.loads((ws.candidates_dir / name / "batch.json").read_text())["window"])
-        rows = [(c.id, c.name) for c in batch.candidates]
-    if not rows:
-        raise PipelineError(f"batch {name!r} has no candidates", path=ws.candidates_dir / name)
-    images = []
-    for _, cand in rows:
-        path = ws.candidates_dir / name / "images" / f"{cand}.nii.gz"
-        if not path.exists():
-            raise PipelineError("candidate image missing (re-run generate)", path=path)
-        images.append(read_candidate_image(path, units=units, window=window))
-    return [r[0] for r in rows], [r[1] for r in rows], np.stack(images)
-
-
-def filter_batch(ws: Workspace, name: str, *, progress: Progress = iter) -> dict[str, Any]:
-    """Score every candidate of a batch against the source index; store scores and flags."""
-    from pipeline.catalog import Candidate
-    from pipeline.filtering import score_images
-
-    loaded = load_index(ws)
-    ids, names, images = batch_images(ws, name)
-    results = score_images(loaded, images, names, progress=progress)
-    cal = loaded.manifest["calibration"]
-    summary = {
-        "count": len(results),
-        "flagged": sum(r.flagged for r in results),
-        "threshold": cal["threshold"],
-        "texture_threshold": cal.get("texture_threshold"),
-        "quantile": cal["quantile"],
-        "n_baseline": cal["n_baseline"],
-        "embedder": loaded.manifest["embedder"],
-        "index_catalog": loaded.manifest["catalog"],
-        "scores": [r.score for r in results],
-        "textures": [r.texture for r in results],
-    }
-    with write_session(ws.engine) as session:
-        for cid, r in zip(ids, results, strict=True):
-            row = session.get(Candidate, cid)
-            row.privacy_score, row.texture_score = r.score, r.texture
-            row.privacy_margin, row.flagged = r.margin, r.flagged
-            row.nearest_slice_id = r.nearest_slice
-        batch = _batch(session, name)
-        batch.privacy = {k: v for k, v in summary.items() if k not in ("scores", "textures")}
-        batch.filtered_at = utcnow()
-    return summary
 
 
 def feature_extractor(
@@ -131,8 +65,7 @@ def feature_extractor(
     folder = next((f for f in (ws.index_dir, ws.root / "features") if (f / CONFIG).exists()), None)
     if folder is None:
         folder = ws.root / "features"
-        with Session(ws.engine) as session:
-            refs = [r for r in slice_refs(session) if r.split == "train"]
+        refs = workspace_refs(ws, ["train"])
         train_encoder(
             SliceStore(ws.cache_dir, refs),
             refs,
@@ -168,9 +101,7 @@ def real_halves(patients: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def _heldout(ws: Workspace, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from pipeline.train import load_slices
-
-    refs = heldout_refs(ws)
+    refs = workspace_refs(ws, HELDOUT)
     if not refs:
         raise PipelineError("no held-out (val/test) patients to evaluate on", path=ws.root)
     images, masks = load_slices(ws, refs, size)
@@ -183,6 +114,56 @@ def _summary(values: np.ndarray) -> dict[str, float]:
     if not len(v):
         return {"mean": float("nan"), "median": float("nan"), "min": float("nan")}
     return {"mean": float(v.mean()), "median": float(np.median(v)), "min": float(v.min())}
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """The gates' judgement of one evaluation: each gate's row, and whether all passed."""
+
+    results: list[dict[str, Any]]
+    passed: bool
+
+    @property
+    def failed(self) -> list[str]:
+        """Names of the gates that failed."""
+        return [g["gate"] for g in self.results if not g["passed"]]
+
+
+def apply_gates(
+    cfg: GateConfig,
+    *,
+    heldout_ssim: float,
+    fd_ratio: float,
+    feature_space: str,
+    flagged_fraction: float | None = None,
+) -> GateVerdict:
+    """Judge the figures against ``cfg``'s thresholds (the flagged-fraction gate only for a
+    batch, ``flagged_fraction`` not None). Pure: numbers in, verdict out."""
+    results = [
+        {
+            "gate": "min_heldout_ssim",
+            "value": heldout_ssim,
+            "threshold": cfg.min_heldout_ssim,
+            "passed": heldout_ssim >= cfg.min_heldout_ssim,
+        },
+        {
+            "gate": "max_fd_ratio",
+            "feature_space": feature_space,
+            "value": fd_ratio,
+            "threshold": cfg.max_fd_ratio,
+            "passed": bool(fd_ratio <= cfg.max_fd_ratio),
+        },
+    ]
+    if flagged_fraction is not None:
+        results.append(
+            {
+                "gate": "max_flagged_fraction",
+                "value": flagged_fraction,
+                "threshold": cfg.max_flagged_fraction,
+                "passed": flagged_fraction <= cfg.max_flagged_fraction,
+            }
+        )
+    return GateVerdict(results, all(g["passed"] for g in results))
 
 
 def evaluate(
@@ -201,15 +182,14 @@ def evaluate(
     batch, else the paired generations) and the real held-out slices in the named feature space,
     against a real-vs-real baseline (two seeded halves of the held-out slices).
     """
-    from pipeline.train import generate_images
+    from models.gan import generate_images
 
-    row, config = _run_row(ws, run)
-    model_cfg = _model_cfg(config)
-    schema = LabelSchema.from_mapping(config["label_schema"])
-    units, window = batch_units(config)
-    scale = (window[1] - window[0]) if units == "HU" else 255.0
+    trained = find_run(ws, run)
+    model_cfg, schema = trained.model, trained.schema
+    units, window = trained.units
+    scale = unit_scale(units, window)
     real, masks, patients = _heldout(ws, model_cfg.size)
-    generator = load_generator(row.generator_path, row.generator_sha256)
+    generator = load_generator(trained.generator_path, trained.generator_sha256)
     fake = generate_images(generator, masks, model_cfg)
     paired = paired_fidelity(real, fake, masks, class_names=list(schema.names), scale=scale)
 
@@ -219,13 +199,18 @@ def evaluate(
     if batch is not None:
         _, _, cand = batch_images(ws, batch)
         with Session(ws.engine) as session:
-            b = _batch(session, batch)
-            if b.run_id != row.id:
+            b = batch_row(session, batch)
+            if b.run_id != trained.id:
                 raise PipelineError(f"batch {batch!r} was not generated by run {run!r}")
             privacy = b.privacy
             flags = [c.flagged for c in b.candidates]
             scores = [c.privacy_score for c in b.candidates]
             textures = [c.texture_score for c in b.candidates]
+        if privacy is None:
+            raise PipelineError(
+                f"batch {batch!r} has not been through the privacy filter "
+                "(run 'pipeline filter --batch')"
+            )
     else:
         cand = fake
     f_cand = features(cand)
@@ -249,44 +234,18 @@ def evaluate(
     if inception_weights is not None:
         distribution["fid_inception_v3"] = inception_fid(real, cand, inception_weights)
 
-    ssim_mean = float(np.mean(paired["ssim"]))
-    gates = [
-        {
-            "gate": "min_heldout_ssim",
-            "value": ssim_mean,
-            "threshold": cfg.min_heldout_ssim,
-            "passed": ssim_mean >= cfg.min_heldout_ssim,
-        },
-        {
-            "gate": "max_fd_ratio",
-            "feature_space": space,
-            "value": distribution["frechet_ratio"],
-            "threshold": cfg.max_fd_ratio,
-            "passed": bool(distribution["frechet_ratio"] <= cfg.max_fd_ratio),
-        },
-    ]
-    privacy_block = None
-    if batch is not None:
-        if privacy is None:
-            raise PipelineError(
-                f"batch {batch!r} has not been through the privacy filter "
-                "(run 'pipeline filter --batch')"
-            )
-        fraction = sum(bool(f) for f in flags) / max(len(flags), 1)
-        gates.append(
-            {
-                "gate": "max_flagged_fraction",
-                "value": fraction,
-                "threshold": cfg.max_flagged_fraction,
-                "passed": fraction <= cfg.max_flagged_fraction,
-            }
-        )
-        privacy_block = {**privacy, "flagged_fraction": fraction}
-    passed = all(g["passed"] for g in gates)
+    fraction = None if batch is None else sum(bool(f) for f in flags) / max(len(flags), 1)
+    verdict = apply_gates(
+        cfg,
+        heldout_ssim=float(np.mean(paired["ssim"])),
+        fd_ratio=distribution["frechet_ratio"],
+        feature_space=space,
+        flagged_fraction=fraction,
+    )
     report = {
         "run": run,
         "batch": batch,
-        "generator_sha256": row.generator_sha256,
+        "generator_sha256": trained.generator_sha256,
         "units": units,
         "paired": {
             "n": len(real),
@@ -297,8 +256,8 @@ def evaluate(
             f"structure_mae_{'hu' if units == 'HU' else 'display'}": paired["structure_mae_units"],
         },
         "distribution": distribution,
-        "privacy": privacy_block,
-        "gates": {"config": asdict(cfg), "results": gates, "passed": passed},
+        "privacy": None if privacy is None else {**privacy, "flagged_fraction": fraction},
+        "gates": {"config": asdict(cfg), "results": verdict.results, "passed": verdict.passed},
     }
     out = (ws.candidates_dir / batch / "report") if batch else (ws.runs_dir / run / "evaluation")
     report["report_dir"] = str(out)
@@ -310,7 +269,7 @@ def evaluate(
         masks=masks,
         ssim=paired["ssim"],
         privacy=None
-        if batch is None
+        if privacy is None
         else {
             "scores": scores,
             "textures": textures,
@@ -320,11 +279,11 @@ def evaluate(
     )
     if batch is not None:
         with write_session(ws.engine) as session:
-            b = _batch(session, batch)
+            b = batch_row(session, batch)
             b.gates = report["gates"] | {
                 "metrics": {"paired": report["paired"], "distribution": distribution}
             }
-            b.gates_passed = passed
+            b.gates_passed = verdict.passed
     return report
 
 

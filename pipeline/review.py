@@ -1,9 +1,10 @@
-"""Physician review: accounts, login with rate limiting, append-only decisions, derived state.
+"""Physician review: accounts, login with rate limiting, append-only decisions, the queue.
 
-Business rules live here (the Streamlit app and `pipeline export` both need them): who may log
-in, what a decision may be, how the current state of a candidate follows from the append-only
-decision log under the review policy, the queue order, undo, honeypots and the audit export.
-Functions take a SQLAlchemy ``Session``; the caller owns the transaction.
+Business rules of the review stage live here (the Streamlit app and the CLI call them): who may
+log in, what a decision may be, what a reviewer may see, the queue order, undo, honeypots, the
+audit export and imports. How a candidate's state follows from the decision log is
+``pipeline.decisions`` (export needs it too). Functions take a SQLAlchemy ``Session``; the
+caller owns the transaction.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import hmac
 import io
 import random
 import secrets
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -29,13 +30,15 @@ from pipeline.catalog import (
     Decision,
     LoginEvent,
     Reviewer,
+    read_session,
     utcnow,
+    write_session,
 )
+from pipeline.decisions import CandidateState, candidate_states, effective_decisions
 from pipeline.errors import PipelineError
 from pipeline.validate import csv_cell, csv_uncell, reviewer_name
 
 ROLES = ("reviewer", "admin", "demo")
-POLICIES = ("one", "two")
 REJECT_REASONS = (
     "too similar to a source scan",
     "anatomically implausible",
@@ -173,85 +176,6 @@ def authenticate(
     if not ok:
         raise PipelineError("wrong name or password")
     return row
-
-
-@dataclass
-class CandidateState:
-    """A candidate's current state, derived from the decision log."""
-
-    id: int
-    batch: str
-    name: str
-    flagged: bool
-    honeypot: bool
-    state: str  # flagged | unreviewed | accepted | rejected | disagreement | needs-second
-    accepts: list[str] = field(default_factory=list)
-    rejects: list[str] = field(default_factory=list)
-    decisions: int = 0
-    decided_by: list[int] = field(default_factory=list)  # reviewer ids with a decision in effect
-
-
-def effective_decisions(session: Session) -> dict[int, dict[int, Decision]]:
-    """candidate id → reviewer id → that reviewer's current decision (undos applied)."""
-    undone = set(session.scalars(select(Decision.undoes_id).where(Decision.undoes_id.is_not(None))))
-    current: dict[int, dict[int, Decision]] = defaultdict(dict)
-    for d in session.scalars(
-        select(Decision).where(Decision.decision != "undo").order_by(Decision.id)
-    ):
-        if d.id not in undone:  # an undone decision gives way to the one before it
-            current[d.candidate_id][d.reviewer_id] = d  # later rows supersede earlier ones
-    return current
-
-
-def derive_state(flagged: bool, accepts: int, rejects: int, policy: str) -> str:
-    """The review policy: ``one`` accept suffices, or ``two`` reviewers must accept; any
-    reject against an accept is a disagreement for an admin; flagged is final."""
-    if policy not in POLICIES:
-        raise PipelineError(f"unknown review policy {policy!r}; choose one of {POLICIES}")
-    if flagged:
-        return "flagged"
-    if accepts and rejects:
-        return "disagreement"
-    if rejects:
-        return "rejected"
-    if accepts >= (1 if policy == "one" else 2):
-        return "accepted"
-    return "needs-second" if accepts else "unreviewed"
-
-
-def candidate_states(
-    session: Session, *, policy: str, batch: str | None = None
-) -> list[CandidateState]:
-    """Every candidate of the filtered batches (or one batch) with its derived state."""
-    names = dict(session.execute(select(Reviewer.id, Reviewer.name)).all())
-    current = effective_decisions(session)
-    stmt = select(Candidate, CandidateBatch).join(CandidateBatch)
-    if batch is not None:
-        stmt = stmt.where(CandidateBatch.name == batch)
-    out = []
-    for cand, b in session.execute(stmt.order_by(CandidateBatch.id, Candidate.index)).all():
-        honeypot = b.masks == "honeypot"
-        if cand.flagged is None and not honeypot:
-            continue  # not through the privacy filter yet: never reviewable
-        mine = current.get(cand.id, {})
-        accepts = sorted(names[r] for r, d in mine.items() if d.decision == "accept")
-        rejects = sorted(names[r] for r, d in mine.items() if d.decision == "reject")
-        flagged = bool(cand.flagged) and not honeypot
-        out.append(
-            CandidateState(
-                id=cand.id,
-                batch=b.name,
-                name=cand.name,
-                flagged=flagged,
-                honeypot=honeypot,
-                state=derive_state(flagged, len(accepts), len(rejects), policy),
-                accepts=accepts,
-                rejects=rejects,
-                decisions=len(mine),
-                decided_by=sorted(mine),
-            )
-        )
-    return out
 
 
 #: States no further vote can change (a disagreement waits for an admin, so it is not final).
@@ -580,40 +504,21 @@ def import_decisions(session: Session, reviewer: Reviewer, text: str) -> int:
     return len(rows)
 
 
-def states_json(states: list[CandidateState]) -> list[dict[str, Any]]:
-    """JSON-ready candidate states."""
-    return [asdict(s) for s in states]
-
-
-def nearest_sources(loaded: Any, image: Any, *, k: int = 3) -> list[dict[str, Any]]:
-    """The k source slices most similar to ``image`` (a [0, 1] slice), each with the filter's
-    aligned SSIM and texture score, best first: what the reviewer compares by eye."""
-    import numpy as np
-
-    from pipeline.index import search_both_ways
-    from pipeline.privacy import aligned_scores
-
-    cfg = loaded.manifest["config"]
-    _, ids = search_both_ways(loaded.index, loaded.embedder, image[None], 4 * k)
-    cand = list(dict.fromkeys(int(i) for i in ids[0] if i >= 0))
-    sources = loaded.store.images(cand)
-    ssim, texture = aligned_scores(
-        image,
-        sources,
-        max_shift=int(cfg["max_shift"]),
-        smooth=float(cfg.get("smooth", 0.0)),
-    )
-    order = np.argsort(-ssim)[:k]
-    return [
-        {
-            "slice_id": cand[j],
-            "patient": loaded.store.refs[cand[j]].patient,
-            "ssim": float(ssim[j]),
-            "texture": float(texture[j]),
-            "image": sources[j],
-        }
-        for j in order
-    ]
+def import_decision_file(engine: Any, reviewer_id: int, path: Path) -> int:
+    """`decisions import`: read a CSV (bounded), check every row without the write lock (a bad
+    file never blocks the app), then record all rows in one transaction. Errors name the file."""
+    try:
+        if path.stat().st_size > MAX_IMPORT_BYTES:
+            raise PipelineError(f"CSV is larger than {MAX_IMPORT_BYTES // 2**20} MiB")
+        text = path.read_text()
+        with read_session(engine) as session:
+            check_decisions(session, session.get(Reviewer, reviewer_id), text)
+        with write_session(engine) as session:
+            return import_decisions(session, session.get(Reviewer, reviewer_id), text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"unreadable CSV ({exc})", path=path) from None
+    except PipelineError as exc:
+        raise PipelineError(exc.message, path=path) from None
 
 
 #: A logged-in session ends after this many idle seconds.
@@ -634,8 +539,6 @@ def open_session_reviewer(
 def login(engine: Any, name: str, password: str) -> dict[str, Any]:
     """:func:`authenticate` in its own transaction, committing the logged attempt even when
     the login fails. Returns the reviewer's id, name and role."""
-    from pipeline.catalog import write_session
-
     failure: PipelineError | None = None
     with write_session(engine) as session:
         try:

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,19 +26,19 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from models.config import GanConfig
 from pipeline import __version__
 from pipeline.atomic import atomic_write
 from pipeline.augment import affine_warp, random_affine
 from pipeline.catalog import PatientSplit, Run, Source, get_meta, utcnow, write_session
 from pipeline.errors import PipelineError
-from pipeline.index import SliceStore, slice_refs
-from pipeline.preprocess import resize_image, resize_mask
 from pipeline.preview import PALETTE, grid, save_png, to_uint8
 from pipeline.privacy import ssim_batch
+from pipeline.progress import Progress
+from pipeline.slices import load_split
 from pipeline.validate import path_name
 from pipeline.workspace import Workspace
 
-Progress = Callable[[Iterable[Any]], Iterable[Any]]
 StepCallback = Callable[[int, dict[str, float]], None]
 
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
@@ -86,28 +86,6 @@ class TrainReport:
     chief: bool
 
 
-def load_slices(ws: Workspace, refs: list[Any], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cached slices by reference: images (N, size, size) float32, masks (N, size, size) uint8,
-    resized (images anti-aliased, masks nearest) when the cache holds another size."""
-    if not refs:
-        return np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.uint8)
-    store = SliceStore(ws.cache_dir, refs)
-    ids = [r.slice_id for r in refs]
-    images, masks = store.images(ids), store.masks(ids)
-    if images.shape[1] != size:
-        images = np.stack([resize_image(im, size) for im in images])
-        masks = np.stack([resize_mask(m, size) for m in masks])
-    return images.astype(np.float32), masks.astype(np.uint8)
-
-
-def load_split(ws: Workspace, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """All slices of one split: images (N, size, size, 1) float32, masks (N, size, size) uint8."""
-    with Session(ws.engine) as session:
-        refs = [r for r in slice_refs(session) if r.split == split]
-    images, masks = load_slices(ws, refs, size)
-    return images[..., None], masks
-
-
 def batch_order(n: int, batch: int, steps: int, seed: int) -> np.ndarray:
     """(steps, batch) example indices: one seeded permutation per epoch, remainder dropped.
 
@@ -137,15 +115,6 @@ def augment_pair(
     out_image = affine_warp(image, params, order=1, cval=float(image.min()))
     out_mask = affine_warp(mask, params, order=0, cval=0)
     return out_image.astype(np.float32), out_mask.astype(np.uint8)
-
-
-def encode_condition(masks: Any, num_classes: int, kind: str) -> Any:
-    """Masks → generator input: one-hot channels, or the label map scaled to [0, 1]."""
-    import tensorflow as tf
-
-    if kind == "onehot":
-        return tf.one_hot(tf.cast(masks, tf.int32), num_classes, dtype=tf.float32)
-    return tf.cast(masks, tf.float32)[..., None] / float(max(num_classes - 1, 1))
 
 
 # oneDNN's ISA levels (``ONEDNN_MAX_CPU_ISA``) that still run native bfloat16 kernels; any other
@@ -319,7 +288,7 @@ def make_dataset(
     images: np.ndarray,
     masks: np.ndarray,
     order: np.ndarray,
-    cfg: Any,
+    cfg: GanConfig,
     *,
     start: int,
     seed: int,
@@ -333,6 +302,8 @@ def make_dataset(
     batch. ``context`` is a ``tf.distribute.InputContext`` (None: one replica).
     """
     import tensorflow as tf
+
+    from models.gan import encode_condition
 
     replicas, pipelines, pipeline_id = 1, 1, 0
     if context is not None:
@@ -404,14 +375,14 @@ def _check_resume(run_dir: Path, config: dict[str, Any], opts: TrainOptions, chi
 
 def train(
     ws: Workspace,
-    cfg: Any,
+    cfg: GanConfig,
     opts: TrainOptions,
     *,
     progress: Progress = iter,
     on_step: StepCallback | None = None,
     cpuinfo: str = "",
 ) -> TrainReport:
-    """Train ``cfg`` (a ``models.gan.GanConfig``) on the workspace's training split.
+    """Train ``cfg`` on the workspace's training split.
 
     ``cfg.precision`` may be ``float32``, ``mixed`` or ``auto`` (resolved for this machine
     with ``cpuinfo``, the text of /proc/cpuinfo). ``on_step(step, metrics)`` is called after
@@ -605,31 +576,9 @@ def train(
     )
 
 
-def generate_images(generator: Any, masks: np.ndarray, cfg: Any, *, batch: int = 16) -> np.ndarray:
-    """(N, S, S) float32 images in [0, 1] for (N, S, S) class-index masks, deterministically.
-
-    Inference mode (batch-norm moving statistics). Every call runs the model on batches of
-    exactly ``batch`` masks, padding the last one with empty masks: oneDNN picks its convolution
-    kernel (and so the float rounding) by the batch shape, and on some CPUs (AVX2) a batch of 3
-    and a batch of 16 round differently. With one fixed shape an image's bytes depend only on its
-    mask, not on how many others ran beside it or where it sat in the batch (measured on AVX-512
-    and on oneDNN limited to AVX2).
-    """
-    out = []
-    for i in range(0, len(masks), batch):
-        chunk = np.asarray(masks[i : i + batch])
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
-        cond = encode_condition(chunk, cfg.num_classes, cfg.condition)
-        out.append(np.asarray(generator(cond, training=False), dtype=np.float32)[:n, ..., 0])
-    size = masks.shape[1] if masks.ndim == 3 else 0
-    return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)
-
-
 def _evaluate(
     generator: Any,
-    cfg: Any,
+    cfg: GanConfig,
     images: np.ndarray,
     masks: np.ndarray,
     run_dir: Path,
@@ -642,6 +591,8 @@ def _evaluate(
     ``generator`` is a scratch copy: batch-statistics mode updates its moving averages.
     """
     import tensorflow as tf
+
+    from models.gan import encode_condition, generate_images
 
     if len(images) == 0:
         return {"ssim": None, "ssim_batchstats": None, "mae": None}

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,15 +32,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline import __version__
+from pipeline.candidates import read_batch_json, read_candidate
 from pipeline.catalog import Candidate, CandidateBatch, PatientSplit, Reviewer, Run
+from pipeline.decisions import candidate_states, effective_decisions
 from pipeline.errors import PipelineError
-from pipeline.preprocess import display_to_ras, ras_to_display, window_to_unit
+from pipeline.preprocess import display_to_ras
 from pipeline.preview import overlay
-from pipeline.review import candidate_states, effective_decisions
+from pipeline.privacy import Calibration
+from pipeline.progress import Progress
+from pipeline.render import gate_table, metrics_lines
 from pipeline.validate import path_name
 from pipeline.workspace import Workspace
 
-Progress = Callable[[Iterable[Any]], Iterable[Any]]
 TMP_PREFIX = ".export-tmp-"
 
 
@@ -225,7 +228,16 @@ def _out_folder(out: Path) -> Path:
     return out
 
 
-def build_bundle(ws: Workspace, cfg: ExportConfig, *, progress: Progress = iter) -> Path:
+@dataclass(frozen=True)
+class ExportReport:
+    """A built bundle: its folder, its zip beside it, and how many cases it holds."""
+
+    folder: Path
+    zip: Path
+    cases: int
+
+
+def build_bundle(ws: Workspace, cfg: ExportConfig, *, progress: Progress = iter) -> ExportReport:
     """Build ``cfg.out/DatasetNNN_Name`` (and ``.zip``) from the releasable candidates."""
     if not 1 <= cfg.dataset_id <= 999:
         raise PipelineError("--dataset-id must be 1–999 (nnU-Net's three digits)")
@@ -238,7 +250,7 @@ def build_bundle(ws: Workspace, cfg: ExportConfig, *, progress: Progress = iter)
         return _build(ws, cfg, out, progress)
 
 
-def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> Path:
+def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> ExportReport:
     folder_name = f"Dataset{cfg.dataset_id:03d}_{cfg.name}"
     target = out / folder_name
     if target.exists() or target.with_suffix(".zip").exists():
@@ -297,26 +309,16 @@ def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> P
             case = f"case_{n:04d}"
             src = ws.candidates_dir / r.batch
             if r.batch not in windows:
-                windows[r.batch] = tuple(json.loads((src / "batch.json").read_text())["window"])
-            image = ras_to_display(
-                np.asanyarray(nib.load(src / "images" / f"{r.name}.nii.gz").dataobj)
-            )
-            mask = ras_to_display(
-                np.asanyarray(nib.load(src / "masks" / f"{r.name}.nii.gz").dataobj)
-            )
+                windows[r.batch] = tuple(read_batch_json(src)["window"])
+            cand = read_candidate(src, r.name, units=r.units, window=windows[r.batch])
             data_dtype = np.int16 if r.units == "HU" else np.uint8
             files[f"imagesTr/{case}_0000.nii.gz"] = _nifti_gz(
-                display_to_ras(image), r.spacing, dtype=data_dtype
+                display_to_ras(cand.stored[None]), r.spacing, dtype=data_dtype
             )
             files[f"labelsTr/{case}.nii.gz"] = _nifti_gz(
-                display_to_ras(mask), r.spacing, dtype=np.uint8
+                display_to_ras(cand.mask[None]), r.spacing, dtype=np.uint8
             )
-            unit = (
-                window_to_unit(image[0], windows[r.batch])
-                if r.units == "HU"
-                else image[0].astype(np.float32) / 255.0
-            )
-            files[f"previews/{case}.png"] = _png(overlay(unit, mask[0].astype(np.uint8)))
+            files[f"previews/{case}.png"] = _png(overlay(cand.unit, cand.mask))
             cases.append(
                 {
                     "case": case,
@@ -388,7 +390,7 @@ def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> P
         for stale in out.glob(f"{TMP_PREFIX}{folder_name}-{os.getpid()}*"):
             stale.unlink(missing_ok=True) if stale.is_file() else shutil.rmtree(stale, True)
         raise
-    return target
+    return ExportReport(target, target.with_suffix(".zip"), len(cases))
 
 
 def _write_zip(path: Path, root: str, files: dict[str, bytes], epoch: int | None) -> None:
@@ -452,48 +454,25 @@ def _privacy_histogram(cases: list[dict[str, Any]], batches: dict[str, Any]) -> 
 
 
 def _quality_lines(manifest: dict[str, Any]) -> list[str]:
-    """The evaluation figures of each batch, each distribution number named by its space."""
+    """Each batch's evaluation figures and the gate table, as ``pipeline evaluate`` prints them."""
     lines = []
     for name, b in manifest["batches"].items():
         metrics = (b.get("gates") or {}).get("metrics")
-        if not metrics:
-            continue
-        p, d = metrics["paired"], metrics["distribution"]
-        line = (
-            f"- {name}: on {p['n']} held-out masks SSIM {p['ssim']['mean']:.3f}, PSNR "
-            f"{p['psnr_db']['mean']:.1f} dB, MAE {p['mae_unit']['mean']:.4f}; "
-            f"[{d['feature_space']}] Fréchet distance {d['frechet_distance']:.4g} vs "
-            f"real-vs-real {d['frechet_baseline_real_halves']:.4g}"
-        )
-        if d.get("prdc_k5"):
-            m = d["prdc_k5"]
-            line += (
-                f", precision {m['precision']:.2f} recall {m['recall']:.2f} density "
-                f"{m['density']:.2f} coverage {m['coverage']:.2f}"
-            )
-        lines.append(line + ".")
-    return lines
+        if metrics:
+            lines.append(f"**{name}**")
+            lines += [f"- {x}" for x in metrics_lines(metrics["paired"], metrics["distribution"])]
+            lines.append("")
+    gates = {n: (b.get("gates") or {}).get("results", []) for n, b in manifest["batches"].items()}
+    return lines + gate_table(gates, markdown=True)
 
 
 def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
     """DATASHEET.md (Gebru et al.'s sections) filled from the manifest."""
     n = dataset["numTraining"]
-    gates = []
-    for name, b in manifest["batches"].items():
-        for g in (b.get("gates") or {}).get("results", []):
-            space = f" [{g['feature_space']}]" if "feature_space" in g else ""
-            gates.append(
-                f"| {name} | {g['gate']}{space} | {g['value']:.4f} | {g['threshold']} | "
-                f"{'pass' if g['passed'] else 'FAIL'} |"
-            )
     priv = [b["privacy"] for b in manifest["batches"].values() if b.get("privacy")]
-    priv = [p for p in priv if "threshold" in p]
     thresholds = ", ".join(
-        f"SSIM > {p['threshold']:.4f}"
-        + (f" or texture > {p['texture_threshold']:.4f}" if p.get("texture_threshold") else "")
-        + f" (quantile {p['quantile']}, {p['n_baseline']} held-out-vs-training scores)"
-        for p in priv
-        if p
+        f"{cal.describe()} ({cal.provenance()})"
+        for cal in (Calibration.from_manifest(p) for p in priv if "threshold" in p)
     )
     margins = [c["privacy_margin"] for c in manifest["cases"]]
     labels = ", ".join(f"{k} = {v}" for k, v in dataset["labels"].items())
@@ -537,10 +516,6 @@ def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
         "",
         "## Quality",
         *_quality_lines(manifest),
-        "",
-        "| batch | gate | value | threshold | result |",
-        "|---|---|---:|---:|---|",
-        *gates,
         "",
         (
             f"Gates were overridden by an admin: {manifest['accept_failed_gate']}"

@@ -163,16 +163,15 @@ with tabs[0]:
             if show_mask:
                 st.markdown(legend_html(view.class_names), unsafe_allow_html=True)
         with right:
-            st.markdown("**Nearest source slices** (found and scored here as the filter scores)")
-            thr = loaded.manifest["calibration"]
+            cal = loaded.calibration
+            f = view.filtered
+            st.markdown("**Nearest source slices** (the filter's search and scorer)")
             st.caption(
-                f"Too similar above SSIM {thr['threshold']:.3f}"
-                + (
-                    f" or texture {thr['texture_threshold']:.3f}"
-                    if thr.get("texture_threshold") is not None
-                    else ""
-                )
-                + f" (calibrated, q{thr['quantile']})"
+                f"The filter stored: SSIM {f['ssim']:.3f} · texture {f['texture']:.3f} "
+                f"(nearest slice {f['nearest_slice']}); too similar when {cal.describe()} "
+                f"({cal.provenance()})."
+                if f["ssim"] is not None
+                else f"Not scored by the filter yet; too similar when {cal.describe()}."
             )
             cols = st.columns(len(near) or 1)
             for i, (col, n) in enumerate(zip(cols, near, strict=False), start=1):
@@ -182,7 +181,8 @@ with tabs[0]:
                             view.source_picture(n["image"], preset), alt=f"source {i} · {shown}"
                         )
                     )
-                    st.caption(f"{i}: SSIM {n['ssim']:.3f} · texture {n['texture']:.3f}")
+                    mirrored = " (mirrored)" if n["mirrored"] else ""
+                    st.caption(f"{i}: SSIM {n['ssim']:.3f} · texture {n['texture']:.3f}{mirrored}")
         with st.expander("Provenance"):
             st.json(view.provenance)
         st.text_input("Note (optional)", key="note")

@@ -6,18 +6,18 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import streamlit as st
 from PIL import Image
 
-from pipeline.catalog import Candidate, get_meta, read_session
-from pipeline.preprocess import ras_to_display, window_to_unit
+from pipeline.candidates import read_batch_json, read_candidate
+from pipeline.catalog import Candidate, read_session
+from pipeline.decisions import review_policy
+from pipeline.preprocess import window_to_unit
 from pipeline.preview import PALETTE, overlay, to_uint8
 from pipeline.workspace import Workspace, open_workspace
 
@@ -39,7 +39,7 @@ def open_ws(path: str) -> Workspace:
 def policy_of(ws: Workspace) -> str:
     """The workspace's review policy (``one`` unless set)."""
     with read_session(ws.engine) as session:
-        return get_meta(session, "review_policy") or "one"
+        return review_policy(session)
 
 
 def window_label(units: str, preset: str | None) -> str:
@@ -84,6 +84,7 @@ class CandidateView:
     mask: np.ndarray
     class_names: list[str]
     provenance: dict[str, Any]
+    filtered: dict[str, Any]  # the privacy filter's stored verdict: ssim, texture, nearest_slice
 
     def picture(self, preset: str | None, show_mask: bool) -> np.ndarray:
         """RGB uint8, enlarged to about 512 px, in the CT window ``preset``."""
@@ -108,7 +109,7 @@ def _candidate_view(root: str, candidate_id: int) -> CandidateView:
         c = session.get(Candidate, candidate_id)
         batch = c.batch
         folder = ws.candidates_dir / batch.name
-        meta = json.loads((folder / "batch.json").read_text())
+        meta = read_batch_json(folder)
         provenance = {
             "batch": batch.name,
             "run": meta["run"],
@@ -120,19 +121,22 @@ def _candidate_view(root: str, candidate_id: int) -> CandidateView:
             "seed": c.seed,
             "created": c.created_at.isoformat(),
         }
+        filtered = {
+            "ssim": c.privacy_score,
+            "texture": c.texture_score,
+            "nearest_slice": c.nearest_slice_id,
+        }
         name, units = c.name, batch.units
-    data = np.asanyarray(nib.load(folder / "images" / f"{name}.nii.gz").dataobj)
-    mask = ras_to_display(np.asanyarray(nib.load(folder / "masks" / f"{name}.nii.gz").dataobj))[0]
-    image = ras_to_display(data.astype(np.float32))[0]
-    lo, hi = meta["window"]
-    unit = window_to_unit(image, (lo, hi)) if units == "HU" else image / np.float32(255.0)
+    window = (float(meta["window"][0]), float(meta["window"][1]))
+    stored = read_candidate(folder, name, units=units, window=window)
     return CandidateView(
         units=units,
-        window=(float(lo), float(hi)),
-        unit=unit,
-        mask=mask.astype(np.uint8),
+        window=window,
+        unit=stored.unit,
+        mask=stored.mask,
         class_names=list(meta["label_schema"]),
         provenance=provenance,
+        filtered=filtered,
     )
 
 
@@ -175,18 +179,19 @@ def load_index_cached(ws: Workspace) -> Any:
 
 @st.cache_data(max_entries=256)
 def _neighbours(root: str, candidate_id: int, unit: np.ndarray) -> list[dict[str, Any]]:
-    from pipeline.review import nearest_sources
+    from pipeline.filtering import nearest_sources
 
     loaded = _load_index(root)
     return [
-        {"ssim": n["ssim"], "texture": n["texture"], "image": n["image"]}
+        {k: n[k] for k in ("slice_id", "ssim", "texture", "mirrored", "image")}
         for n in nearest_sources(loaded, unit, k=3)
     ]
 
 
 def neighbours_cached(ws: Workspace, candidate_id: int, unit: np.ndarray) -> list[dict[str, Any]]:
-    """The three nearest source slices of a candidate ([0, 1] images with their re-scored
-    SSIM and texture; cached per candidate). Draw them with ``CandidateView.source_picture``."""
+    """The three nearest source slices of a candidate ([0, 1] images with the SSIM and texture
+    the filter's scorer gives them; cached per candidate). Draw them with
+    ``CandidateView.source_picture``."""
     return _neighbours(str(ws.root), candidate_id, unit)
 
 

@@ -10,10 +10,9 @@ from sqlalchemy import func, select
 
 from pipeline.augment import add_noise, hflip, shift
 from pipeline.catalog import PrivacyCalibration, read_session
-from pipeline.embed import centre
-from pipeline.index import SliceStore, slice_refs
 from pipeline.phantom import make_volume
-from pipeline.preprocess import unit_to_hu
+from pipeline.preprocess import centre, unit_to_hu
+from pipeline.slices import SliceStore, slice_refs
 from pipeline.workspace import open_workspace
 from tests.conftest import run
 

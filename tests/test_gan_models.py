@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
+from models.config import preset
 from models.gan import (
     build_discriminator,
     build_generator,
     discriminator_loss,
     generator_losses,
-    preset,
 )
 
 

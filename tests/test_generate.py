@@ -74,7 +74,7 @@ def _rows(ws, batch):
             for c in b.candidates
         ]
         info = {"gates_passed": b.gates_passed, "privacy": b.privacy, "units": b.units}
-        from pipeline.index import slice_refs
+        from pipeline.slices import slice_refs
 
         splits = {r.slice_id: r.split for r in slice_refs(s)}
         spacing = {c.name: c.spacing for c in b.candidates}

@@ -334,7 +334,7 @@ def test_ingest_refuses_nan_and_infinite_voxels(phantom_dir, ws_path):
 
 
 def test_grey_alpha_pngs_are_read_as_grey(tmp_path):
-    from pipeline.ingest import read_png
+    from pipeline.imageio import read_png
 
     grey = np.tile(np.arange(32, dtype=np.uint8), (32, 1))
     Image.fromarray(np.stack([grey, grey], -1), mode="LA").save(tmp_path / "la.png")

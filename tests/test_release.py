@@ -13,10 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.candidates import write_candidate
 from pipeline.catalog import Candidate, CandidateBatch, Run, write_session
+from pipeline.decisions import derive_state
 from pipeline.errors import PipelineError
-from pipeline.generate import write_candidate
-from pipeline.review import add_reviewer, derive_state, record_decision
+from pipeline.review import add_reviewer, record_decision
 from pipeline.workspace import open_workspace
 from release.bundle import ExportConfig, build_bundle, is_releasable
 from release.verify import verify_bundle
@@ -191,7 +192,7 @@ def test_bundle_holds_exactly_the_releasable_set(tmp_path_factory, batches, poli
             with pytest.raises(PipelineError, match="nothing to export"):
                 build_bundle(ws, cfg)
         else:
-            bundle = build_bundle(ws, cfg)
+            bundle = build_bundle(ws, cfg).folder
             assert bundle_marks(bundle) == want
             assert verify_bundle(bundle) == []
             manifest = json.loads((bundle / "manifest.json").read_text())
@@ -249,7 +250,9 @@ def test_layout_follows_nnunet_v2_raw(simple, tmp_path):
     """nnU-Net's dataset_format.md: imagesTr/{case}_{XXXX}.nii.gz per channel,
     labelsTr/{case}.nii.gz, dataset.json with channel_names, labels (background 0,
     consecutive), numTraining, file_ending."""
-    bundle = build_bundle(open_workspace(simple, create=False), ExportConfig(out=tmp_path / "o"))
+    bundle = build_bundle(
+        open_workspace(simple, create=False), ExportConfig(out=tmp_path / "o")
+    ).folder
     ds = json.loads((bundle / "dataset.json").read_text())
     assert ds["channel_names"] == {"0": "CT"} and ds["file_ending"] == ".nii.gz"
     assert ds["labels"] == {"background": 0, "myocardium": 1, "left_ventricle": 2}
@@ -301,7 +304,7 @@ def test_crash_leaves_no_bundle_and_next_run_cleans_up(simple, tmp_path, monkeyp
     assert list(out.iterdir()) == []
     (out / ".export-tmp-Dataset500_CardiacSynth-99999").mkdir()  # a killed process's leftovers
     monkeypatch.undo()
-    bundle = build_bundle(ws, ExportConfig(out=out))
+    bundle = build_bundle(ws, ExportConfig(out=out)).folder
     assert sorted(p.name for p in out.iterdir()) == [bundle.name, bundle.name + ".zip"]
     with pytest.raises(PipelineError, match="bundle exists"):
         build_bundle(ws, ExportConfig(out=out))
@@ -335,7 +338,9 @@ def test_same_state_and_epoch_give_identical_bytes(simple, tmp_path, monkeypatch
 
 
 def test_reviewers_are_pseudonymous(simple, tmp_path):
-    bundle = build_bundle(open_workspace(simple, create=False), ExportConfig(out=tmp_path / "o"))
+    bundle = build_bundle(
+        open_workspace(simple, create=False), ExportConfig(out=tmp_path / "o")
+    ).folder
     text = "".join(p.read_text() for p in (bundle / "manifest.json", bundle / "DATASHEET.md"))
     assert "ann" not in text and "bob" not in text and "reviewer-1" in text
 
@@ -344,8 +349,8 @@ def test_reviewers_are_pseudonymous(simple, tmp_path):
 def real_pipeline(tmp_path_factory):
     """phantom (patient ids and header text made recognisable) → ingest → index → a 2-step run →
     generate --filter → every unflagged candidate accepted through the review functions."""
+    from pipeline.decisions import candidate_states
     from pipeline.phantom import write_phantom
-    from pipeline.review import candidate_states
 
     root = tmp_path_factory.mktemp("deid")
     src = root / "src"
@@ -428,7 +433,7 @@ def test_end_to_end_on_real_ct(tmp_path):
     14 slices makes images that look like that patient, so the calibrated filter rightly flags
     every candidate (asserted). The chain is then finished with an explicit threshold (0.9,
     recorded as explicit) and lenient gates, both stored and exported as such."""
-    from pipeline.review import candidate_states
+    from pipeline.decisions import candidate_states
     from tests.conftest import shared_dataset
 
     src = shared_dataset("hocm-2d")

@@ -21,14 +21,13 @@ from pipeline.catalog import (
     utcnow,
     write_session,
 )
+from pipeline.decisions import candidate_states, derive_state
 from pipeline.errors import PipelineError
 from pipeline.review import (
     MAX_FAILED,
     add_reviewer,
     authenticate,
-    candidate_states,
     decision_log,
-    derive_state,
     hash_password,
     import_decisions,
     log_csv,

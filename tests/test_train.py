@@ -129,7 +129,7 @@ def test_mirrored_on_two_logical_cpus(ws32):
 
 def _train(ws_path, **kw):
     """Library-level training on a workspace (tiny preset, 32², batch 8)."""
-    from models.gan import preset
+    from models.config import preset
     from pipeline.train import TrainOptions, train
 
     cfg_fields = {"size": 32, "batch": 8, "steps": kw.pop("steps")}
@@ -185,8 +185,9 @@ def test_resume_equals_straight_run(ws32):
 def test_generation_from_saved_generator_is_deterministic(ws32):
     import keras
 
-    from models.gan import preset
-    from pipeline.train import generate_images, load_split
+    from models.config import preset
+    from models.gan import generate_images
+    from pipeline.slices import load_split
 
     report = _train(ws32, steps=4, run="det")
     ws = open_workspace(ws32, create=False)

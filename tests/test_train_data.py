@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from models.gan import preset
+from models.config import preset
 from pipeline.errors import PipelineError
 from pipeline.train import (
     augment_pair,

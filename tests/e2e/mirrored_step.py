@@ -10,7 +10,8 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 
 import keras  # noqa: E402
 
-from models.gan import ConditionalGAN, preset  # noqa: E402
+from models.config import preset  # noqa: E402
+from models.gan import ConditionalGAN  # noqa: E402
 
 cfg = preset("tiny", size=32, batch=4, g_lr=0.05, d_lr=0.05)
 rng = np.random.default_rng(0)

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import func, select
 
 from pipeline.catalog import Decision, read_session, write_session
-from pipeline.review import candidate_states
+from pipeline.decisions import candidate_states
 from pipeline.workspace import open_workspace
 from tests.conftest import run
 
@@ -114,7 +114,7 @@ def test_review_in_a_real_browser(server, workspace_256, tmp_path):
         page.get_by_role("button", name="Log in").click()
         expect(page.get_by_role("button", name="Accept (a)")).to_be_visible(timeout=60_000)
 
-    from pipeline.review import candidate_states
+    from pipeline.decisions import candidate_states
 
     w = open_workspace(workspace_256, create=False)
     with read_session(w.engine) as s:

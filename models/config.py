@@ -1,0 +1,115 @@
+"""The conditional GAN's configuration: a frozen ``GanConfig`` and the named presets.
+
+No Keras or TensorFlow here: the CLI, the catalog and ``--help`` read configs without loading
+a deep-learning framework; ``models.gan`` builds models from them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+PRESETS = ("paper", "seed-code", "tiny")
+#: Keras dtype policies a model can be built with (variables stay float32 in the mixed ones).
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    """Everything that shapes the models and their optimisation."""
+
+    preset: str = "paper"
+    size: int = 256
+    num_classes: int = 8  # background + structures
+    condition: str = "onehot"  # "onehot" (num_classes channels) or "labelmap" (one channel)
+    g_filters: tuple[int, ...] = (64, 128, 256, 512, 512, 512, 512)  # one per stride-2 step
+    skips: bool = True
+    up_block: str = "paper"  # "paper": transposed conv + conv; "seed-code": see DESIGN.md
+    d_filters: tuple[int, ...] = (64, 128, 256, 512, 512)  # one per stride-2 layer
+    bn_momentum: float = 0.9
+    batch: int = 16  # global
+    steps: int = 100_000
+    g_lr: float = 1.3e-4
+    d_lr: float = 1.3e-4
+    beta1: float = 0.5
+    adv_weight: float = 0.012
+    l1_weight: float = 1.0
+    precision: str = "float32"  # a PRECISIONS policy; outputs and losses are always float32
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def depth(self) -> int:
+        """Generator stride-2 steps."""
+        return len(self.g_filters)
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels of the generator input."""
+        return self.num_classes if self.condition == "onehot" else 1
+
+    @property
+    def patch_map(self) -> int:
+        """Side of the discriminator's output map."""
+        return self.size // 2 ** len(self.d_filters)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (for ``runs/<run>/config.json``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> GanConfig:
+        """The config stored in a run's ``config.json`` (other keys, such as ``data`` or
+        ``train``, are ignored; JSON lists become the tuples they were)."""
+        fields = {k: config[k] for k in cls.__dataclass_fields__ if k in config}
+        for k in ("g_filters", "d_filters"):
+            if k in fields:
+                fields[k] = tuple(fields[k])
+        return cls(**fields)
+
+
+def preset(name: str, **overrides: Any) -> GanConfig:
+    """A named preset with field overrides; the generator's depth follows the image size.
+
+    ``tiny`` (32–64 px, base width 16) keeps the bottleneck at least 1×1: below 128² seven
+    stride-2 steps no longer fit, so depth = min(7, log2(size)).
+    """
+    if name == "paper":
+        cfg = GanConfig()
+    elif name == "seed-code":
+        cfg = GanConfig(
+            preset="seed-code",
+            condition="labelmap",
+            skips=False,
+            up_block="seed-code",
+            d_filters=(64, 128, 256, 512),
+            bn_momentum=0.8,
+            batch=8,
+            d_lr=1.5e-4,
+            adv_weight=1.0,
+            l1_weight=100.0,
+        )
+    elif name == "tiny":
+        cfg = GanConfig(
+            preset="tiny",
+            size=64,
+            g_filters=(16, 32, 64, 128, 128, 128, 128),
+            d_filters=(16, 32, 64),
+            batch=16,
+            steps=600,
+            g_lr=2e-4,
+            d_lr=2e-4,
+        )
+    else:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = replace(cfg, **overrides)
+    if cfg.size < 4 or cfg.size & (cfg.size - 1):
+        raise ValueError(f"size {cfg.size} must be a power of two ≥ 4")
+    depth = min(len(cfg.g_filters), int(math.log2(cfg.size)))
+    cfg = replace(cfg, g_filters=tuple(cfg.g_filters[:depth]))
+    # "mixed" / "auto" are requests that the training code resolves for the machine
+    if cfg.precision not in (*PRECISIONS, "mixed", "auto"):
+        raise ValueError(f"precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if cfg.size // 2 ** len(cfg.d_filters) < 1:
+        raise ValueError(f"{len(cfg.d_filters)} discriminator layers do not fit {cfg.size}²")
+    return cfg

@@ -1,0 +1,102 @@
+"""Results in words: the index build, the evaluation and the gate table.
+
+One renderer per kind of result, shared by the CLI (plain text) and the datasheet (Markdown), so
+a figure reads the same wherever it is shown. Pure: dicts in, strings out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.privacy import Calibration
+
+
+def describe_index(manifest: dict[str, Any]) -> str:
+    """Two lines on an index build: what is indexed, and the threshold with its provenance."""
+    cal = Calibration.from_manifest(manifest["calibration"])
+    return (
+        f"indexed {manifest['count']} slices ({manifest['embedder']}, {manifest['dim']}-d, "
+        f"{manifest['index']['type']}; {manifest['reused_embeddings']} embeddings reused)\n"
+        f"too similar: {cal.describe()} ({cal.provenance()})"
+    )
+
+
+def describe_privacy(privacy: dict[str, Any]) -> str:
+    """A batch's privacy verdict, e.g. ``7 of 64 flagged too similar (SSIM > 0.55 ...)``."""
+    rule = Calibration.from_manifest(privacy).describe()
+    return f"{privacy['flagged']} of {privacy['count']} flagged too similar ({rule})"
+
+
+def metrics_lines(paired: dict[str, Any], distribution: dict[str, Any]) -> list[str]:
+    """The evaluation figures: paired fidelity, per-structure error, and each distribution
+    number named by its feature space."""
+    p, d = paired, distribution
+    lines = [
+        f"paired on {p['n']} held-out slices: SSIM {p['ssim']['mean']:.3f} "
+        f"(median {p['ssim']['median']:.3f}), PSNR {p['psnr_db']['mean']:.1f} dB, "
+        f"MAE {p['mae_unit']['mean']:.4f} (of the [0, 1] range)",
+    ]
+    key = next((k for k in p if k.startswith("structure_mae_")), None)
+    if key is not None:
+        unit = "HU" if key.endswith("hu") else "display units"
+        per = ", ".join(f"{k} {v:.0f}" for k, v in p[key].items() if v is not None)
+        lines.append(f"mean |error| inside structures ({unit}): {per}")
+    lines.append(
+        f"[{d['feature_space']}] Fréchet distance {d['frechet_distance']:.4g} vs real-vs-real "
+        f"{d['frechet_baseline_real_halves']:.4g} (ratio {d['frechet_ratio']:.2f}; "
+        f"{d['n_candidates']} candidates, {d['n_real']} real)"
+    )
+    if d.get("prdc_k5"):
+        m = d["prdc_k5"]
+        lines.append(
+            f"[{d['feature_space']}] precision {m['precision']:.3f} recall {m['recall']:.3f} "
+            f"density {m['density']:.3f} coverage {m['coverage']:.3f} (k=5)"
+        )
+    if "fid_inception_v3" in d:
+        lines.append(f"[InceptionV3 pool3] FID {d['fid_inception_v3']:.2f}")
+    return lines
+
+
+def _gate_cells(g: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    """(gate, value, comparison, threshold, verdict) of one gate result."""
+    space = f" [{g['feature_space']}]" if "feature_space" in g else ""
+    sign = "≥" if g["gate"].startswith("min") else "≤"
+    verdict = "pass" if g["passed"] else "FAIL"
+    return f"{g['gate']}{space}", f"{g['value']:.4f}", sign, str(g["threshold"]), verdict
+
+
+def gate_table(gates: dict[str, list[dict[str, Any]]], *, markdown: bool) -> list[str]:
+    """The gate results of one or more batches (name → results): a Markdown table, or text
+    lines ``gate NAME: value ≥ threshold → pass`` (the batch name prefixed when several)."""
+    if markdown:
+        rows = ["| batch | gate | value | threshold | result |", "|---|---|---:|---:|---|"]
+        for batch, results in gates.items():
+            for g in results:
+                name, value, sign, threshold, verdict = _gate_cells(g)
+                rows.append(f"| {batch} | {name} | {value} | {sign} {threshold} | {verdict} |")
+        return rows
+    lines = []
+    for batch, results in gates.items():
+        prefix = f"{batch}: " if len(gates) > 1 else ""
+        for g in results:
+            name, value, sign, threshold, verdict = _gate_cells(g)
+            lines.append(f"{prefix}gate {name}: {value} {sign} {threshold} → {verdict}")
+    return lines
+
+
+def describe_evaluation(report: dict[str, Any]) -> str:
+    """The evaluation summary: paired fidelity, distribution (named by feature space), privacy,
+    gates and where the report is."""
+    head = f"run {report['run']}" + (f", batch {report['batch']}" if report["batch"] else "")
+    lines = [head, *(f"  {x}" for x in metrics_lines(report["paired"], report["distribution"]))]
+    if report["privacy"]:
+        lines.append(f"  privacy: {describe_privacy(report['privacy'])}")
+    table = gate_table(
+        {report["batch"] or report["run"]: report["gates"]["results"]}, markdown=False
+    )
+    lines += [f"  {x}" for x in table]
+    lines.append(
+        f"  gates {'passed' if report['gates']['passed'] else 'FAILED'}; "
+        f"report: {report['report_dir']}"
+    )
+    return "\n".join(lines)
