@@ -31,7 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from pipeline.errors import PipelineError
 
 #: Bump when a table or column changes; add the migration to ``_MIGRATIONS``.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_MS = 30_000
 
 
@@ -129,8 +129,10 @@ class PrivacyCalibration(Base):
     threshold: Mapped[float] = mapped_column(Float)  # SSIM
     texture_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     n_baseline: Mapped[int] = mapped_column(Integer)
-    baseline: Mapped[list[Any]]  # the held-out-vs-training SSIM scores
+    baseline: Mapped[list[Any]]  # the different-person SSIM scores
     texture_baseline: Mapped[list[Any]]
+    # bound, method, each detector, planted-copy scores and recall per kind (schema 6)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -236,13 +238,22 @@ class Decision(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+def _calibration_details(session: Session) -> None:
+    """Schema 6: privacy calibrations keep both tails and their bound in ``details``."""
+    if _has_table(session, "privacy_calibrations"):
+        session.connection().exec_driver_sql(
+            "ALTER TABLE privacy_calibrations ADD COLUMN details JSON"
+        )
+
+
 # 2: privacy_calibrations; 3: runs; 4: candidate_batches, candidates;
-# 5: reviewers, login_events, decisions
+# 5: reviewers, login_events, decisions; 6: privacy_calibrations.details
 _MIGRATIONS: dict[int, Any] = {
     2: _tables_only,
     3: _tables_only,
     4: _tables_only,
     5: _tables_only,
+    6: _calibration_details,
 }
 
 

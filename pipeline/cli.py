@@ -717,12 +717,14 @@ def filter_cmd(
     for note in notes:
         click.echo(f"warning: {note}", err=True)
     click.echo(
-        f"{'image':<32}{'SSIM':>8}{'texture':>9}{'margin':>9}  {'nearest (patient)':<24}flag"
+        f"{'image':<32}{'SSIM':>8}{'texture':>9}{'margin':>9}{'p':>8}  "
+        f"{'nearest (patient)':<24}flag"
     )
     for r in results:
         flag = "TOO SIMILAR" if r.flagged else ""
+        p = "" if r.p_value is None else f"{r.p_value:.3g}"
         click.echo(
-            f"{r.name[:31]:<32}{r.score:>8.4f}{r.texture:>9.4f}{r.margin:>9.4f}  "
+            f"{r.name[:31]:<32}{r.score:>8.4f}{r.texture:>9.4f}{r.margin:>9.4f}{p:>8}  "
             f"{f'{r.nearest_slice} ({r.nearest_patient})':<24}{flag}"
         )
     rule = Calibration.from_manifest(summary).describe()

@@ -5,22 +5,30 @@ the review app shows — all through one scorer, :func:`score_against`."""
 from __future__ import annotations
 
 import json
+import os
+import threading
 import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faiss
+import numexpr
 import numpy as np
 from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.atomic import atomic_write
+from pipeline.augment import PLANTED
 from pipeline.candidates import batch_images, batch_row
 from pipeline.catalog import Candidate, PrivacyCalibration, Source, utcnow, write_session
 from pipeline.embed import EMBEDDERS, Embedder, PixelEmbedder, load_embedder
 from pipeline.errors import PipelineError
+from pipeline.figures import privacy_figure
 from pipeline.imageio import image_files, read_nifti_slices, read_png
 from pipeline.index import (
     LoadedIndex,
@@ -33,24 +41,90 @@ from pipeline.index import (
     write_index,
 )
 from pipeline.preprocess import centre, resize_image, stored_to_unit
-from pipeline.privacy import DEFAULT_QUANTILE, Calibration, aligned_scores, calibrate
+from pipeline.privacy import (
+    DEFAULT_QUANTILE,
+    Calibration,
+    PreparedImage,
+    aligned_scores_prepared,
+    calibrate,
+    prepare_images,
+)
 from pipeline.progress import Progress
 from pipeline.slices import SliceRef, SliceStore, slice_refs
 from pipeline.workspace import Workspace
 
 #: The embedding search returns RERANK·k neighbours; a full-resolution correlation keeps k.
 RERANK = 4
+#: The calibration's score lists: stored in the manifest (p-values, figures), not printed.
+SCORE_LISTS = ("baseline", "texture_baseline", "planted")
 
 
-def full_correlation(image: np.ndarray, sources: np.ndarray) -> np.ndarray:
-    """Pearson correlation of the centred image with each centred source, at full resolution."""
+def _standardized(image: np.ndarray) -> np.ndarray:
+    """The centred image as a zero-mean, unit-variance float64 row (full resolution)."""
     a = centre(image).ravel().astype(np.float64)
-    a = (a - a.mean()) / (a.std() + 1e-12)
-    out = np.empty(len(sources))
-    for j, src in enumerate(sources):
-        b = centre(src).ravel().astype(np.float64)
-        out[j] = float(np.dot(a, (b - b.mean()) / (b.std() + 1e-12))) / a.size
-    return out
+    return (a - a.mean()) / (a.std() + 1e-12)
+
+
+def _correlations(row: np.ndarray, source_rows: list[np.ndarray]) -> np.ndarray:
+    # einsum's own loop, not BLAS: OpenBLAS's threaded dot serialises the scorer's threads
+    return np.array([float(np.einsum("i,i->", row, b)) / row.size for b in source_rows])
+
+
+class SourceCache:
+    """Per-slice work the scorer needs again and again — the standardized row of the
+    correlation re-rank, and the prepared SSIM/texture quantities of the slices it keeps —
+    for the most recently used slices within a memory budget. A source slice is a neighbour of
+    many images (the slices around its level, in both orientations), so scoring a batch does
+    that work once per source. Thread-safe; the work itself runs outside the lock."""
+
+    def __init__(self, store: SliceStore, *, smooth: float, budget_mib: int = 384) -> None:
+        self.store = store
+        self.smooth = smooth
+        self.budget = budget_mib * 2**20
+        self._rows: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._prepared: OrderedDict[int, PreparedImage] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()  # score_against's threads share one cache
+
+    def rows(self, ids: list[int]) -> list[np.ndarray]:
+        """Standardized rows of slices ``ids`` (the correlation re-rank), in order."""
+        found = self._lookup(self._rows, ids)
+        missing = [i for i in ids if i not in found]
+        if missing:
+            images = self.store.images(missing)
+            new = {i: _standardized(im) for i, im in zip(missing, images, strict=True)}
+            self._insert(self._rows, new, lambda row: row.nbytes)
+            found.update(new)
+        return [found[i] for i in ids]
+
+    def prepared(self, ids: list[int]) -> list[PreparedImage]:
+        """Prepared SSIM/texture quantities of slices ``ids``, in order."""
+        found = self._lookup(self._prepared, ids)
+        missing = [i for i in ids if i not in found]
+        if missing:
+            batch = prepare_images(self.store.images(missing), smooth=self.smooth)
+            new = dict(zip(missing, batch, strict=True))
+            self._insert(self._prepared, new, lambda p: p.nbytes)
+            found.update(new)
+        return [found[i] for i in ids]
+
+    def _lookup(self, table: OrderedDict, ids: list[int]) -> dict[int, Any]:
+        with self._lock:
+            found = {i: table[i] for i in ids if i in table}
+            for i in found:
+                table.move_to_end(i)
+        return found
+
+    def _insert(self, table: OrderedDict, new: dict[int, Any], size: Callable[[Any], int]) -> None:
+        with self._lock:
+            for i, value in new.items():
+                if i not in table:
+                    table[i] = value
+                    self._bytes += size(value)
+            # evict the least recently used entries of this table, never the ones just added
+            while self._bytes > self.budget and len(table) > len(new):
+                _, old = table.popitem(last=False)
+                self._bytes -= size(old)
 
 
 @dataclass(frozen=True)
@@ -63,7 +137,8 @@ class FilterConfig:
     smooth: float = 1.0  # Gaussian sigma (px) before SSIM; 0 compares raw pixels
     quantile: float = DEFAULT_QUANTILE
     threshold: float | None = None  # explicit threshold instead of calibration
-    calibration_max: int = 2000  # held-out slices sampled for the baseline
+    calibration_max: int = 2000  # slices sampled for the leave-one-patient-out baseline
+    planted: int = 20  # source slices planted per kind of near-copy (the other tail)
     encoder_steps: int = 300
     seed: int = 0
 
@@ -94,26 +169,25 @@ def make_embedder(
 
 def _view_scores(
     view: np.ndarray,
+    prepared: PreparedImage,
     found: np.ndarray,
-    store: SliceStore,
+    cache: SourceCache,
     *,
     k: int,
     max_shift: int,
-    smooth: float,
-) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
-    """One view (an image or its mirror image) against the ids its embedding search found:
-    a full-resolution correlation keeps the best ``k``, which get the aligned SSIM and texture
-    scores. Returns (slice ids, SSIM, texture, the source images), in the kept order."""
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """One view (an image or its mirror image, raw and prepared) against the ids its embedding
+    search found: a full-resolution correlation keeps the best ``k``, which get the aligned SSIM
+    and texture scores. Returns (slice ids, SSIM, texture), in the kept order."""
     cand = list(dict.fromkeys(int(x) for x in found if x >= 0))
     if not cand:
-        empty = np.zeros(0)
-        return [], empty, empty, np.zeros((0, *view.shape), np.float32)
-    sources = store.images(cand)
+        return [], np.zeros(0), np.zeros(0)
     if len(cand) > k:
-        order = np.argsort(-full_correlation(view, sources), kind="stable")[:k]
-        cand, sources = [cand[o] for o in order], sources[order]
-    ssim, tex = aligned_scores(view, sources, max_shift=max_shift, flips=False, smooth=smooth)
-    return cand, ssim, tex, sources
+        corr = _correlations(_standardized(view), cache.rows(cand))
+        order = np.argsort(-corr, kind="stable")[:k]
+        cand = [cand[o] for o in order]
+    ssim, tex = aligned_scores_prepared(prepared, cache.prepared(cand), max_shift=max_shift)
+    return cand, ssim, tex
 
 
 def score_against(
@@ -125,29 +199,56 @@ def score_against(
     k: int,
     max_shift: int,
     smooth: float = 0.0,
+    cache: SourceCache | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For each image: best aligned SSIM over its top-k neighbours, in both orientations.
 
     The image's own neighbours are compared with the image, its mirror image's neighbours with
     the mirror image (each over the small shift search). Returns (SSIM scores, nearest slice
-    ids, best embedding similarity, best texture correlation).
+    ids, best embedding similarity, best texture correlation). Pass one ``cache`` (with the
+    same ``smooth``) to every call over a set of images so each source is prepared once.
     """
+    if cache is None or cache.smooth != smooth:
+        cache = SourceCache(store, smooth=smooth)
     sims, ids = search_both_ways(index, embedder, images, k * RERANK)
     half = ids.shape[1] // 2
     scores = np.zeros(len(images))
     texture = np.zeros(len(images))
     nearest = np.full(len(images), -1, dtype=np.int64)
-    for i, image in enumerate(images):
-        for view, found in ((image, ids[i, :half]), (image[:, ::-1], ids[i, half:])):
-            cand, ssim, tex, _ = _view_scores(
-                view, found, store, k=k, max_shift=max_shift, smooth=smooth
-            )
+
+    def one(i: int) -> None:
+        image = images[i]
+        prepared = prepare_images(image[None], smooth=smooth)[0]
+        views = (
+            (image, prepared, ids[i, :half]),
+            (image[:, ::-1], prepared.mirrored(), ids[i, half:]),
+        )
+        for view, prep, found in views:
+            cand, ssim, tex = _view_scores(view, prep, found, cache, k=k, max_shift=max_shift)
             if not cand:
                 continue
             j = int(np.argmax(ssim))
             if nearest[i] < 0 or ssim[j] > scores[i]:
                 scores[i], nearest[i] = ssim[j], cand[j]
             texture[i] = max(texture[i], float(tex.max()))
+
+    # images are independent and numpy, scipy.ndimage and the FFT release the GIL: one thread
+    # per core (each image's numbers do not depend on which thread or order computed them)
+    workers = min(
+        len(images),
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+    )
+    if workers > 1:
+        # numexpr serialises concurrent calls when it runs its own threads: one each here
+        previous = numexpr.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(one, range(len(images))))
+        finally:
+            numexpr.set_num_threads(previous)
+    else:
+        for i in range(len(images)):
+            one(i)
     return scores, nearest, sims.max(axis=1), texture
 
 
@@ -160,21 +261,20 @@ def nearest_sources(loaded: LoadedIndex, image: np.ndarray, *, k: int = 3) -> li
     _, ids = search_both_ways(loaded.index, loaded.embedder, image[None], int(cfg["k"]) * RERANK)
     half = ids.shape[1] // 2
     rows: dict[int, dict[str, Any]] = {}
-    for mirrored, view, found in (
-        (False, image, ids[0, :half]),
-        (True, image[:, ::-1], ids[0, half:]),
-    ):
-        cand, ssim, tex, sources = _view_scores(
-            view,
-            found,
-            loaded.store,
-            k=int(cfg["k"]),
-            max_shift=int(cfg["max_shift"]),
-            smooth=float(cfg.get("smooth", 0.0)),
+    cache = SourceCache(loaded.store, smooth=float(cfg.get("smooth", 0.0)))
+    prepared = prepare_images(image[None], smooth=cache.smooth)[0]
+    views = (
+        (False, image, prepared, ids[0, :half]),
+        (True, image[:, ::-1], prepared.mirrored(), ids[0, half:]),
+    )
+    for mirrored, view, prep, found in views:
+        cand, ssim, tex = _view_scores(
+            view, prep, found, cache, k=int(cfg["k"]), max_shift=int(cfg["max_shift"])
         )
-        for sid, s_, t_, src in zip(cand, ssim, tex, sources, strict=True):
+        for sid, s_, t_ in zip(cand, ssim, tex, strict=True):
             if sid in rows and rows[sid]["ssim"] >= s_:
                 continue
+            src = loaded.store.images([sid])[0]
             rows[sid] = {
                 "slice_id": sid,
                 "patient": loaded.store.refs[sid].patient,
@@ -186,38 +286,130 @@ def nearest_sources(loaded: LoadedIndex, image: np.ndarray, *, k: int = 3) -> li
     return sorted(rows.values(), key=lambda r: -r["ssim"])[:k]
 
 
-def calibrate_index(
+class _WithoutPatient:
+    """A flat index of every source slice searched as if one patient's slices were not in it
+    (a FAISS ID selector), so each patient is scored against everybody else."""
+
+    def __init__(self, flat: faiss.Index, ids: np.ndarray, excluded: np.ndarray) -> None:
+        self.flat, self.ids = flat, ids
+        self._batch = faiss.IDSelectorBatch(np.asarray(excluded, dtype=np.int64))
+        self._not = faiss.IDSelectorNot(self._batch)  # holds on to _batch's C++ object
+        self._params = faiss.SearchParameters(sel=self._not)
+        self.ntotal = flat.ntotal - len(excluded)
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k inner products among the other patients' slices, as catalog slice ids."""
+        sims, rows = self.flat.search(x, k, params=self._params)
+        return sims, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
+
+
+def baseline_scores(
     vectors: np.ndarray,
     refs: list[SliceRef],
     embedder: Embedder,
     store: SliceStore,
     cfg: FilterConfig,
     progress: Progress = iter,
-) -> Calibration | None:
-    """Held-out patients' slices scored against training patients' slices → threshold.
-
-    Returns None when there are no held-out patients (the caller then needs an explicit
-    threshold).
-    """
-    train = [i for i, r in enumerate(refs) if r.split == "train"]
-    held = [i for i, r in enumerate(refs) if r.split != "train"]
-    if not held or not train:
-        return None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The "different person" baseline, leave one patient out: every patient's slices (a seeded
+    sample of ``cfg.calibration_max`` when there are more) scored against all *other* patients'
+    slices — the reference population a deployed candidate meets, short of one patient.
+    Returns (SSIM, texture, patient) per sampled slice, in slice order."""
     rng = np.random.default_rng(cfg.seed)
-    if len(held) > cfg.calibration_max:
-        held = sorted(rng.choice(held, size=cfg.calibration_max, replace=False).tolist())
-    sub = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-    sub.add_with_ids(vectors[train], np.array([refs[i].slice_id for i in train], dtype=np.int64))
-    scores, textures = [], []
-    chunks = [held[i : i + 64] for i in range(0, len(held), 64)]
-    for chunk in progress(chunks):
-        images = store.images([refs[i].slice_id for i in chunk])
+    picked = np.arange(len(refs))
+    if len(picked) > cfg.calibration_max:
+        picked = np.sort(rng.choice(picked, size=cfg.calibration_max, replace=False))
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    ids = np.array([r.slice_id for r in refs], dtype=np.int64)
+    rows_of: dict[str, list[int]] = {}
+    for i, r in enumerate(refs):
+        rows_of.setdefault(r.patient, []).append(i)
+    chosen = set(picked.tolist())
+    work = []  # (patient, chunk of its sampled rows), in slice order so neighbours repeat
+    for patient, rows in rows_of.items():
+        mine = [i for i in rows if i in chosen]
+        work += [(patient, mine[j : j + 64]) for j in range(0, len(mine), 64)]
+    cache = SourceCache(store, smooth=cfg.smooth)
+    ssim, texture = np.zeros(len(refs)), np.zeros(len(refs))
+    for patient, chunk in progress(work):
+        index = _WithoutPatient(flat, ids, np.array(rows_of[patient]))
         s, _, _, tex = score_against(
-            sub, embedder, store, images, k=cfg.k, max_shift=cfg.max_shift, smooth=cfg.smooth
+            index,
+            embedder,
+            store,
+            store.images(ids[chunk].tolist()),
+            k=cfg.k,
+            max_shift=cfg.max_shift,
+            smooth=cfg.smooth,
+            cache=cache,
         )
-        scores.extend(s.tolist())
-        textures.extend(tex.tolist())
-    return calibrate(np.array(scores), np.array(textures), quantile=cfg.quantile)
+        ssim[chunk], texture[chunk] = s, tex
+    patients = np.array([r.patient for r in refs])
+    return ssim[picked], texture[picked], patients[picked]
+
+
+def planted_scores(
+    index: faiss.Index,
+    refs: list[SliceRef],
+    embedder: Embedder,
+    store: SliceStore,
+    cfg: FilterConfig,
+    progress: Progress = iter,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The other tail: near-copies of indexed slices, disguised the ways a copy can be
+    (:data:`pipeline.augment.PLANTED`: exact, mirrored, shifted, noisy, rescaled, elastic,
+    blended), scored against the index that holds their source. ``cfg.planted`` seeded source
+    slices per kind. Returns kind → (SSIM, texture)."""
+    rng = np.random.default_rng([cfg.seed, 1])
+    n = min(cfg.planted, len(refs))
+    sources = rng.choice(len(refs), size=n, replace=False)
+    partners = rng.permutation(len(refs))[:n]  # the blend's other slice
+    images = store.images([refs[i].slice_id for i in sources])
+    others = store.images([refs[i].slice_id for i in partners])
+    cache = SourceCache(store, smooth=cfg.smooth)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for kind, make in progress(list(PLANTED.items())):
+        copies = np.stack(
+            [
+                make(img, other, np.random.default_rng([cfg.seed, 2, j]))
+                for j, (img, other) in enumerate(zip(images, others, strict=True))
+            ]
+        ).astype(np.float32)
+        s, _, _, tex = score_against(
+            index,
+            embedder,
+            store,
+            copies,
+            k=cfg.k,
+            max_shift=cfg.max_shift,
+            smooth=cfg.smooth,
+            cache=cache,
+        )
+        out[kind] = (s, tex)
+    return out
+
+
+def calibrate_index(
+    vectors: np.ndarray,
+    refs: list[SliceRef],
+    index: faiss.Index,
+    embedder: Embedder,
+    store: SliceStore,
+    cfg: FilterConfig,
+    progress: Progress = iter,
+) -> Calibration | None:
+    """Both tails → thresholds: the leave-one-patient-out baseline (:func:`baseline_scores`)
+    and the planted copies (:func:`planted_scores`), placed by :func:`pipeline.privacy.calibrate`.
+
+    Returns None with fewer than two patients (no different person to compare with: the caller
+    then needs an explicit threshold).
+    """
+    if len({r.patient for r in refs}) < 2:
+        return None
+    ssim, texture, patients = baseline_scores(vectors, refs, embedder, store, cfg, progress)
+    planted = planted_scores(index, refs, embedder, store, cfg, progress) if cfg.planted else None
+    return calibrate(ssim, texture, quantile=cfg.quantile, planted=planted, patients=patients)
 
 
 def build_index(
@@ -261,11 +453,12 @@ def build_index(
     if cfg.threshold is not None:
         cal = Calibration.given(cfg.threshold)
     else:
-        cal = calibrate_index(vectors, refs, embedder, store, cfg, progress)
+        cal = calibrate_index(vectors, refs, index, embedder, store, cfg, progress)
         if cal is None:
             raise PipelineError(
-                "no held-out (val/test) patients to calibrate the threshold against; ingest "
-                "with a split that keeps patients out of training, or pass --threshold",
+                "one patient only: the threshold is calibrated on how similar different "
+                "patients' slices are (held-out comparisons need two or more); ingest more "
+                "patients, or pass --threshold",
                 path=ws.root,
             )
     fingerprint = catalog_fingerprint(refs)
@@ -283,18 +476,33 @@ def build_index(
     }
     atomic_write(emb_file, lambda tmp: np.save(tmp, vectors))
     write_index(ws, index, manifest)
+    figure = ws.index_dir / "calibration.png"
+    if cal.explicit:
+        figure.unlink(missing_ok=True)  # an explicit threshold has no tails to show
+    else:
+        png = privacy_figure(cal, title="Privacy calibration")
+        atomic_write(figure, lambda tmp: tmp.write_bytes(png))
     with write_session(ws.engine) as session:
         session.add(
             PrivacyCalibration(
                 index_fingerprint=fingerprint,
                 embedder=embedder.name,
                 k=cfg.k,
-                **cal.summary(),
+                quantile=None if cal.explicit else cal.quantile,
+                threshold=cal.threshold,
+                texture_threshold=cal.texture_threshold,
+                n_baseline=cal.n_baseline,
                 baseline=list(cal.baseline),
                 texture_baseline=list(cal.texture_baseline),
+                details={
+                    k: v
+                    for k, v in cal.to_manifest().items()
+                    if k not in ("baseline", "texture_baseline")
+                },  # the planted-copy scores stay: the baselines have their own columns
             )
         )
-    return {k: v for k, v in manifest.items() if k != "ids"}
+    shown = {k: v for k, v in manifest["calibration"].items() if k not in SCORE_LISTS}
+    return {**{k: v for k, v in manifest.items() if k != "ids"}, "calibration": shown}
 
 
 # --------------------------------------------------------------------------- reading images
@@ -377,6 +585,7 @@ class ImageScore:
     nearest_slice: int
     nearest_patient: str
     margin: float  # distance below the nearest threshold (negative when flagged)
+    p_value: float | None  # conformal, against the different-person baseline (None: explicit)
 
 
 def score_images(
@@ -411,6 +620,7 @@ def score_images(
                     nearest_slice=int(nearest[j]),
                     nearest_patient=ref.patient if ref else "",
                     margin=round(cal.margin(float(scores[j]), float(texture[j])), 6),
+                    p_value=cal.p_value(float(scores[j]), float(texture[j])),
                 )
             )
     return results
@@ -467,6 +677,16 @@ def filter_batch(ws: Workspace, name: str, *, progress: Progress = iter) -> dict
         batch = batch_row(session, name)
         batch.privacy = summary
         batch.filtered_at = utcnow()
+    png = privacy_figure(
+        loaded.calibration,
+        title=f"Privacy, batch {name}",
+        ssim=[r.score for r in results],
+        texture=[r.texture for r in results],
+        label="candidates",
+    )
+    report = ws.candidates_dir / name / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    atomic_write(report / "privacy_hist.png", lambda tmp: tmp.write_bytes(png))
     return {
         **summary,
         "scores": [r.score for r in results],

@@ -12,13 +12,20 @@ from pipeline.privacy import Calibration
 
 
 def describe_index(manifest: dict[str, Any]) -> str:
-    """Two lines on an index build: what is indexed, and the threshold with its provenance."""
+    """An index build: what is indexed, the threshold with what it promises, and in one line
+    each, a baseline too small for the quantile and the planted kinds it misses."""
     cal = Calibration.from_manifest(manifest["calibration"])
-    return (
+    lines = [
         f"indexed {manifest['count']} slices ({manifest['embedder']}, {manifest['dim']}-d, "
-        f"{manifest['index']['type']}; {manifest['reused_embeddings']} embeddings reused)\n"
-        f"too similar: {cal.describe()} ({cal.provenance()})"
-    )
+        f"{manifest['index']['type']}; {manifest['reused_embeddings']} embeddings reused)",
+        f"too similar: {cal.describe()} ({cal.provenance()})",
+    ]
+    if cal.note:
+        lines.append(f"note: {cal.note}")
+    if cal.indistinct:
+        kinds = ", ".join(f"{k} ({cal.planted_recall[k]:.0%})" for k in cal.indistinct)
+        lines.append(f"planted copies not told apart from a different person here: {kinds}")
+    return "\n".join(lines)
 
 
 def describe_privacy(privacy: dict[str, Any]) -> str:

@@ -48,7 +48,19 @@ def test_index_manifest_and_calibration(indexed):
     ws_path, manifest = indexed
     assert manifest["count"] == 96 and manifest["index"]["type"] == "flat"
     cal = manifest["calibration"]
-    assert cal["n_baseline"] == 32 and 0 < cal["threshold"] <= 1 and cal["quantile"] == 0.99
+    # every patient's slices are in the baseline (leave one patient out), not only val/test's
+    assert cal["n_baseline"] == 96 and 0 < cal["threshold"] <= 1 and cal["quantile"] == 0.99
+    assert cal["method"] == "leave-one-patient-out" and "baseline" not in cal  # not printed
+    stored = json.loads((ws_path / "index" / "manifest.json").read_text())["calibration"]
+    assert len(stored["baseline"]) == 96 and len(stored["planted"]["copy"]["ssim"]) == 20
+    # 96 scores are too few for q0.99 split over two detectors (needs 199): said, bounded
+    assert not cal["certified"] and "too few" in cal["note"]
+    assert cal["bound"] == pytest.approx(2 / 97)
+    # the other tail: planted copies of every kind, scored; the kinds missed are named
+    recall = cal["planted_recall"]
+    assert set(recall) >= {"copy", "hflip", "blend70/30"} and recall["copy"] == 1.0
+    assert cal["indistinct"] == [k for k, r in recall.items() if r < 0.99]
+    assert (ws_path / "index" / "calibration.png").exists()
     assert (ws_path / "index" / "faiss.index").exists()
     ws = open_workspace(ws_path, create=False)
     with read_session(ws.engine) as s:
@@ -117,14 +129,25 @@ def test_stale_index_is_refused_then_updated_incrementally(indexed, tmp_path):
     assert run("filter", "-w", ws_path, "--images", images).exit_code == 0
 
 
-def test_index_needs_held_out_patients_or_a_threshold(phantom_dir, ws_path):
+def test_index_needs_two_patients_or_a_threshold(phantom_dir, ws_path, tmp_path):
+    # every patient in training is fine now: each is compared with all the others
     assert (
         run("ingest", phantom_dir, "-w", ws_path, "--size", 64, "--split", "1,0,0").exit_code == 0
     )
     result = run("index", "-w", ws_path)
-    assert result.exit_code == 2 and "held-out" in result.stderr and "--threshold" in result.stderr
-    assert not (ws_path / "index" / "manifest.json").exists()
-    result = run("index", "-w", ws_path, "--threshold", "0.9")
+    assert result.exit_code == 0 and "leave-one-patient-out" in result.stdout, result.stderr
+    # one patient has nobody to be different from: a clear line, and --threshold still works
+    one = tmp_path / "one"
+    one.mkdir()
+    for f in ("ct_0001_image.nii.gz", "ct_0001_label.nii.gz"):
+        (one / f).write_bytes((phantom_dir / f).read_bytes())
+    ws1 = tmp_path / "ws1"
+    assert run("ingest", one, "-w", ws1, "--size", 64, "--split", "1,0,0").exit_code == 0
+    result = run("index", "-w", ws1)
+    assert result.exit_code == 2 and "one patient" in result.stderr
+    assert "--threshold" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (ws1 / "index" / "manifest.json").exists()
+    result = run("index", "-w", ws1, "--threshold", "0.9")
     assert result.exit_code == 0 and "explicit" in result.stdout
 
 
@@ -193,3 +216,46 @@ def test_encoder_embedder_trains_saves_and_reloads(phantom_dir, ws_path, tmp_pat
         save_nifti_hu(folder, f"copy{i}.nii.gz", im)
     out = json.loads(run("filter", "-w", ws_path, "--images", folder, "--json").stdout)
     assert all(r["flagged"] for r in out["images"])
+
+
+def test_leave_one_patient_out_on_three_patients(phantom_dir, ws_path):
+    """Each patient's slices are scored against the other two patients' slices only: the
+    same numbers as a brute-force index built without that patient, for every patient."""
+    import faiss
+
+    from pipeline.embed import PixelEmbedder
+    from pipeline.filtering import FilterConfig, baseline_scores, score_against
+    from pipeline.index import embed_refs
+
+    for f in list(phantom_dir.iterdir()):
+        if not f.name.startswith(("ct_0001", "ct_0002", "ct_0003")):
+            f.unlink()
+    assert run("ingest", phantom_dir, "-w", ws_path, "--size", 32).exit_code == 0
+    ws = open_workspace(ws_path, create=False)
+    with read_session(ws.engine) as s:
+        refs = slice_refs(s)
+    store = SliceStore(ws.cache_dir, refs)
+    embedder = PixelEmbedder()
+    vectors = embed_refs(store, refs, embedder)
+    cfg = FilterConfig()
+    ssim, texture, patients = baseline_scores(vectors, refs, embedder, store, cfg)
+    assert len(ssim) == len(refs) == 48 and len({r.patient for r in refs}) == 3
+    assert patients.tolist() == [r.patient for r in refs]
+    for patient in sorted({r.patient for r in refs}):
+        mine = [i for i, r in enumerate(refs) if r.patient == patient]
+        others = [i for i, r in enumerate(refs) if r.patient != patient]
+        brute = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+        brute.add_with_ids(vectors[others], np.array([refs[i].slice_id for i in others]))
+        images = store.images([refs[i].slice_id for i in mine])
+        s, nearest, _, tex = score_against(
+            brute, embedder, store, images, k=cfg.k, max_shift=cfg.max_shift, smooth=cfg.smooth
+        )
+        np.testing.assert_allclose(ssim[mine], s, atol=1e-12)
+        np.testing.assert_allclose(texture[mine], tex, atol=1e-12)
+        assert {store.refs[int(n)].patient for n in nearest} <= {refs[i].patient for i in others}
+    # a sample, when asked for, is seeded and a subset of the same numbers
+    small = baseline_scores(
+        vectors, refs, embedder, store, FilterConfig(calibration_max=20, seed=3)
+    )
+    assert len(small[0]) == 20 and set(np.round(small[0], 12)) <= set(np.round(ssim, 12))
+    ws.close()

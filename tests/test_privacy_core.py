@@ -5,7 +5,14 @@ import pytest
 from skimage import data
 from skimage.metrics import structural_similarity
 
-from pipeline.privacy import aligned_ssim, best_shift, calibrate, ssim_batch
+from pipeline.privacy import (
+    aligned_ssim,
+    best_shift,
+    calibrate,
+    conformal_pvalues,
+    order_statistic,
+    ssim_batch,
+)
 
 
 def camera():
@@ -38,12 +45,100 @@ def test_aligned_ssim_sees_through_flip_and_shift():
     assert scores[1] < 0.5
 
 
-def test_calibration_quantile():
-    cal = calibrate(np.linspace(0, 1, 101), quantile=0.99)
-    assert cal.threshold == pytest.approx(0.99) and cal.n_baseline == 101
-    assert cal.flag(0.995) and not cal.flag(0.98)
-    with pytest.raises(ValueError, match="held-out"):
+def brute_force_pvalue(baseline, score):
+    """(1 + how many baseline scores are at least the score) / (n + 1), counted one by one."""
+    return (1 + sum(1 for b in baseline if b >= score)) / (len(baseline) + 1)
+
+
+def test_conformal_pvalues_equal_a_brute_force_count():
+    rng = np.random.default_rng(0)
+    baseline = np.round(rng.random(57), 2)  # rounded: ties must count as "at least"
+    scores = np.concatenate([np.round(rng.random(40), 2), baseline[:5], [-1.0, 2.0]])
+    got = conformal_pvalues(baseline, scores)
+    want = [brute_force_pvalue(baseline, s) for s in scores]
+    np.testing.assert_allclose(got, want)
+    assert got[-2] == 1.0 and got[-1] == pytest.approx(1 / 58)
+
+
+@pytest.mark.parametrize("n", [8, 98, 99, 100, 101, 250, 1999])
+def test_order_statistic_rule_against_a_brute_force_search(n):
+    """The threshold is the k-th largest score with k = floor(alpha (n + 1)): the lowest
+    baseline value whose exceedance bound k/(n+1) stays within alpha (brute force over every
+    candidate value), or None when even the maximum's bound 1/(n+1) exceeds alpha."""
+    rng = np.random.default_rng(n)
+    baseline = rng.random(n)
+    alpha = 0.01
+    threshold, k = order_statistic(baseline, alpha)
+    ok = [t for t in baseline if (1 + sum(1 for b in baseline if b > t)) / (n + 1) <= alpha + 1e-12]
+    if not ok:
+        assert threshold is None and k == 0
+    else:
+        assert threshold == min(ok) and k == int(np.floor(alpha * (n + 1)))
+        assert (1 + np.sum(baseline > threshold)) / (n + 1) <= alpha
+
+
+def test_order_statistic_bound_holds_on_fresh_draws():
+    """Exchangeable data: a new score lands above the threshold at most k/(n+1) of the time
+    (Monte Carlo over 4000 baselines of 199, alpha 0.05: k/(n+1) = 0.05 exactly)."""
+    rng = np.random.default_rng(1)
+    exceed = []
+    for _ in range(4000):
+        draws = rng.standard_normal(200)
+        threshold, k = order_statistic(draws[:199], 0.05)
+        exceed.append(draws[199] > threshold)
+    assert k == 10 and np.mean(exceed) == pytest.approx(0.05, abs=0.012)
+
+
+def test_calibration_flags_above_the_order_statistic():
+    cal = calibrate(np.linspace(0, 1, 301), quantile=0.99)
+    assert cal.threshold == pytest.approx(np.sort(np.linspace(0, 1, 301))[301 - 3])  # k = 3
+    assert cal.n_baseline == 301 and cal.certified and cal.bound == pytest.approx(3 / 302)
+    assert cal.flag(0.999) and not cal.flag(0.98)
+    with pytest.raises(ValueError, match="different patients"):
         calibrate(np.array([]))
+
+
+def test_a_too_small_baseline_says_so_in_one_line():
+    cal = calibrate(np.linspace(0.1, 0.4, 8), np.linspace(0.0, 0.1, 8), quantile=0.99)
+    assert not cal.certified and cal.threshold == pytest.approx(0.4)  # the maximum
+    assert cal.bound == pytest.approx(2 / 9)  # 1/(n+1) per detector: the best statable
+    assert "\n" not in cal.note and "too few for q0.99" in cal.note and "199" in cal.note
+    assert "0.222" in cal.note and "too few for q0.99" in cal.provenance()
+
+
+def test_two_tail_rule_on_distributions_with_a_known_answer():
+    """Different people score U(0, 0.4) and copies U(0.9, 1.0): the threshold lands halfway
+    between the baseline's order statistic (≈ 0.4) and the copies' 1% edge (≈ 0.901), every
+    copy is caught, and no kind is reported as indistinguishable."""
+    rng = np.random.default_rng(2)
+    baseline = rng.uniform(0, 0.4, 4000)
+    texture = rng.uniform(0, 0.2, 4000)
+    planted = {
+        "copy": (rng.uniform(0.9, 1.0, 200), rng.uniform(0.9, 1.0, 200)),
+        "blend": (rng.uniform(0.9, 1.0, 200), rng.uniform(0.5, 0.6, 200)),
+    }
+    cal = calibrate(baseline, texture, quantile=0.99, planted=planted)
+    floor, _ = order_statistic(baseline, 0.005)
+    edge = np.quantile(np.concatenate([v[0] for v in planted.values()]), 0.01)
+    assert cal.threshold == pytest.approx((floor + edge) / 2)
+    assert 0.64 < cal.threshold < 0.66 and cal.recall == 1.0 and cal.indistinct == ()
+    assert cal.certified and cal.bound <= 0.01
+    ssim, tex = cal.detectors
+    assert ssim.margin == pytest.approx(edge - floor) and ssim.baseline_rate == 0.0
+    assert 0.34 < tex.threshold < 0.36  # halfway from ≈ 0.2 to the blends' ≈ 0.5
+    # a kind that scores like a different person cannot be told apart: said, not hidden
+    planted["elastic"] = (rng.uniform(0.0, 0.3, 200), rng.uniform(0.0, 0.1, 200))
+    overlapping = calibrate(baseline, texture, quantile=0.99, planted=planted)
+    assert overlapping.indistinct == ("elastic",)
+    assert overlapping.planted_recall["elastic"] < 0.05 and overlapping.recall < 0.99
+
+
+def test_p_value_combines_the_detectors_by_bonferroni():
+    cal = calibrate(np.linspace(0, 0.5, 99), np.linspace(0, 0.2, 99), quantile=0.95)
+    assert cal.p_value(0.6, 0.0) == pytest.approx(2 / 100)  # above every SSIM: 1/100, x2
+    assert cal.p_value(0.0, 0.0) == 1.0
+    explicit = calibrate(np.linspace(0, 0.5, 99))
+    assert explicit.p_value(0.6) == pytest.approx(1 / 100)
 
 
 def test_ivf_index_is_tuned_to_the_recall_target():
@@ -75,15 +170,15 @@ def test_texture_score_sees_a_blend_and_not_a_stranger():
 
 
 def test_two_detector_calibration_splits_the_tail():
-    ssim = np.linspace(0, 1, 201)
-    texture = np.linspace(0, 0.5, 201)
+    ssim = np.linspace(0, 1, 401)
+    texture = np.linspace(0, 0.5, 401)
     cal = calibrate(ssim, texture, quantile=0.99)
-    assert cal.threshold == pytest.approx(np.quantile(ssim, 0.995))
-    assert cal.texture_threshold == pytest.approx(np.quantile(texture, 0.995))
-    assert cal.flag(0.2, 0.499) and cal.flag(0.999, 0.0) and not cal.flag(0.2, 0.1)
+    assert cal.threshold == pytest.approx(order_statistic(ssim, 0.005)[0])
+    assert cal.texture_threshold == pytest.approx(order_statistic(texture, 0.005)[0])
+    assert cal.flag(0.2, 0.4999) and cal.flag(0.9999, 0.0) and not cal.flag(0.2, 0.1)
     assert cal.margin(0.2, 0.1) == pytest.approx(
         min(cal.threshold - 0.2, cal.texture_threshold - 0.1)
     )
     # together the two detectors flag at most 1% of the baseline
     flagged = [cal.flag(s, t) for s, t in zip(ssim, texture[::-1], strict=True)]
-    assert np.mean(flagged) <= 0.02
+    assert np.mean(flagged) <= 0.01 and cal.bound <= 0.01

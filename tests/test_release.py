@@ -3,6 +3,7 @@ crash leaves nothing, the same state gives the same bytes, nothing identifying g
 
 import hashlib
 import json
+import re
 import subprocess
 import zipfile
 from pathlib import Path
@@ -428,25 +429,30 @@ def test_end_to_end_on_real_ct(tmp_path):
     """../shared/data/hocm-2d: ingest → tiny training → index → generate --filter → decisions
     through the review functions → export → verify.
 
-    Two patients: one trains, the other calibrates. Per-slice-windowed PNGs of two different
-    people share little (calibrated SSIM threshold ≈ 0.25), and a model trained on one patient's
-    14 slices makes images that look like that patient, so the calibrated filter rightly flags
-    every candidate (asserted). The chain is then finished with an explicit threshold (0.9,
-    recorded as explicit) and lenient gates, both stored and exported as such."""
+    Two patients, each compared with the other (leave one patient out): per-slice-windowed PNGs
+    of two different people share little, planted copies of them score high, and the
+    thresholds sit halfway between (SSIM ≈ 0.44). Two patients cannot bound a new patient's
+    flag rate at 1%, and the index says so. A model trained on one patient's 14 slices for 60
+    steps makes blurry images of that patient: some land above the threshold, not all (before
+    issue 14 the threshold sat at the top of 11 scores and flagged every one). The chain is then
+    finished with an explicit threshold (0.9, recorded as explicit) and lenient gates, both
+    stored and exported as such."""
     from pipeline.decisions import candidate_states
     from tests.conftest import shared_dataset
 
     src = shared_dataset("hocm-2d")
     ws = tmp_path / "ws"
     assert run("ingest", src, "-w", ws, "--size", 64, "--split", "0.5,0.5,0").exit_code == 0
-    assert run("index", "-w", ws).exit_code == 0
+    indexed = run("index", "-w", ws)
+    assert indexed.exit_code == 0 and "2 patients are too few" in indexed.stdout
     train = run("train", "-w", ws, "--preset", "tiny", "--batch", 8, "--steps", 60, "--run", "h")
     assert train.exit_code == 0, train.stderr
     lenient = ("--features", "pixel", "--min-ssim", 0.01, "--max-fd-ratio", 1000)
     lenient += ("--max-flagged", 1.0)
     gen = run("generate", "-w", ws, "--run", "h", "--count", 12, "--filter", *lenient)
     assert gen.exit_code == 0, gen.stdout + gen.stderr
-    assert "12 of 12 flagged" in gen.stdout
+    flagged = int(re.search(r"privacy: (\d+) of 12 flagged", gen.stdout).group(1))
+    assert 0 < flagged < 12
     assert run("index", "-w", ws, "--threshold", 0.9, "--rebuild").exit_code == 0
     refilter = run("filter", "-w", ws, "--batch", "h-augmented", *lenient)
     assert refilter.exit_code == 0, refilter.stdout + refilter.stderr
