@@ -591,12 +591,13 @@ def calibrate(
     if not certified:
         if unit:
             needed = int(np.ceil(1.0 / (1.0 - quantile))) - 1
-            what = f"{n_units} patients are too few to bound a new patient's flag rate at"
+            what = f"{n_units} patients are too few to bound a new patient's flag rate at "
+            what += f"{1.0 - quantile:.3g}"
         else:
             needed = int(np.ceil(1.0 / alpha)) - 1
-            what = f"{scores.size} different-person scores are too few for"
+            what = f"{scores.size} different-person scores are too few for q{quantile:g}"
         note = (
-            f"{what} {1.0 - quantile:.3g} (needs {needed}); the bound at this size is "
+            f"{what} (needs {needed}); the bound at this size is "
             f"{bound:.3g}, and the thresholds sit halfway from the different-person tail to the "
             "planted-copy tail"
         )

@@ -182,3 +182,21 @@ def test_two_detector_calibration_splits_the_tail():
     # together the two detectors flag at most 1% of the baseline
     flagged = [cal.flag(s, t) for s, t in zip(ssim, texture[::-1], strict=True)]
     assert np.mean(flagged) <= 0.01 and cal.bound <= 0.01
+
+
+def test_patient_level_bound_is_conformal_risk_control_over_patients():
+    """(1 + sum of per-patient flag rates) / (P + 1), counted by hand; with patients given the
+    stated bound is this one (slices of one patient are not independent draws)."""
+    from pipeline.privacy import patient_risk_bound
+
+    flagged = np.array([1, 0, 0, 0, 0, 0, 1, 1, 0, 0], bool)
+    patients = np.array(["a", "a", "a", "a", "b", "b", "c", "c", "c", "c"])
+    rates = [1 / 4, 0 / 2, 2 / 4]
+    assert patient_risk_bound(flagged, patients) == pytest.approx((1 + sum(rates)) / 4)
+    scores = np.linspace(0, 0.5, 300)
+    who = np.repeat(["p1", "p2", "p3"], 100)
+    cal = calibrate(scores, quantile=0.99, patients=who)
+    # the floor is the 3rd largest (k = floor(0.01 * 301)): p3 has 2 of 100 slices above it
+    assert cal.n_patients == 3 and cal.bound == pytest.approx((1 + 2 / 100) / 4)
+    assert not cal.certified and "3 patients are too few" in cal.note and "(needs 99)" in cal.note
+    assert cal.slice_bound == pytest.approx(3 / 301)  # what the slices alone would claim
