@@ -158,8 +158,8 @@ def open_batch(
     return batch
 
 
-def batch_images(ws: Workspace, name: str) -> tuple[list[int], list[str], np.ndarray]:
-    """Candidate ids, names and [0, 1] images of a batch, read back from its NIfTI files."""
+def batch_images(ws: Workspace, name: str) -> tuple[list[int], list[str], np.ndarray, np.ndarray]:
+    """Candidate ids, names, [0, 1] images and masks of a batch, read back from its files."""
     folder = ws.candidates_dir / name
     with Session(ws.engine) as session:
         batch = batch_row(session, name)
@@ -168,5 +168,10 @@ def batch_images(ws: Workspace, name: str) -> tuple[list[int], list[str], np.nda
     if not rows:
         raise PipelineError(f"batch {name!r} has no candidates", path=folder)
     window = tuple(read_batch_json(folder)["window"])
-    images = [read_candidate(folder, cand, units=units, window=window).unit for _, cand in rows]
-    return [r[0] for r in rows], [r[1] for r in rows], np.stack(images)
+    read = [read_candidate(folder, cand, units=units, window=window) for _, cand in rows]
+    return (
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        np.stack([c.unit for c in read]),
+        np.stack([c.mask for c in read]),
+    )

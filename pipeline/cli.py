@@ -595,10 +595,16 @@ def gate_options(func: F) -> F:
     options = [
         click.option(
             "--min-ssim",
-            default=d.min_heldout_ssim,
+            default=d.min_heart_ssim,
             show_default=True,
             type=float,
-            help="Gate: minimum mean SSIM on held-out masks.",
+            help="Gate: minimum mean SSIM inside the heart region on held-out masks.",
+        ),
+        click.option(
+            "--min-slice-ssim",
+            default=d.min_heldout_ssim,
+            type=float,
+            help="Gate (off unless given): minimum mean SSIM of whole held-out slices.",
         ),
         click.option(
             "--max-fd-ratio",
@@ -635,12 +641,18 @@ def gate_options(func: F) -> F:
 
 
 def _gate_config(
-    min_ssim: float, max_fd_ratio: float, max_flagged: float, features: str, encoder_steps: int
+    min_ssim: float,
+    min_slice_ssim: float | None,
+    max_fd_ratio: float,
+    max_flagged: float,
+    features: str,
+    encoder_steps: int,
 ) -> Any:
     from pipeline.quality import GateConfig
 
     return GateConfig(
-        min_heldout_ssim=min_ssim,
+        min_heart_ssim=min_ssim,
+        min_heldout_ssim=min_slice_ssim,
         max_fd_ratio=max_fd_ratio,
         max_flagged_fraction=max_flagged,
         features=features,

@@ -661,7 +661,7 @@ def _verdict_summary(loaded: LoadedIndex, results: list[ImageScore]) -> dict[str
 def filter_batch(ws: Workspace, name: str, *, progress: Progress = iter) -> dict[str, Any]:
     """Score every candidate of a batch against the source index; store scores and flags."""
     loaded = load_index(ws)
-    ids, names, images = batch_images(ws, name)
+    ids, names, images, _ = batch_images(ws, name)
     results = score_images(loaded, images, names, progress=progress)
     summary = {
         "count": len(results),

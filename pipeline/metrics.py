@@ -145,3 +145,100 @@ def prdc(real: np.ndarray, fake: np.ndarray, *, k: int = 5) -> PRDC:
     density = float(inside.sum(axis=0).mean() / k)
     coverage = float((d.min(axis=1) < r_radius).mean())
     return PRDC(precision, recall, density, coverage)
+
+
+# ------------------------------------------------------------------------ the heart itself
+
+
+def heart_box(mask: np.ndarray, *, margin: int = 4) -> tuple[slice, slice] | None:
+    """The bounding box of every labelled pixel of a (H, W) mask, grown by ``margin`` px (and
+    clipped to the image); None for an empty mask."""
+    rows, cols = np.nonzero(np.asarray(mask) > 0)
+    if not len(rows):
+        return None
+    h, w = mask.shape
+    return (
+        slice(max(0, rows.min() - margin), min(h, rows.max() + margin + 1)),
+        slice(max(0, cols.min() - margin), min(w, cols.max() + margin + 1)),
+    )
+
+
+def heart_ssim(
+    real: np.ndarray, fake: np.ndarray, masks: np.ndarray, *, margin: int = 4, win_size: int = 7
+) -> np.ndarray:
+    """SSIM of each pair inside its heart region (:func:`heart_box` of its mask, at least one
+    SSIM window wide); NaN where the mask is empty. Air, body wall and lungs, which dominate a
+    whole slice, are left out: this is how well the heart itself is painted."""
+    out = np.full(len(real), np.nan)
+    for i, (r, f, m) in enumerate(zip(real, fake, masks, strict=True)):
+        box = heart_box(m, margin=margin)
+        if box is None:
+            continue
+        box = tuple(_widen(s, win_size, n) for s, n in zip(box, m.shape, strict=True))
+        out[i] = float(ssim_batch(r[box][None], f[box][None], win_size=win_size)[0])
+    return out
+
+
+def _widen(s: slice, size: int, n: int) -> slice:
+    """``s`` grown symmetrically to at least ``size`` (within 0..n)."""
+    missing = size - (s.stop - s.start)
+    if missing <= 0:
+        return s
+    start = max(0, s.start - (missing + 1) // 2)
+    return slice(start, min(n, max(s.stop, start + size)))
+
+
+def wasserstein_1(a: np.ndarray, b: np.ndarray) -> float:
+    """Earth mover's distance between two 1-D samples (same units as the values): the area
+    between their empirical CDFs. Equal to ``scipy.stats.wasserstein_distance(a, b)``."""
+    a = np.sort(np.asarray(a, np.float64).ravel())
+    b = np.sort(np.asarray(b, np.float64).ravel())
+    if not len(a) or not len(b):
+        return float("nan")
+    grid = np.concatenate([a, b])
+    grid.sort(kind="mergesort")
+    steps = np.diff(grid)
+    cdf_a = np.searchsorted(a, grid[:-1], side="right") / len(a)
+    cdf_b = np.searchsorted(b, grid[:-1], side="right") / len(b)
+    return float(np.sum(np.abs(cdf_a - cdf_b) * steps))
+
+
+def structure_intensities(
+    images: np.ndarray, masks: np.ndarray, *, class_names: list[str], scale: float, offset: float
+) -> dict[str, np.ndarray]:
+    """Each structure's pixel values in source units (``offset + unit * scale``: HU, or 0–255
+    display units), pooled over the stack. Structures absent from every mask are left out."""
+    units = offset + np.asarray(images, np.float64) * scale
+    masks = np.asarray(masks)
+    return {
+        name: units[masks == c]
+        for c, name in enumerate(class_names)
+        if c > 0 and np.any(masks == c)
+    }
+
+
+def contrast_over(values: dict[str, np.ndarray], reference: str) -> dict[str, float]:
+    """Each structure's mean minus the ``reference`` structure's mean (e.g. blood pool over
+    myocardium, in HU): what makes a chamber or vessel visible against the heart muscle."""
+    if reference not in values:
+        return {}
+    base = float(np.mean(values[reference]))
+    return {k: float(np.mean(v)) - base for k, v in values.items() if k != reference}
+
+
+def dice(pred: np.ndarray, truth: np.ndarray, *, classes: int) -> np.ndarray:
+    """Dice per class 1..classes-1 over a stack, ``2|P∩T| / (|P| + |T|)``; NaN for a class that is
+    absent from both (undefined, not perfect).
+
+    References
+    ----------
+    Dice (1945), Measures of the amount of ecologic association between species. Ecology 26(3).
+    """
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    out = np.full(classes - 1, np.nan)
+    for c in range(1, classes):
+        p, t = pred == c, truth == c
+        total = int(p.sum()) + int(t.sum())
+        if total:
+            out[c - 1] = 2.0 * int(np.logical_and(p, t).sum()) / total
+    return out

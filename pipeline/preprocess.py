@@ -10,6 +10,12 @@ from pipeline.augment import shift
 
 #: Default HU window: air to dense contrast/bone; recorded per source so exports map back to HU.
 DEFAULT_WINDOW: tuple[float, float] = (-1024.0, 2048.0)
+#: CT viewing windows (name → (level, width) in HU), for pictures only.
+VIEW_WINDOWS: dict[str, tuple[float, float]] = {
+    "soft tissue": (40.0, 400.0),
+    "cardiac": (200.0, 700.0),
+    "lung": (-600.0, 1500.0),
+}
 
 
 def window_to_unit(hu: np.ndarray, window: tuple[float, float] = DEFAULT_WINDOW) -> np.ndarray:
@@ -37,6 +43,28 @@ def stored_to_unit(
             raise ValueError("HU values need a window")
         return window_to_unit(values, window)
     return np.asarray(values, dtype=np.float32) / np.float32(255.0)
+
+
+def view_window(
+    unit: np.ndarray, *, storage: tuple[float, float], units: str, preset: str | None
+) -> np.ndarray:
+    """A [0, 1] slice stored in the ``storage`` HU window, re-windowed for viewing in the CT
+    window ``preset`` (:data:`VIEW_WINDOWS`); display-unit slices (or no preset) unchanged.
+    Every picture of a slice goes through here, so the same tissue looks the same."""
+    if units != "HU" or preset is None:
+        return np.asarray(unit, dtype=np.float32)
+    lo, hi = storage
+    level, width = VIEW_WINDOWS[preset]
+    hu = np.float32(lo) + np.asarray(unit, dtype=np.float32) * np.float32(hi - lo)
+    return window_to_unit(hu, (level - width / 2, level + width / 2))
+
+
+def view_label(units: str, preset: str | None) -> str:
+    """How a picture's grey levels were set, in words (shown with every picture)."""
+    if units != "HU" or preset is None:
+        return "display units" if units != "HU" else "storage window"
+    level, width = VIEW_WINDOWS[preset]
+    return f"{preset} window {level:g}/{width:g} HU"
 
 
 def unit_scale(units: str, window: tuple[float, float] | None) -> float:

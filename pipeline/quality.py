@@ -21,8 +21,16 @@ from pipeline.atomic import atomic_write
 from pipeline.candidates import batch_images, batch_row
 from pipeline.catalog import write_session
 from pipeline.errors import PipelineError
-from pipeline.metrics import frechet_of_features, paired_fidelity, prdc
-from pipeline.preprocess import resize_image, unit_scale
+from pipeline.metrics import (
+    contrast_over,
+    frechet_of_features,
+    heart_ssim,
+    paired_fidelity,
+    prdc,
+    structure_intensities,
+    wasserstein_1,
+)
+from pipeline.preprocess import resize_image, unit_scale, view_label, view_window
 from pipeline.preview import overlay, to_uint8
 from pipeline.progress import Progress
 from pipeline.runs import find_run, load_generator
@@ -36,7 +44,8 @@ FeatureFn = Callable[[np.ndarray], np.ndarray]
 class GateConfig:
     """Quality gate thresholds (stored with every result) and the feature space."""
 
-    min_heldout_ssim: float = 0.5  # mean paired SSIM on held-out masks
+    min_heart_ssim: float = 0.3  # mean paired SSIM inside the heart region, held-out masks
+    min_heldout_ssim: float | None = None  # the same on whole slices (off: air dominates it)
     max_fd_ratio: float = 2.0  # FD(candidates, held-out) / FD(held-out half, other half)
     max_flagged_fraction: float = 0.2  # share of the batch flagged too similar
     features: str = "encoder"  # encoder | pixel
@@ -132,28 +141,41 @@ class GateVerdict:
 def apply_gates(
     cfg: GateConfig,
     *,
+    heart_ssim: float,
     heldout_ssim: float,
     fd_ratio: float,
     feature_space: str,
     flagged_fraction: float | None = None,
 ) -> GateVerdict:
-    """Judge the figures against ``cfg``'s thresholds (the flagged-fraction gate only for a
-    batch, ``flagged_fraction`` not None). Pure: numbers in, verdict out."""
+    """Judge the figures against ``cfg``'s thresholds (the whole-slice SSIM gate only when set,
+    the flagged-fraction gate only for a batch, ``flagged_fraction`` not None). Pure: numbers
+    in, verdict out."""
     results = [
         {
-            "gate": "min_heldout_ssim",
-            "value": heldout_ssim,
-            "threshold": cfg.min_heldout_ssim,
-            "passed": heldout_ssim >= cfg.min_heldout_ssim,
-        },
+            "gate": "min_heart_ssim",
+            "value": heart_ssim,
+            "threshold": cfg.min_heart_ssim,
+            "passed": bool(heart_ssim >= cfg.min_heart_ssim),
+        }
+    ]
+    if cfg.min_heldout_ssim is not None:
+        results.append(
+            {
+                "gate": "min_heldout_ssim",
+                "value": heldout_ssim,
+                "threshold": cfg.min_heldout_ssim,
+                "passed": heldout_ssim >= cfg.min_heldout_ssim,
+            }
+        )
+    results.append(
         {
             "gate": "max_fd_ratio",
             "feature_space": feature_space,
             "value": fd_ratio,
             "threshold": cfg.max_fd_ratio,
             "passed": bool(fd_ratio <= cfg.max_fd_ratio),
-        },
-    ]
+        }
+    )
     if flagged_fraction is not None:
         results.append(
             {
@@ -164,6 +186,42 @@ def apply_gates(
             }
         )
     return GateVerdict(results, all(g["passed"] for g in results))
+
+
+def heart_figures(
+    real: np.ndarray,
+    masks: np.ndarray,
+    cand: np.ndarray,
+    cand_masks: np.ndarray,
+    heart: np.ndarray,
+    *,
+    class_names: list[str],
+    units: str,
+    window: tuple[float, float],
+) -> dict[str, Any]:
+    """The heart, judged on its own: paired SSIM inside the heart region (``heart``), and per
+    structure the candidates' source-unit intensities against the real held-out slices'
+    (Wasserstein-1) and each structure's contrast over the myocardium, real and synthetic."""
+    scale = unit_scale(units, window)
+    offset = window[0] if units == "HU" else 0.0
+    real_v = structure_intensities(real, masks, class_names=class_names, scale=scale, offset=offset)
+    fake_v = structure_intensities(
+        cand, cand_masks, class_names=class_names, scale=scale, offset=offset
+    )
+    both = [k for k in real_v if k in fake_v]
+    real_c = contrast_over(real_v, "myocardium")
+    fake_c = contrast_over(fake_v, "myocardium")
+    ratio = {k: fake_c[k] / real_c[k] for k in real_c if k in fake_c and abs(real_c[k]) > 1e-6}
+    return {
+        "ssim": _summary(heart),
+        "region": "bounding box of all labels + 4 px",
+        "units": "HU" if units == "HU" else "display",
+        "wasserstein": {k: wasserstein_1(real_v[k], fake_v[k]) for k in both},
+        "mean_real": {k: float(np.mean(real_v[k])) for k in both},
+        "mean_synthetic": {k: float(np.mean(fake_v[k])) for k in both},
+        "contrast_over_myocardium": {"real": real_c, "synthetic": fake_c, "ratio": ratio},
+        "intensities": {"real": real_v, "synthetic": fake_v},  # for the figure, not stored
+    }
 
 
 def evaluate(
@@ -192,12 +250,13 @@ def evaluate(
     generator = load_generator(trained.generator_path, trained.generator_sha256)
     fake = generate_images(generator, masks, model_cfg)
     paired = paired_fidelity(real, fake, masks, class_names=list(schema.names), scale=scale)
+    heart = heart_ssim(real, fake, masks)
 
     features, space = feature_extractor(ws, cfg, progress=progress)
     f_real = features(real)
     privacy = None
     if batch is not None:
-        _, _, cand = batch_images(ws, batch)
+        _, _, cand, cand_masks = batch_images(ws, batch)
         with Session(ws.engine) as session:
             b = batch_row(session, batch)
             if b.run_id != trained.id:
@@ -210,7 +269,7 @@ def evaluate(
                 "(run 'pipeline filter --batch')"
             )
     else:
-        cand = fake
+        cand, cand_masks = fake, masks
     f_cand = features(cand)
     half_a, half_b = real_halves(patients, cfg.seed)
     baseline = frechet_of_features(f_real[half_a], f_real[half_b])
@@ -232,9 +291,15 @@ def evaluate(
     if inception_weights is not None:
         distribution["fid_inception_v3"] = inception_fid(real, cand, inception_weights)
 
+    heart_block = heart_figures(
+        real, masks, cand, cand_masks, heart, class_names=list(schema.names), units=units,
+        window=window,
+    )  # fmt: skip
+    intensities = heart_block.pop("intensities")
     fraction = None if batch is None else sum(bool(f) for f in flags) / max(len(flags), 1)
     verdict = apply_gates(
         cfg,
+        heart_ssim=heart_block["ssim"]["mean"],
         heldout_ssim=float(np.mean(paired["ssim"])),
         fd_ratio=distribution["frechet_ratio"],
         feature_space=space,
@@ -253,6 +318,7 @@ def evaluate(
             "mae_unit": _summary(paired["mae"]),
             f"structure_mae_{'hu' if units == 'HU' else 'display'}": paired["structure_mae_units"],
         },
+        "heart": heart_block,
         "distribution": distribution,
         "privacy": None if privacy is None else {**privacy, "flagged_fraction": fraction},
         "gates": {"config": asdict(cfg), "results": verdict.results, "passed": verdict.passed},
@@ -266,12 +332,19 @@ def evaluate(
         fake=fake,
         masks=masks,
         ssim=paired["ssim"],
+        heart=heart,
+        intensities=intensities,
+        view=(units, window),
     )
     if batch is not None:
         with write_session(ws.engine) as session:
             b = batch_row(session, batch)
             b.gates = report["gates"] | {
-                "metrics": {"paired": report["paired"], "distribution": distribution}
+                "metrics": {
+                    "paired": report["paired"],
+                    "heart": heart_block,
+                    "distribution": distribution,
+                }
             }
             b.gates_passed = verdict.passed
     return report
@@ -308,9 +381,13 @@ def write_report(
     fake: np.ndarray,
     masks: np.ndarray,
     ssim: np.ndarray,
+    heart: np.ndarray,
+    intensities: dict[str, dict[str, np.ndarray]],
+    view: tuple[str, tuple[float, float]],
 ) -> None:
-    """metrics.json, ssim_hist.png and examples.png (a batch's privacy_hist.png is the
-    filter's, written by ``pipeline.filtering.filter_batch``)."""
+    """metrics.json, ssim_hist.png (whole slice and heart region), intensity_hist.png (each
+    structure, real vs synthetic) and examples.png in the cardiac window (a batch's
+    privacy_hist.png is the filter's, written by ``pipeline.filtering.filter_batch``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,32 +396,73 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.hist(ssim, bins=30, color="#3465a4")
-    gate = report["gates"]["config"]["min_heldout_ssim"]
-    ax.axvline(gate, color="#cc0000", ls="--", label=f"gate: mean ≥ {gate}")
-    ax.axvline(float(np.mean(ssim)), color="black", label=f"mean {np.mean(ssim):.3f}")
-    ax.set(xlabel="SSIM (generated vs real, held-out masks)", ylabel="slices")
-    ax.set_title(f"Paired fidelity, run {report['run']} (n={len(ssim)})")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), dpi=100)
+    gates = report["gates"]["config"]
+    for ax, values, what, gate in (
+        (axes[0], heart, "heart region", gates["min_heart_ssim"]),
+        (axes[1], ssim, "whole slice", gates["min_heldout_ssim"]),
+    ):
+        v = np.asarray(values, float)
+        v = v[np.isfinite(v)]
+        ax.hist(v, bins=30, color="#3465a4")
+        if gate is not None:
+            ax.axvline(gate, color="#cc0000", ls="--", label=f"gate: mean ≥ {gate}")
+        if len(v):
+            ax.axvline(float(v.mean()), color="black", label=f"mean {v.mean():.3f}")
+        ax.set(xlabel=f"SSIM, {what} (generated vs real)", ylabel="held-out slices")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Paired fidelity on held-out masks, run {report['run']} (n={len(ssim)})")
     fig.tight_layout()
     atomic_write(out / "ssim_hist.png", lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+    names = [k for k in intensities["real"] if k in intensities["synthetic"]]
+    if names:
+        unit = report["heart"]["units"]
+        cols = min(4, len(names))
+        rows = -(-len(names) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), dpi=100)
+        axes = np.atleast_1d(axes).ravel()
+        for ax, name in zip(axes, names, strict=False):
+            r, f = intensities["real"][name], intensities["synthetic"][name]
+            bins = np.linspace(min(r.min(), f.min()), max(r.max(), f.max()) + 1e-6, 40)
+            ax.hist(r, bins=bins, density=True, alpha=0.55, color="#3465a4", label="real")
+            ax.hist(f, bins=bins, density=True, alpha=0.55, color="#cc0000", label="synthetic")
+            w1 = report["heart"]["wasserstein"][name]
+            ax.set_title(f"{name.replace('_', ' ')} (W1 {w1:.0f} {unit})", fontsize=9)
+            ax.set_xlabel(unit, fontsize=8)
+            ax.legend(fontsize=7)
+        for ax in axes[len(names) :]:
+            ax.axis("off")
+        fig.suptitle("Intensity inside each structure: real held-out vs synthetic")
+        fig.tight_layout()
+        atomic_write(out / "intensity_hist.png", lambda tmp: fig.savefig(tmp, format="png"))
+        plt.close(fig)
+
+    units, storage = view
+    preset = "cardiac" if units == "HU" else None
+    shown = view_label(units, preset)
+
+    def view(x: np.ndarray) -> np.ndarray:
+        return view_window(x, storage=storage, units=units, preset=preset)
+
+    def grey(x: np.ndarray) -> np.ndarray:
+        return to_uint8(view(x))
 
     order = np.argsort(ssim)
     picks = {"best": order[-1], "median": order[len(order) // 2], "worst": order[0]}
     fig, axes = plt.subplots(3, 3, figsize=(9, 9.4), dpi=100)
     for r, (label, idx) in enumerate(picks.items()):
         panels = (
-            (overlay(real[idx], masks[idx]), f"{label}: mask on real"),
-            (to_uint8(fake[idx]), f"generated (SSIM {ssim[idx]:.3f})"),
-            (to_uint8(real[idx]), "real held-out slice"),
+            (overlay(view(real[idx]), masks[idx]), f"{label}: mask on real"),
+            (grey(fake[idx]), f"generated (SSIM {ssim[idx]:.3f})"),
+            (grey(real[idx]), "real held-out slice"),
         )
         for c, (picture, title) in enumerate(panels):
             axes[r, c].imshow(picture, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             axes[r, c].set_title(title, fontsize=10)
             axes[r, c].axis("off")
-    fig.suptitle(f"Best / median / worst paired examples, run {report['run']}")
+    fig.suptitle(f"Best / median / worst paired examples, run {report['run']} ({shown})")
     fig.tight_layout()
     atomic_write(out / "examples.png", lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

@@ -34,15 +34,33 @@ def describe_privacy(privacy: dict[str, Any]) -> str:
     return f"{privacy['flagged']} of {privacy['count']} flagged too similar ({rule})"
 
 
-def metrics_lines(paired: dict[str, Any], distribution: dict[str, Any]) -> list[str]:
-    """The evaluation figures: paired fidelity, per-structure error, and each distribution
-    number named by its feature space."""
+def metrics_lines(
+    paired: dict[str, Any], distribution: dict[str, Any], heart: dict[str, Any] | None = None
+) -> list[str]:
+    """The evaluation figures: the heart region's fidelity and contrast, whole-slice paired
+    fidelity, per-structure error, and each distribution number named by its feature space."""
     p, d = paired, distribution
-    lines = [
-        f"paired on {p['n']} held-out slices: SSIM {p['ssim']['mean']:.3f} "
+    lines = []
+    if heart:
+        lines.append(
+            f"heart region on {p['n']} held-out slices: SSIM {heart['ssim']['mean']:.3f} "
+            f"(median {heart['ssim']['median']:.3f}; {heart['region']})"
+        )
+        c = heart["contrast_over_myocardium"]
+        if c["ratio"]:
+            per = ", ".join(
+                f"{k} {c['synthetic'][k]:.0f} vs {c['real'][k]:.0f} ({v:.0%})"
+                for k, v in c["ratio"].items()
+            )
+            lines.append(f"contrast over myocardium ({heart['units']}), synthetic vs real: {per}")
+        if heart["wasserstein"]:
+            per = ", ".join(f"{k} {v:.0f}" for k, v in heart["wasserstein"].items())
+            lines.append(f"intensity distance per structure (W1, {heart['units']}): {per}")
+    lines.append(
+        f"whole slices: SSIM {p['ssim']['mean']:.3f} "
         f"(median {p['ssim']['median']:.3f}), PSNR {p['psnr_db']['mean']:.1f} dB, "
-        f"MAE {p['mae_unit']['mean']:.4f} (of the [0, 1] range)",
-    ]
+        f"MAE {p['mae_unit']['mean']:.4f} (of the [0, 1] range)"
+    )
     key = next((k for k in p if k.startswith("structure_mae_")), None)
     if key is not None:
         unit = "HU" if key.endswith("hu") else "display units"
@@ -95,7 +113,8 @@ def describe_evaluation(report: dict[str, Any]) -> str:
     """The evaluation summary: paired fidelity, distribution (named by feature space), privacy,
     gates and where the report is."""
     head = f"run {report['run']}" + (f", batch {report['batch']}" if report["batch"] else "")
-    lines = [head, *(f"  {x}" for x in metrics_lines(report["paired"], report["distribution"]))]
+    figures = metrics_lines(report["paired"], report["distribution"], report.get("heart"))
+    lines = [head, *(f"  {x}" for x in figures)]
     if report["privacy"]:
         lines.append(f"  privacy: {describe_privacy(report['privacy'])}")
     table = gate_table(

@@ -46,6 +46,10 @@ from pipeline.validate import path_name
 from pipeline.workspace import Workspace
 
 TMP_PREFIX = ".export-tmp-"
+#: Out-of-plane spacing of a single-slice case: nnU-Net v2's convention for 2-D data, so its
+#: planner treats the slice axis as the one not to convolve over (the real slice spacing is
+#: in the manifest).
+SLICE_SPACING_2D = 999.0
 
 
 def is_releasable(
@@ -313,11 +317,12 @@ def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> E
                 windows[r.batch] = tuple(read_batch_json(src)["window"])
             cand = read_candidate(src, r.name, units=r.units, window=windows[r.batch])
             data_dtype = np.int16 if r.units == "HU" else np.uint8
+            spacing = [*r.spacing[:2], SLICE_SPACING_2D]
             files[f"imagesTr/{case}_0000.nii.gz"] = _nifti_gz(
-                display_to_ras(cand.stored[None]), r.spacing, dtype=data_dtype
+                display_to_ras(cand.stored[None]), spacing, dtype=data_dtype
             )
             files[f"labelsTr/{case}.nii.gz"] = _nifti_gz(
-                display_to_ras(cand.mask[None]), r.spacing, dtype=np.uint8
+                display_to_ras(cand.mask[None]), spacing, dtype=np.uint8
             )
             files[f"previews/{case}.png"] = _png(overlay(cand.unit, cand.mask))
             cases.append(
@@ -327,6 +332,8 @@ def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> E
                     "privacy_texture": r.texture_score,
                     "privacy_margin": r.privacy_margin,
                     "accepted_by": [pseudonyms[x] for x in r.reviewers],
+                    "pixel_spacing_mm": [float(v) for v in r.spacing[:2]],
+                    "slice_spacing_mm": float(r.spacing[2]),
                     "batch": r.batch,
                 }
             )
@@ -452,7 +459,10 @@ def _quality_lines(manifest: dict[str, Any]) -> list[str]:
         metrics = (b.get("gates") or {}).get("metrics")
         if metrics:
             lines.append(f"**{name}**")
-            lines += [f"- {x}" for x in metrics_lines(metrics["paired"], metrics["distribution"])]
+            figures = metrics_lines(
+                metrics["paired"], metrics["distribution"], metrics.get("heart")
+            )
+            lines += [f"- {x}" for x in figures]
             lines.append("")
     gates = {n: (b.get("gates") or {}).get("results", []) for n, b in manifest["batches"].items()}
     return lines + gate_table(gates, markdown=True)
@@ -523,7 +533,9 @@ def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
         "",
         "## Preprocessing",
         "Source CT was clipped to the recorded HU window and scaled to [0, 1]; images are "
-        "written back in HU (int16) with the spacing of the resized slice. Masks use "
+        "written back in HU (int16) with the in-plane spacing of the resized slice; each case "
+        f"is one slice with an out-of-plane spacing of {SLICE_SPACING_2D:g} (nnU-Net v2's "
+        "convention for 2-D data; the source slice spacing is in the manifest). Masks use "
         "consecutive class indices (0 = background).",
         "",
         "## Uses and misuses",

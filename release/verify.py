@@ -218,4 +218,22 @@ def _check_layout(root: Path, dataset: dict[str, Any]) -> list[str]:
                 continue
             if img.shape != label.shape or not np.allclose(img.affine, label.affine):
                 problems.append(f"{case}: image and label grids differ (shape or affine)")
+        problems += _slice_axis_problem(case, label)
     return problems
+
+
+def _slice_axis_problem(case: str, label: Any) -> list[str]:
+    """A single-slice case whose slice axis is not its largest spacing: nnU-Net v2 puts the
+    largest-spacing axis first and plans 1-pixel-wide 2-D patches (then crashes in training)."""
+    shape, zooms = label.shape, [float(z) for z in label.header.get_zooms()[:3]]
+    flat = [i for i, n in enumerate(shape[:3]) if n == 1]
+    if len(shape) < 3 or len(flat) != 1:
+        return []
+    axis = flat[0]
+    if zooms[axis] > max(z for i, z in enumerate(zooms) if i != axis):
+        return []
+    return [
+        f"{case}: the single-slice axis has spacing {zooms[axis]:g} mm, not above the in-plane "
+        f"{max(zooms[:axis] + zooms[axis + 1 :]):g} mm; nnU-Net v2 would plan 1-pixel 2-D "
+        "patches (export 2-D cases with an out-of-plane spacing of 999, its convention)"
+    ]

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.catalog import Candidate, Reviewer, read_session, write_session
 from pipeline.errors import PipelineError
+from pipeline.preprocess import VIEW_WINDOWS, view_label
 from pipeline.review import (
     REJECT_REASONS,
     candidate_states,
@@ -29,7 +30,6 @@ from pipeline.review import (
 )
 from pipeline.validate import markdown_text
 from reviewer_app.views import (
-    PRESETS,
     candidate_view,
     image_html,
     legend_html,
@@ -38,7 +38,6 @@ from reviewer_app.views import (
     open_ws,
     policy_of,
     source_slice,
-    window_label,
 )
 
 st.set_page_config(page_title="cardiac-synth review", layout="wide")
@@ -131,7 +130,7 @@ with tabs[0]:
         left, right = st.columns([3, 2])
         with left:
             if view.units == "HU":
-                preset = st.radio("Window", list(PRESETS), horizontal=True, key="preset")
+                preset = st.radio("Window", list(VIEW_WINDOWS), horizontal=True, key="preset")
             else:
                 preset = None
                 st.caption("Display units (the sources were PNG): no HU window.")
@@ -142,7 +141,7 @@ with tabs[0]:
                 horizontal=True,
                 key="compare",
             )
-            shown = window_label(view.units, preset)
+            shown = view_label(view.units, preset)
             drawn = view.picture(preset, show_mask)
             if compare == "nothing":
                 st.html(image_html(drawn, alt=f"candidate · {shown}", width=512))
@@ -291,7 +290,7 @@ with tabs[1]:
         st.markdown(f"**{line}**")
         flagged_view = candidate_view(ws, f.id)
         source = source_slice(ws, nearest) if nearest is not None else None
-        shown = window_label(flagged_view.units, PRESETS_DEFAULT)
+        shown = view_label(flagged_view.units, PRESETS_DEFAULT)
         c1, c2, _ = st.columns([1, 1, 2])
         with c1:
             picture = flagged_view.picture(PRESETS_DEFAULT, False)

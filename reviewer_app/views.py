@@ -17,16 +17,10 @@ from PIL import Image
 from pipeline.candidates import read_batch_json, read_candidate
 from pipeline.catalog import Candidate, read_session
 from pipeline.decisions import review_policy
-from pipeline.preprocess import window_to_unit
+from pipeline.preprocess import view_window
 from pipeline.preview import PALETTE, overlay, to_uint8
 from pipeline.workspace import Workspace, open_workspace
 
-#: CT window presets (name → (level, width) in HU).
-PRESETS: dict[str, tuple[float, float]] = {
-    "soft tissue": (40.0, 400.0),
-    "cardiac": (200.0, 700.0),
-    "lung": (-600.0, 1500.0),
-}
 DISPLAY_SIDE = 512
 
 
@@ -42,14 +36,6 @@ def policy_of(ws: Workspace) -> str:
         return review_policy(session)
 
 
-def window_label(units: str, preset: str | None) -> str:
-    """How a picture's grey levels were set, in words (shown with every picture)."""
-    if units != "HU" or preset is None:
-        return "display units" if units != "HU" else "storage window"
-    level, width = PRESETS[preset]
-    return f"{preset} window {level:g}/{width:g} HU"
-
-
 def draw(
     unit: np.ndarray,
     *,
@@ -62,13 +48,7 @@ def draw(
     taken back to HU and shown in the CT ``preset``, then enlarged (nearest) to about
     ``DISPLAY_SIDE`` px. Candidates and source slices go through here alike, so a physician
     compares them in the same window at the same scale."""
-    if units == "HU" and preset is not None:
-        lo, hi = window
-        level, width = PRESETS[preset]
-        hu = np.float32(lo) + unit.astype(np.float32) * np.float32(hi - lo)
-        grey = window_to_unit(hu, (level - width / 2, level + width / 2))
-    else:
-        grey = unit
+    grey = view_window(unit, storage=window, units=units, preset=preset)
     rgb = overlay(grey, mask) if mask is not None else np.repeat(to_uint8(grey)[..., None], 3, 2)
     zoom = max(1, DISPLAY_SIDE // rgb.shape[0])
     return np.repeat(np.repeat(rgb, zoom, axis=0), zoom, axis=1)

@@ -202,7 +202,7 @@ def test_filter_and_gates_pass_trained_and_fail_untrained(ws):
 
     bad = run("generate", "-w", ws, "--run", "untrained", "--count", 24, "--filter", *GATES_FAST)
     assert bad.exit_code == 1 and "quality gates failed" in bad.stderr
-    assert "min_heldout_ssim" in bad.stderr
+    assert "min_heart_ssim" in bad.stderr  # the heart region is the default fidelity gate
     _, info, _ = _rows(ws, "untrained-augmented")
     assert info["gates_passed"] is False
 

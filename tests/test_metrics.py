@@ -112,3 +112,56 @@ def test_ssim_psnr_mae_against_skimage():
     box = np.abs(cam - noisy)[100:200, 100:300].mean() * 3072.0
     assert out["structure_mae_units"]["box"] == pytest.approx(box, rel=1e-4)
     assert np.isinf(psnr_batch(cam[None], cam[None])[0])
+
+
+def test_wasserstein_equals_scipy():
+    """Against scipy.stats.wasserstein_distance on seeded samples of unequal sizes, with ties."""
+    from scipy.stats import wasserstein_distance
+
+    from pipeline.metrics import wasserstein_1
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        a = rng.normal(100, 40, rng.integers(1, 400))
+        b = np.round(rng.gamma(2.0, 60.0, rng.integers(1, 400)))
+        assert wasserstein_1(a, b) == pytest.approx(wasserstein_distance(a, b), abs=1e-9)
+    assert wasserstein_1(np.zeros(5), np.full(3, 7.0)) == pytest.approx(7.0)  # closed form
+
+
+def test_dice_against_a_hand_computation():
+    from pipeline.metrics import dice
+
+    truth = np.array([[0, 1, 1, 0], [0, 1, 2, 2], [0, 0, 2, 2]])
+    pred = np.array([[0, 1, 0, 0], [1, 1, 2, 0], [0, 0, 2, 2]])
+    # class 1: |P| = 3, |T| = 3, overlap 2 → 4/6; class 2: |P| = 3, |T| = 4, overlap 3 → 6/7;
+    # class 3 absent from both: undefined (NaN), never a perfect 1
+    got = dice(pred[None], truth[None], classes=4)
+    np.testing.assert_allclose(got[:2], [4 / 6, 6 / 7])
+    assert np.isnan(got[2])
+
+
+def test_heart_region_leaves_the_body_out():
+    """Two slices equal inside the heart and different elsewhere: whole-slice SSIM sees the
+    difference, the heart-region SSIM (mask box + margin) does not."""
+    from pipeline.metrics import contrast_over, heart_box, heart_ssim, structure_intensities
+    from pipeline.privacy import ssim_batch
+
+    rng = np.random.default_rng(1)
+    real = rng.random((1, 64, 64))
+    fake = rng.random((1, 64, 64))
+    mask = np.zeros((1, 64, 64), np.uint8)
+    mask[0, 20:30, 24:40] = 1
+    mask[0, 30:36, 24:40] = 2
+    box = heart_box(mask[0], margin=4)
+    assert box == (slice(16, 40), slice(20, 44))
+    fake[0][box] = real[0][box]
+    assert heart_ssim(real, fake, mask, margin=4)[0] == pytest.approx(1.0)
+    assert ssim_batch(real, fake)[0] < 0.5
+    assert np.isnan(heart_ssim(real, fake, np.zeros_like(mask))[0])
+    values = structure_intensities(
+        np.full((1, 64, 64), 0.5), mask, class_names=["bg", "myo", "lv"], scale=1000, offset=-500
+    )
+    assert set(values) == {"myo", "lv"} and np.all(values["lv"] == 0.0)
+    assert contrast_over({"myo": np.array([100.0]), "lv": np.array([300.0, 350])}, "myo") == {
+        "lv": pytest.approx(225.0)
+    }

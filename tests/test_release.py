@@ -247,6 +247,25 @@ def test_tampering_is_detected_and_sha256sum_agrees(simple, tmp_path):
     assert any("extra.txt: not listed" in p for p in verify_bundle(bundle))
 
 
+def test_verify_refuses_a_slice_axis_nnunet_would_convolve_over(simple, tmp_path):
+    """nnU-Net v2 puts the largest-spacing axis first: a 64x64x1 case with a 2.5 mm slice axis
+    and 5.94 mm pixels made it plan [1, 64] patches and crash in training. verify says why."""
+    bundle = build_bundle(
+        open_workspace(simple, create=False), ExportConfig(out=tmp_path / "o")
+    ).folder
+    assert verify_bundle(bundle) == []
+    for sub, name in (("imagesTr", "case_0000_0000"), ("labelsTr", "case_0000")):
+        path = bundle / sub / f"{name}.nii.gz"
+        img = nib.load(path)
+        img.header.set_zooms((5.94, 5.94, 2.5))
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), np.diag([5.94, 5.94, 2.5, 1])), path)
+    problems = verify_bundle(bundle)
+    assert any(
+        p.startswith("case_0000: the single-slice axis has spacing 2.5 mm") and "999" in p
+        for p in problems
+    ), problems
+
+
 def test_layout_follows_nnunet_v2_raw(simple, tmp_path):
     """nnU-Net's dataset_format.md: imagesTr/{case}_{XXXX}.nii.gz per channel,
     labelsTr/{case}.nii.gz, dataset.json with channel_names, labels (background 0,
@@ -274,7 +293,10 @@ def test_layout_follows_nnunet_v2_raw(simple, tmp_path):
     ]
     img = nib.load(bundle / "imagesTr" / "case_0000_0000.nii.gz")
     assert img.get_data_dtype() == np.int16 and nib.aff2axcodes(img.affine) == ("R", "A", "S")
-    np.testing.assert_allclose(img.header.get_zooms(), [1.0, 1.0, 2.0])
+    # one slice per case: out-of-plane 999 (nnU-Net's 2-D convention), the real 2 mm recorded
+    np.testing.assert_allclose(img.header.get_zooms(), [1.0, 1.0, 999.0])
+    cases = json.loads((bundle / "manifest.json").read_text())["cases"]
+    assert cases[0]["slice_spacing_mm"] == 2.0 and cases[0]["pixel_spacing_mm"] == [1.0, 1.0]
     assert img.header["descrip"].tobytes().strip(b"\x00") == b""
     assert (bundle.with_suffix(".zip")).exists()
     sheet = (bundle / "DATASHEET.md").read_text()
