@@ -621,6 +621,33 @@ def gate_options(func: F) -> F:
             help="Gate: maximum fraction of the batch flagged too similar.",
         ),
         click.option(
+            "--utility",
+            is_flag=True,
+            help="Also train a segmenter on the unflagged candidates and test it on the real "
+            "held-out patients, against real training slices (TSTR/TRTR; minutes).",
+        ),
+        click.option(
+            "--utility-steps",
+            default=d.utility_steps,
+            show_default=True,
+            type=click.IntRange(1, 100_000),
+            help="Segmenter steps per arm and seed.",
+        ),
+        click.option(
+            "--utility-seeds",
+            default=d.utility_seeds,
+            show_default=True,
+            type=click.IntRange(2, 20),
+            help="Seeds per arm (mean ± sd).",
+        ),
+        click.option(
+            "--min-utility-ratio",
+            default=d.min_utility_ratio,
+            show_default=True,
+            type=float,
+            help="Gate (with --utility): Dice trained on synthetic / Dice trained on real.",
+        ),
+        click.option(
             "--features",
             type=click.Choice(["encoder", "pixel"]),
             default=d.features,
@@ -647,10 +674,18 @@ def _gate_config(
     max_flagged: float,
     features: str,
     encoder_steps: int,
+    utility: bool,
+    utility_steps: int,
+    utility_seeds: int,
+    min_utility_ratio: float,
 ) -> Any:
     from pipeline.quality import GateConfig
 
     return GateConfig(
+        utility=utility,
+        utility_steps=utility_steps,
+        utility_seeds=utility_seeds,
+        min_utility_ratio=min_utility_ratio,
         min_heart_ssim=min_ssim,
         min_heldout_ssim=min_slice_ssim,
         max_fd_ratio=max_fd_ratio,
@@ -670,6 +705,7 @@ def _judge(ws: Workspace, batch: str, gates: Any) -> dict[str, Any]:
         gates,
         filter_progress=progress_bar("filter", "batch"),
         encoder_progress=progress_bar("training the feature encoder (once)", "step"),
+        utility_progress=progress_bar("utility: segmenter trainings", "run"),
     )
 
 
@@ -844,6 +880,7 @@ def evaluate_cmd(
             batch=batch_name,
             inception_weights=inception_weights,
             progress=progress_bar("training the feature encoder (once)", "step"),
+            utility_progress=progress_bar("utility: segmenter trainings", "run"),
         )
     _print_judgement(report, as_json)
 

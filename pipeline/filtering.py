@@ -658,14 +658,66 @@ def _verdict_summary(loaded: LoadedIndex, results: list[ImageScore]) -> dict[str
     }
 
 
+def memorisation_audit(
+    loaded: LoadedIndex, images: np.ndarray, *, seed: int = 0
+) -> dict[str, Any] | None:
+    """Are candidates closer to the training patients than to patients the generator never
+    saw? In the filter's own scoring space: each candidate's best SSIM against an equal-size,
+    seeded sample of training-split slices and against the held-out (val + test) slices; a
+    generator that does not memorise puts about half closer to either. One-sided binomial test
+    of the share closer to training (the idea of SDMetrics' DCR overfitting protection).
+    None without held-out slices."""
+    from scipy.stats import binomtest
+
+    refs = loaded.refs
+    held = [i for i, r in enumerate(refs) if r.split != "train"]
+    train = [i for i, r in enumerate(refs) if r.split == "train"]
+    if not held or not train or not len(images):
+        return None
+    rng = np.random.default_rng([seed, 5])
+    train = sorted(rng.choice(train, size=min(len(held), len(train)), replace=False).tolist())
+    vectors = loaded.embedder.embed(loaded.store.images([refs[i].slice_id for i in held + train]))
+    cfg = loaded.manifest["config"]
+    best = []
+    for rows in (range(len(held)), range(len(held), len(held) + len(train))):
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+        chosen = held + train
+        index.add_with_ids(vectors[list(rows)], np.array([refs[chosen[i]].slice_id for i in rows]))
+        s, _, _, _ = score_against(
+            index,
+            loaded.embedder,
+            loaded.store,
+            images,
+            k=int(cfg["k"]),
+            max_shift=int(cfg["max_shift"]),
+            smooth=float(cfg.get("smooth", 0.0)),
+        )
+        best.append(s)
+    closer = int(np.sum(best[1] > best[0]))
+    test = binomtest(closer, len(images), 0.5, alternative="greater")
+    return {
+        "candidates": len(images),
+        "reference_slices_each": len(held),
+        "closer_to_training": closer,
+        "share_closer_to_training": closer / len(images),
+        "p_value": float(test.pvalue),
+        "median_ssim_training": float(np.median(best[1])),
+        "median_ssim_heldout": float(np.median(best[0])),
+    }
+
+
 def filter_batch(ws: Workspace, name: str, *, progress: Progress = iter) -> dict[str, Any]:
-    """Score every candidate of a batch against the source index; store scores and flags."""
+    """Score every candidate of a batch against the source index; store scores and flags, and
+    the memorisation audit (:func:`memorisation_audit`)."""
     loaded = load_index(ws)
     ids, names, images, _ = batch_images(ws, name)
     results = score_images(loaded, images, names, progress=progress)
     summary = {
         "count": len(results),
         **_verdict_summary(loaded, results),
+        "memorisation": memorisation_audit(
+            loaded, images, seed=int(loaded.manifest["config"]["seed"])
+        ),
         "index_catalog": loaded.manifest["catalog"],
     }
     with write_session(ws.engine) as session:

@@ -35,6 +35,7 @@ from pipeline.preview import overlay, to_uint8
 from pipeline.progress import Progress
 from pipeline.runs import find_run, load_generator
 from pipeline.slices import HELDOUT, SliceStore, load_slices, workspace_refs
+from pipeline.utility import UtilityConfig, utility_study
 from pipeline.workspace import Workspace
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]
@@ -51,6 +52,10 @@ class GateConfig:
     features: str = "encoder"  # encoder | pixel
     encoder_steps: int = 300  # when the workspace has no trained encoder yet
     seed: int = 0
+    utility: bool = False  # train on synthetic, test on real (needs a batch)
+    utility_steps: int = 300  # segmenter steps per arm and seed
+    utility_seeds: int = 3
+    min_utility_ratio: float = 0.5  # Dice(synthetic) / Dice(real), when utility runs
 
 
 def feature_extractor(
@@ -146,6 +151,7 @@ def apply_gates(
     fd_ratio: float,
     feature_space: str,
     flagged_fraction: float | None = None,
+    utility_ratio: float | None = None,
 ) -> GateVerdict:
     """Judge the figures against ``cfg``'s thresholds (the whole-slice SSIM gate only when set,
     the flagged-fraction gate only for a batch, ``flagged_fraction`` not None). Pure: numbers
@@ -183,6 +189,15 @@ def apply_gates(
                 "value": flagged_fraction,
                 "threshold": cfg.max_flagged_fraction,
                 "passed": flagged_fraction <= cfg.max_flagged_fraction,
+            }
+        )
+    if utility_ratio is not None:
+        results.append(
+            {
+                "gate": "min_utility_ratio",
+                "value": utility_ratio,
+                "threshold": cfg.min_utility_ratio,
+                "passed": utility_ratio >= cfg.min_utility_ratio,
             }
         )
     return GateVerdict(results, all(g["passed"] for g in results))
@@ -232,6 +247,7 @@ def evaluate(
     batch: str | None = None,
     inception_weights: Path | None = None,
     progress: Progress = iter,
+    utility_progress: Progress = iter,
 ) -> dict[str, Any]:
     """Quality report of a run (and of a candidate batch, whose gates it stores).
 
@@ -297,6 +313,23 @@ def evaluate(
     )  # fmt: skip
     intensities = heart_block.pop("intensities")
     fraction = None if batch is None else sum(bool(f) for f in flags) / max(len(flags), 1)
+    utility = None
+    if cfg.utility:
+        if batch is None:
+            raise PipelineError("--utility judges a candidate batch: pass --batch NAME")
+        keep = np.array([not f for f in flags], bool)
+        train_x, train_y = load_slices(ws, workspace_refs(ws, ["train"]), model_cfg.size)
+        try:
+            utility = utility_study(
+                (cand[keep], cand_masks[keep]),
+                (train_x, train_y),
+                (real, masks),
+                class_names=list(schema.names),
+                cfg=UtilityConfig(steps=cfg.utility_steps, seeds=cfg.utility_seeds),
+                progress=utility_progress,
+            )
+        except ValueError as exc:
+            raise PipelineError(f"--utility: {exc}") from None
     verdict = apply_gates(
         cfg,
         heart_ssim=heart_block["ssim"]["mean"],
@@ -304,6 +337,7 @@ def evaluate(
         fd_ratio=distribution["frechet_ratio"],
         feature_space=space,
         flagged_fraction=fraction,
+        utility_ratio=None if utility is None else utility["tstr_trtr"],
     )
     report = {
         "run": run,
@@ -319,6 +353,7 @@ def evaluate(
             f"structure_mae_{'hu' if units == 'HU' else 'display'}": paired["structure_mae_units"],
         },
         "heart": heart_block,
+        "utility": utility,
         "distribution": distribution,
         "privacy": None if privacy is None else {**privacy, "flagged_fraction": fraction},
         "gates": {"config": asdict(cfg), "results": verdict.results, "passed": verdict.passed},
@@ -343,6 +378,7 @@ def evaluate(
                 "metrics": {
                     "paired": report["paired"],
                     "heart": heart_block,
+                    "utility": utility,
                     "distribution": distribution,
                 }
             }

@@ -31,11 +31,22 @@ def describe_index(manifest: dict[str, Any]) -> str:
 def describe_privacy(privacy: dict[str, Any]) -> str:
     """A batch's privacy verdict, e.g. ``7 of 64 flagged too similar (SSIM > 0.55 ...)``."""
     rule = Calibration.from_manifest(privacy).describe()
-    return f"{privacy['flagged']} of {privacy['count']} flagged too similar ({rule})"
+    text = f"{privacy['flagged']} of {privacy['count']} flagged too similar ({rule})"
+    m = privacy.get("memorisation")
+    if m:
+        text += (
+            f"; memorisation audit: {m['closer_to_training']} of {m['candidates']} closer to "
+            f"training than to held-out patients ({m['share_closer_to_training']:.0%}, "
+            f"binomial p = {m['p_value']:.3g}; {m['reference_slices_each']} slices each)"
+        )
+    return text
 
 
 def metrics_lines(
-    paired: dict[str, Any], distribution: dict[str, Any], heart: dict[str, Any] | None = None
+    paired: dict[str, Any],
+    distribution: dict[str, Any],
+    heart: dict[str, Any] | None = None,
+    utility: dict[str, Any] | None = None,
 ) -> list[str]:
     """The evaluation figures: the heart region's fidelity and contrast, whole-slice paired
     fidelity, per-structure error, and each distribution number named by its feature space."""
@@ -56,6 +67,15 @@ def metrics_lines(
         if heart["wasserstein"]:
             per = ", ".join(f"{k} {v:.0f}" for k, v in heart["wasserstein"].items())
             lines.append(f"intensity distance per structure (W1, {heart['units']}): {per}")
+    if utility:
+        a = utility["arms"]
+        per = ", ".join(f"{arm} {a[arm]['dice_mean']:.3f} ± {a[arm]['dice_sd']:.3f}" for arm in a)
+        lines.append(
+            f"segmenter Dice on {utility['n_test']} real held-out slices "
+            f"({utility['seeds']} seeds, {utility['n_train']} training images per arm): {per}; "
+            f"TSTR/TRTR {utility['tstr_trtr']:.2f}, augmentation gain "
+            f"{utility['augmentation_gain']:+.3f}"
+        )
     lines.append(
         f"whole slices: SSIM {p['ssim']['mean']:.3f} "
         f"(median {p['ssim']['median']:.3f}), PSNR {p['psnr_db']['mean']:.1f} dB, "
@@ -113,7 +133,9 @@ def describe_evaluation(report: dict[str, Any]) -> str:
     """The evaluation summary: paired fidelity, distribution (named by feature space), privacy,
     gates and where the report is."""
     head = f"run {report['run']}" + (f", batch {report['batch']}" if report["batch"] else "")
-    figures = metrics_lines(report["paired"], report["distribution"], report.get("heart"))
+    figures = metrics_lines(
+        report["paired"], report["distribution"], report.get("heart"), report.get("utility")
+    )
     lines = [head, *(f"  {x}" for x in figures)]
     if report["privacy"]:
         lines.append(f"  privacy: {describe_privacy(report['privacy'])}")

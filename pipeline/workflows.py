@@ -36,13 +36,21 @@ def judge_batch(
     *,
     filter_progress: Progress = iter,
     encoder_progress: Progress = iter,
+    utility_progress: Progress = iter,
 ) -> dict[str, Any]:
     """The privacy filter on a batch (verdicts stored), then the evaluation of the run that
     made it with the gates (stored with the batch). Returns the evaluation report."""
     filter_batch(ws, batch, progress=filter_progress)
     with read_session(ws.engine) as session:
         run = session.get(Run, batch_row(session, batch).run_id).name
-    return evaluate(ws, run, gates, batch=batch, progress=encoder_progress)
+    return evaluate(
+        ws,
+        run,
+        gates,
+        batch=batch,
+        progress=encoder_progress,
+        utility_progress=utility_progress,
+    )
 
 
 def open_demo_account(ws: Workspace, name: str) -> str:

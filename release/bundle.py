@@ -41,7 +41,7 @@ from pipeline.preprocess import display_to_ras
 from pipeline.preview import overlay
 from pipeline.privacy import Calibration
 from pipeline.progress import Progress
-from pipeline.render import gate_table, metrics_lines
+from pipeline.render import describe_privacy, gate_table, metrics_lines
 from pipeline.validate import path_name
 from pipeline.workspace import Workspace
 
@@ -463,6 +463,8 @@ def _quality_lines(manifest: dict[str, Any]) -> list[str]:
                 metrics["paired"], metrics["distribution"], metrics.get("heart")
             )
             lines += [f"- {x}" for x in figures]
+            if (b.get("privacy") or {}).get("count") is not None:
+                lines.append(f"- privacy: {describe_privacy(b['privacy'])}")
             lines.append("")
     gates = {n: (b.get("gates") or {}).get("results", []) for n, b in manifest["batches"].items()}
     return lines + gate_table(gates, markdown=True)

@@ -22,6 +22,7 @@ STAGES = {
     "pipeline.train": "train",
     "pipeline.generate": "generate",
     "pipeline.quality": "evaluate",
+    "pipeline.utility": "evaluate",
     "pipeline.review": "review",
     "release.bundle": "export",
     "release.verify": "verify",
