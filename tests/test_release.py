@@ -475,6 +475,21 @@ def test_end_to_end_on_real_ct(tmp_path):
     assert gen.exit_code == 0, gen.stdout + gen.stderr
     flagged = int(re.search(r"privacy: (\d+) of 12 flagged", gen.stdout).group(1))
     assert 0 < flagged < 12
+    # usefulness on real patients: a segmenter trained on the unflagged candidates, tested on the
+    # held-out patient, against one trained on as many real slices (small budget here)
+    util = run("evaluate", "-w", ws, "--run", "h", "--batch", "h-augmented", *lenient, "--json",
+               "--utility", "--utility-steps", 40, "--min-utility-ratio", 0)  # fmt: skip
+    assert util.exit_code == 0, util.stderr
+    utility = json.loads(util.stdout)["utility"]
+    assert utility["seeds"] == 3 and utility["n_train"] == 12 - flagged
+    assert utility["n_test"] == 22 and set(utility["arms"]) == {
+        "synthetic",
+        "real",
+        "real+synthetic",
+    }
+    for arm in utility["arms"].values():
+        assert 0.0 <= arm["dice_mean"] <= 1.0 and set(arm["per_structure"]) <= set(json.loads(
+            (ws / "runs" / "h" / "config.json").read_text())["label_schema"])  # fmt: skip
     assert run("index", "-w", ws, "--threshold", 0.9, "--rebuild").exit_code == 0
     refilter = run("filter", "-w", ws, "--batch", "h-augmented", *lenient)
     assert refilter.exit_code == 0, refilter.stdout + refilter.stderr

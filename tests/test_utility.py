@@ -29,13 +29,13 @@ def _scenes(n, seed, *, noise=0.05, informative=True):
 
 @pytest.mark.slow
 def test_utility_ratio_sees_useless_synthetic_data():
-    real = _scenes(48, 0)
-    test = _scenes(24, 1)
-    cfg = UtilityConfig(steps=60, seeds=3, width=8, depth=2)
+    real = _scenes(32, 0)
+    test = _scenes(16, 1)
+    cfg = UtilityConfig(steps=150, seeds=3, width=8, depth=2, batch=8)
     names = ["background", "a", "b"]
-    good = utility_study(_scenes(48, 2), real, test, class_names=names, cfg=cfg)
+    good = utility_study(_scenes(32, 2), real, test, class_names=names, cfg=cfg)
     useless = utility_study(
-        _scenes(48, 3, informative=False), real, test, class_names=names, cfg=cfg
+        _scenes(32, 3, informative=False), real, test, class_names=names, cfg=cfg
     )
     for result in (good, useless):
         assert set(result["arms"]) == {"synthetic", "real", "real+synthetic"}
