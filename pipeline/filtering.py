@@ -720,6 +720,12 @@ def filter_batch(ws: Workspace, name: str, *, progress: Progress = iter) -> dict
         ),
         "index_catalog": loaded.manifest["catalog"],
     }
+    if summary["memorisation"] is not None:
+        with Session(ws.engine) as session:
+            kind = batch_row(session, name).masks
+        # masks deformed from training slices carry those slices' anatomy: "closer to training"
+        # is then expected of any generator, and the audit is read with that in mind
+        summary["memorisation"]["masks_from_training"] = kind in ("augmented", "honeypot")
     with write_session(ws.engine) as session:
         for cid, r in zip(ids, results, strict=True):
             row = session.get(Candidate, cid)

@@ -45,7 +45,7 @@ FeatureFn = Callable[[np.ndarray], np.ndarray]
 class GateConfig:
     """Quality gate thresholds (stored with every result) and the feature space."""
 
-    min_heart_ssim: float = 0.3  # mean paired SSIM inside the heart region, held-out masks
+    min_heart_ssim: float = 0.5  # mean paired SSIM inside the heart region, held-out masks
     min_heldout_ssim: float | None = None  # the same on whole slices (off: air dominates it)
     max_fd_ratio: float = 2.0  # FD(candidates, held-out) / FD(held-out half, other half)
     max_flagged_fraction: float = 0.2  # share of the batch flagged too similar

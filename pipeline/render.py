@@ -37,7 +37,13 @@ def describe_privacy(privacy: dict[str, Any]) -> str:
         text += (
             f"; memorisation audit: {m['closer_to_training']} of {m['candidates']} closer to "
             f"training than to held-out patients ({m['share_closer_to_training']:.0%}, "
-            f"binomial p = {m['p_value']:.3g}; {m['reference_slices_each']} slices each)"
+            f"binomial p = {m['p_value']:.3g}; {m['reference_slices_each']} slices each"
+            + (
+                "; masks deformed from training slices, so expected"
+                if m.get("masks_from_training")
+                else ""
+            )
+            + ")"
         )
     return text
 

@@ -260,3 +260,25 @@ def test_leave_one_patient_out_on_three_patients(phantom_dir, ws_path):
     )
     assert len(small[0]) == 20 and set(np.round(small[0], 12)) <= set(np.round(ssim, 12))
     ws.close()
+
+
+def test_memorisation_audit_sees_copies_of_training_slices(indexed):
+    """Copies of training slices are closer to training than to held-out patients (ties, such as
+    a near-empty slice every phantom patient shares, do not count as closer); held-out slices
+    themselves lean the other way."""
+    from pipeline.filtering import memorisation_audit
+    from pipeline.index import load_index
+
+    ws_path, _ = indexed
+    loaded = load_index(open_workspace(ws_path, create=False))
+    _, copies = train_slices(ws_path, n=8)
+    audit = memorisation_audit(loaded, copies)
+    from scipy.stats import binomtest
+
+    assert audit["candidates"] == 8 and audit["closer_to_training"] >= 7
+    expected = binomtest(audit["closer_to_training"], 8, 0.5, alternative="greater").pvalue
+    assert audit["p_value"] == pytest.approx(expected) and audit["p_value"] < 0.05
+    held = [r for r in loaded.refs if r.split != "train"][:8]
+    other = memorisation_audit(loaded, loaded.store.images([r.slice_id for r in held]))
+    assert other["share_closer_to_training"] < 0.5
+    assert audit["reference_slices_each"] == len([r for r in loaded.refs if r.split != "train"])

@@ -193,6 +193,9 @@ def test_filter_and_gates_pass_trained_and_fail_untrained(ws):
     assert info["gates_passed"] is True
     assert all(r["flagged"] is not None and r["score"] is not None for r in rows)
     assert info["privacy"]["count"] == 24
+    audit = info["privacy"]["memorisation"]  # reported with the batch, read with its mask source
+    assert audit["candidates"] == 24 and audit["masks_from_training"] is True
+    assert 0.0 <= audit["share_closer_to_training"] <= 1.0 and 0.0 < audit["p_value"] <= 1.0
     report = Path(ws) / "candidates" / "good-augmented" / "report"
     for f in ("metrics.json", "ssim_hist.png", "privacy_hist.png", "examples.png"):
         assert (report / f).stat().st_size > 0
