@@ -546,8 +546,9 @@ def calibrate(
 
     ``patients`` (whose slice each baseline score is) makes the patient the exchangeable unit,
     as it is: a patient's slices are alike, so n slices are not n independent draws. The
-    stated bound is then :func:`patient_risk_bound` of the final thresholds, a new patient's
-    expected flag rate; without it, the slice-level order-statistic bound.
+    stated bound is then twice :func:`patient_risk_bound` of the final thresholds (a new
+    patient is compared with one more patient than each leave-one-out patient was), a new
+    patient's expected flag rate; without it, the slice-level order-statistic bound.
     """
     scores = np.asarray(baseline_scores, dtype=np.float64)
     if scores.size == 0:
@@ -584,13 +585,16 @@ def calibrate(
         bound, certified, unit, n_units = slice_bound, all(d.certified for d in detectors), "", 0
     else:
         flagged = caught(scores, texture)
-        bound = patient_risk_bound(flagged, np.asarray(patients))
+        # corrected for the reference set: each calibration patient met P - 1 others, a new
+        # patient meets P; its best over P exceeds the threshold only if its best over one of
+        # two (P - 1)-subsets covering them does, so twice the leave-one-out bound holds
+        bound = min(1.0, 2.0 * patient_risk_bound(flagged, np.asarray(patients)))
         n_units = len(set(np.asarray(patients).tolist()))
         certified, unit = bound <= 1.0 - quantile, "patients"
     note = None
     if not certified:
         if unit:
-            needed = int(np.ceil(1.0 / (1.0 - quantile))) - 1
+            needed = int(np.ceil(2.0 / (1.0 - quantile))) - 1
             what = f"{n_units} patients are too few to bound a new patient's flag rate at "
             what += f"{1.0 - quantile:.3g}"
         else:

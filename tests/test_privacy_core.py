@@ -197,6 +197,7 @@ def test_patient_level_bound_is_conformal_risk_control_over_patients():
     who = np.repeat(["p1", "p2", "p3"], 100)
     cal = calibrate(scores, quantile=0.99, patients=who)
     # the floor is the 3rd largest (k = floor(0.01 * 301)): p3 has 2 of 100 slices above it
-    assert cal.n_patients == 3 and cal.bound == pytest.approx((1 + 2 / 100) / 4)
-    assert not cal.certified and "3 patients are too few" in cal.note and "(needs 99)" in cal.note
+    # x2: a new patient meets 3 reference patients, each leave-one-out patient met 2
+    assert cal.n_patients == 3 and cal.bound == pytest.approx(2 * (1 + 2 / 100) / 4)
+    assert not cal.certified and "3 patients are too few" in cal.note and "(needs 199)" in cal.note
     assert cal.slice_bound == pytest.approx(3 / 301)  # what the slices alone would claim
