@@ -588,6 +588,28 @@ class ImageScore:
     p_value: float | None  # conformal, against the different-person baseline (None: explicit)
 
 
+def _score(
+    loaded: LoadedIndex,
+    images: np.ndarray,
+    *,
+    index: Any = None,
+    cache: SourceCache | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`score_against` with the settings the index was built with (its own index unless
+    another, e.g. a subset, is given)."""
+    cfg = loaded.manifest["config"]
+    return score_against(
+        loaded.index if index is None else index,
+        loaded.embedder,
+        loaded.store,
+        images,
+        k=int(cfg["k"]),
+        max_shift=int(cfg["max_shift"]),
+        smooth=float(cfg.get("smooth", 0.0)),
+        cache=cache,
+    )
+
+
 def score_images(
     loaded: LoadedIndex, images: np.ndarray, names: list[str], *, progress: Progress = iter
 ) -> list[ImageScore]:
@@ -595,18 +617,13 @@ def score_images(
     cfg = loaded.manifest["config"]
     cal = loaded.calibration
     results: list[ImageScore] = []
+    # one cache for every chunk: a source slice near many images is prepared once per call
+    cache = SourceCache(loaded.store, smooth=float(cfg.get("smooth", 0.0)))
     chunks = [range(i, min(i + 64, len(images))) for i in range(0, len(images), 64)]
     for chunk in progress(chunks):
         sub = images[chunk.start : chunk.stop]
-        scores, nearest, _, texture = score_against(
-            loaded.index,
-            loaded.embedder,
-            loaded.store,
-            sub,
-            k=int(cfg["k"]),
-            max_shift=int(cfg["max_shift"]),
-            smooth=float(cfg.get("smooth", 0.0)),
-        )
+        scores, nearest, _, texture = _score(loaded, sub, cache=cache)
+        p_values = cal.p_values(scores, texture)
         for j, i in enumerate(chunk):
             ref = loaded.store.refs.get(int(nearest[j]))
             results.append(
@@ -620,7 +637,7 @@ def score_images(
                     nearest_slice=int(nearest[j]),
                     nearest_patient=ref.patient if ref else "",
                     margin=round(cal.margin(float(scores[j]), float(texture[j])), 6),
-                    p_value=cal.p_value(float(scores[j]), float(texture[j])),
+                    p_value=None if p_values is None else float(p_values[j]),
                 )
             )
     return results
@@ -677,22 +694,12 @@ def memorisation_audit(
     rng = np.random.default_rng([seed, 5])
     train = sorted(rng.choice(train, size=min(len(held), len(train)), replace=False).tolist())
     vectors = loaded.embedder.embed(loaded.store.images([refs[i].slice_id for i in held + train]))
-    cfg = loaded.manifest["config"]
     best = []
     for rows in (range(len(held)), range(len(held), len(held) + len(train))):
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
         chosen = held + train
         index.add_with_ids(vectors[list(rows)], np.array([refs[chosen[i]].slice_id for i in rows]))
-        s, _, _, _ = score_against(
-            index,
-            loaded.embedder,
-            loaded.store,
-            images,
-            k=int(cfg["k"]),
-            max_shift=int(cfg["max_shift"]),
-            smooth=float(cfg.get("smooth", 0.0)),
-        )
-        best.append(s)
+        best.append(_score(loaded, images, index=index)[0])
     closer = int(np.sum(best[1] > best[0]))
     test = binomtest(closer, len(images), 0.5, alternative="greater")
     return {

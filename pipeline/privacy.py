@@ -427,13 +427,18 @@ class Calibration:
     def p_value(self, score: float, texture: float | None = None) -> float | None:
         """Conformal p-value of one image against the baseline (Bonferroni over the detectors:
         ``min(1, D · min p_d)``); None without a stored baseline."""
+        found = self.p_values(np.array([score]), None if texture is None else np.array([texture]))
+        return None if found is None else float(found[0])
+
+    def p_values(self, scores: np.ndarray, textures: np.ndarray | None = None) -> np.ndarray | None:
+        """:meth:`p_value` of many images at once (each baseline sorted once)."""
         if not self.baseline:
             return None
-        ps = [float(conformal_pvalues(np.array(self.baseline), np.array([score]))[0])]
-        if self.texture_baseline and texture is not None:
-            tex = conformal_pvalues(np.array(self.texture_baseline), np.array([texture]))
-            ps.append(float(tex[0]))
-        return min(1.0, len(ps) * min(ps))
+        p = conformal_pvalues(np.array(self.baseline), np.asarray(scores, np.float64))
+        if self.texture_baseline and textures is not None:
+            tex = conformal_pvalues(np.array(self.texture_baseline), np.asarray(textures))
+            return np.minimum(1.0, 2.0 * np.minimum(p, tex))
+        return p
 
     @property
     def explicit(self) -> bool:
