@@ -33,6 +33,9 @@ class GanConfig:
     g_lr: float = 1.3e-4
     d_lr: float = 1.3e-4
     beta1: float = 0.5
+    # fraction of the steps at the end over which both learning rates fall linearly to 0
+    # (pix2pix's schedule); 0 keeps them constant, as the paper and the seed code do
+    lr_decay: float = 0.0
     adv_weight: float = 0.012
     l1_weight: float = 1.0
     precision: str = "float32"  # a PRECISIONS policy; outputs and losses are always float32
@@ -52,6 +55,17 @@ class GanConfig:
     def patch_map(self) -> int:
         """Side of the discriminator's output map."""
         return self.size // 2 ** len(self.d_filters)
+
+    def learning_rates(self, step: int) -> tuple[float, float]:
+        """(G, D) learning rates at ``step`` (0-based) under the ``lr_decay`` schedule."""
+        return self.g_lr * self.lr_factor(step), self.d_lr * self.lr_factor(step)
+
+    def lr_factor(self, step: int) -> float:
+        """1 until the last ``lr_decay`` share of the steps, then falling linearly to 0."""
+        start = self.steps * (1.0 - self.lr_decay)
+        if self.lr_decay <= 0 or step < start:
+            return 1.0
+        return max(0.0, 1.0 - (step - start) / (self.steps - start))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (for ``runs/<run>/config.json``)."""
@@ -96,9 +110,10 @@ def preset(name: str, **overrides: Any) -> GanConfig:
             g_filters=(16, 32, 64, 128, 128, 128, 128),
             d_filters=(16, 32, 64),
             batch=16,
-            steps=600,
-            g_lr=2e-4,
-            d_lr=2e-4,
+            steps=1000,
+            g_lr=1e-3,
+            d_lr=1e-3,
+            lr_decay=0.5,
         )
     else:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -110,6 +125,8 @@ def preset(name: str, **overrides: Any) -> GanConfig:
     # "mixed" / "auto" are requests that the training code resolves for the machine
     if cfg.precision not in (*PRECISIONS, "mixed", "auto"):
         raise ValueError(f"precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if not 0.0 <= cfg.lr_decay <= 1.0:
+        raise ValueError(f"lr_decay {cfg.lr_decay} must lie in [0, 1]")
     if cfg.size // 2 ** len(cfg.d_filters) < 1:
         raise ValueError(f"{len(cfg.d_filters)} discriminator layers do not fit {cfg.size}²")
     return cfg

@@ -109,6 +109,27 @@ def generator_losses(fake_out: Any, real: Any, fake: Any, cfg: GanConfig) -> tup
     return adv, l1
 
 
+class LinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """``GanConfig.lr_factor`` in graph form: constant, then linearly to 0 over the last
+    ``decay`` share of ``steps``. Driven by the optimizer's own (checkpointed) step counter, so a
+    resumed run continues the schedule where it stopped."""
+
+    def __init__(self, rate: float, steps: int, decay: float) -> None:
+        self.rate, self.steps, self.decay = float(rate), int(steps), float(decay)
+
+    def __call__(self, step: Any) -> Any:
+        start = self.steps * (1.0 - self.decay)
+        done = (ops.cast(step, "float32") - start) / max(self.steps - start, 1e-9)
+        return self.rate * (1.0 - ops.clip(done, 0.0, 1.0))
+
+    def get_config(self) -> dict[str, Any]:
+        return {"rate": self.rate, "steps": self.steps, "decay": self.decay}
+
+
+def _schedule(cfg: GanConfig, rate: float) -> Any:
+    return LinearDecay(rate, cfg.steps, cfg.lr_decay) if cfg.lr_decay > 0 else rate
+
+
 class ConditionalGAN:
     """Generator, discriminator and their optimizers, with the per-replica train step.
 
@@ -122,12 +143,13 @@ class ConditionalGAN:
         self.cfg = cfg
         self.generator = build_generator(cfg)
         self.discriminator = build_discriminator(cfg)
+        g_lr, d_lr = _schedule(cfg, cfg.g_lr), _schedule(cfg, cfg.d_lr)
         if optimizer == "adam":
-            self.g_opt = keras.optimizers.Adam(cfg.g_lr, beta_1=cfg.beta1)
-            self.d_opt = keras.optimizers.Adam(cfg.d_lr, beta_1=cfg.beta1)
+            self.g_opt = keras.optimizers.Adam(g_lr, beta_1=cfg.beta1)
+            self.d_opt = keras.optimizers.Adam(d_lr, beta_1=cfg.beta1)
         elif optimizer == "sgd":  # for equivalence tests: Adam would hide a scaled gradient
-            self.g_opt = keras.optimizers.SGD(cfg.g_lr)
-            self.d_opt = keras.optimizers.SGD(cfg.d_lr)
+            self.g_opt = keras.optimizers.SGD(g_lr)
+            self.d_opt = keras.optimizers.SGD(d_lr)
         else:
             raise ValueError(f"unknown optimizer {optimizer!r}")
         if cfg.precision == "mixed_float16":  # float16 gradients underflow without it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +94,22 @@ def train_encoder(
     )
     trainer = ContrastiveTrainer(cfg, seed=seed)
     batch = min(batch, len(pool))
-    for _ in progress(range(steps)):
+
+    def views() -> tuple[np.ndarray, np.ndarray]:
         pick = rng.choice(len(pool), size=batch, replace=False)
         v1 = np.stack([centre(random_view(pool[p], rng)) for p in pick])[..., None]
         v2 = np.stack([centre(random_view(pool[p], rng)) for p in pick])[..., None]
-        trainer.step(tf.constant(v1), tf.constant(v2))
+        return v1, v2
+
+    # one helper thread draws the next step's views while TensorFlow trains on these (the
+    # draws stay in order, so the run is the same as drawing them in line): ~25% of a step
+    with ThreadPoolExecutor(1) as helper:
+        upcoming = helper.submit(views)
+        for step in progress(range(steps)):
+            v1, v2 = upcoming.result()
+            if step + 1 < steps:
+                upcoming = helper.submit(views)
+            trainer.step(tf.constant(v1), tf.constant(v2))
     embedder = EncoderEmbedder(trainer.encoder, cfg)
     embedder.save(folder)
     return embedder

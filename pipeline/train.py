@@ -520,8 +520,9 @@ def train(
             with writer.as_default(step=step):
                 for k, v in last.items():
                     tf.summary.scalar(k, v)
-                tf.summary.scalar("lr_g", float(cfg.g_lr))
-                tf.summary.scalar("lr_d", float(cfg.d_lr))
+                lr_g, lr_d = cfg.learning_rates(step - 1)  # the rates this update used
+                tf.summary.scalar("lr_g", lr_g)
+                tf.summary.scalar("lr_d", lr_d)
             if chief and (step % opts.eval_every == 0 or step == cfg.steps):
                 twin.set_weights(gan.generator.get_weights())
                 heldout = _evaluate(twin, cfg, val_images, val_masks, run_dir, step, writer)

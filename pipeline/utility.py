@@ -25,7 +25,7 @@ class UtilityConfig:
 
     steps: int = 300
     seeds: int = 3
-    width: int = 16
+    width: int = 8
     depth: int = 3
     batch: int = 16
 

@@ -321,10 +321,13 @@ def test_bad_window_and_format(good, ws_path):
 @pytest.mark.slow
 def test_demo(tmp_path, monkeypatch):
     args = ("demo", "-w", tmp_path / "demo", "--volumes", 4, "--size", 32, "--train-steps", 20)
-    args += ("--candidates", 8, "--encoder-steps", 20)
+    args += ("--candidates", 8, "--encoder-steps", 20, "--utility-steps", 5)
     result = run(*args)
     assert result.exit_code == 0, result.stderr
     assert "train" in result.stdout
+    # the demo judges usefulness too: three arms of a segmenter, tested on real patients
+    assert "segmenter Dice on " in result.stdout and "TSTR/TRTR" in result.stdout
+    assert "gate min_utility_ratio" in result.stdout
     assert (tmp_path / "demo" / "demo-sources" / "phantom" / "preview.png").exists()
     run_dir = tmp_path / "demo" / "runs" / "demo"
     assert "trained 20 steps" in result.stdout and "tensorboard --logdir" in result.stdout

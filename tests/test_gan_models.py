@@ -100,6 +100,28 @@ def test_lsgan_losses():
     np.testing.assert_allclose(l1, [0.25, 0.25])
 
 
+def test_learning_rate_decay_schedule():
+    """Constant, then linearly to 0 over the last ``lr_decay`` share of the steps; the
+    optimizers follow it through their own step counter; the paper presets keep it constant."""
+    from models.gan import ConditionalGAN
+
+    cfg = preset("tiny", size=32, steps=10, lr_decay=0.5, g_lr=1e-3, d_lr=2e-3)
+    expected = [1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2]
+    np.testing.assert_allclose([cfg.lr_factor(s) for s in range(10)], expected, atol=1e-12)
+    assert cfg.learning_rates(7) == pytest.approx((0.6e-3, 1.2e-3))
+    gan = ConditionalGAN(cfg)
+    for step, factor in enumerate(expected):
+        gan.g_opt.iterations.assign(step)
+        gan.d_opt.iterations.assign(step)
+        assert float(gan.g_opt.learning_rate) == pytest.approx(1e-3 * factor, rel=1e-6)
+        assert float(gan.d_opt.learning_rate) == pytest.approx(2e-3 * factor, rel=1e-6)
+    assert preset("paper").lr_decay == preset("seed-code").lr_decay == 0.0
+    assert preset("tiny").lr_decay == 0.5
+    assert [preset("paper", steps=10).lr_factor(s) for s in (0, 9)] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="lr_decay"):
+        preset("tiny", lr_decay=1.5)
+
+
 def test_bad_presets():
     with pytest.raises(ValueError, match="unknown preset"):
         preset("huge")

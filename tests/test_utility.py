@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from models.segmenter import foreground_intensity
 from pipeline.utility import UtilityConfig, utility_study
 
 
@@ -48,3 +49,21 @@ def test_utility_ratio_sees_useless_synthetic_data():
     )
     with pytest.raises(ValueError, match="no synthetic"):
         utility_study((real[0][:0], real[1][:0]), real, test, class_names=names, cfg=cfg)
+
+
+def test_foreground_intensity_is_nnunet_ct_normalisation():
+    """Percentiles 0.5 / 99.5 of the labelled pixels, then their mean and sd after clipping;
+    the whole image when nothing is labelled."""
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 16, 16))
+    masks = (rng.random((3, 16, 16)) > 0.7).astype(np.uint8)
+    fg = images[masks > 0]
+    low, high = np.percentile(fg, [0.5, 99.5])
+    clipped = np.clip(fg, low, high)
+    assert foreground_intensity(images, masks) == pytest.approx(
+        (low, high, clipped.mean(), clipped.std())
+    )
+    whole = np.clip(images.ravel(), *np.percentile(images, [0.5, 99.5]))
+    assert foreground_intensity(images, np.zeros_like(masks))[2:] == pytest.approx(
+        (whole.mean(), whole.std())
+    )
