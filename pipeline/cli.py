@@ -1201,6 +1201,12 @@ def verify_cmd(bundle: Path, as_json: bool) -> None:
 @click.option("--size", type=click.IntRange(4, 1024), help="Image size (a power of two).")
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), help="G and D learning rate.")
 @click.option(
+    "--lr-decay",
+    type=click.FloatRange(0, 1),
+    help="Share of the steps at the end over which both rates fall linearly to 0 "
+    "(preset's: tiny 0.5, paper and seed-code 0).",
+)
+@click.option(
     "--strategy",
     type=click.Choice(["auto", "default", "mirrored", "multi-worker"]),
     default="auto",
@@ -1242,6 +1248,7 @@ def train_cmd(
     batch: int | None,
     size: int | None,
     lr: float | None,
+    lr_decay: float | None,
     strategy: str,
     devices: int,
     precision: str,
@@ -1263,7 +1270,7 @@ def train_cmd(
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * devices
         )
-    cfg = _gan_config(preset_name, steps=steps, batch=batch, size=size, lr=lr)
+    cfg = _gan_config(preset_name, steps=steps, batch=batch, size=size, lr=lr, lr_decay=lr_decay)
     cfg = dataclasses.replace(cfg, precision=precision)
     opts = TrainOptions(
         run=run_name,

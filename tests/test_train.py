@@ -29,7 +29,8 @@ TINY = ("--preset", "tiny", "--size", 32, "--batch", 8, "--eval-every", 6, "--ch
 
 @pytest.mark.numerics
 def test_train_writes_run_and_resumes(ws32):
-    result = run("train", "-w", ws32, *TINY, "--steps", 12, "--run", "r", "--json")
+    args = ("--steps", 12, "--run", "r", "--lr-decay", 0.25, "--json")
+    result = run("train", "-w", ws32, *TINY, *args)
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     run_dir = Path(report["run_dir"])
@@ -42,6 +43,7 @@ def test_train_writes_run_and_resumes(ws32):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     config = json.loads((run_dir / "config.json").read_text())
     assert config["size"] == 32 and config["num_classes"] == 8 and config["preset"] == "tiny"
+    assert config["lr_decay"] == 0.25
     ws = open_workspace(ws32, create=False)
     with read_session(ws.engine) as s:
         row = s.scalar(select(Run).where(Run.name == "r"))
@@ -85,6 +87,8 @@ def test_train_bad_input(ws32, tmp_path):
     assert result.exit_code == 2 and "power of two" in result.stderr
     result = run("train", "-w", ws32, *TINY, "--steps", 2, "--run", "new", "--resume")
     assert result.exit_code == 2 and "nothing to resume" in result.stderr
+    result = run("train", "-w", ws32, *TINY, "--steps", 2, "--lr-decay", 1.5)
+    assert result.exit_code == 2 and "--lr-decay" in result.stderr
 
 
 @pytest.mark.numerics
@@ -134,10 +138,12 @@ def _train(ws_path, **kw):
 
     cfg_fields = {"size": 32, "batch": 8, "steps": kw.pop("steps")}
     cfg_fields["precision"] = kw.pop("precision", "float32")
+    on_step = kw.pop("on_step", None)
     opts = TrainOptions(**{"eval_every": 10, "checkpoint_every": 10, **kw})
     ws = open_workspace(ws_path, create=False)
     try:
-        return train(ws, preset("tiny", **cfg_fields), opts, cpuinfo=_cpuinfo())
+        cfg = preset("tiny", **cfg_fields)
+        return train(ws, cfg, opts, cpuinfo=_cpuinfo(), on_step=on_step)
     finally:
         ws.close()
 
@@ -158,11 +164,21 @@ def _checkpoint_values(run_dir, step):
 @pytest.mark.numerics
 @pytest.mark.slow
 def test_resume_equals_straight_run(ws32):
-    """10 steps + resume 10 gives the same weights, BN statistics and optimizer state as 20
-    straight: the data order and the augmentation are functions of the step."""
+    """A 20-step run stopped (SIGTERM) after step 10 and resumed gives the same weights, BN
+    statistics and optimizer state as 20 straight: the data order and the augmentation are
+    functions of the step, and the tiny preset's learning-rate decay (steps 10-20 here)
+    follows the checkpointed step counter."""
+    import signal
+
+    from pipeline.errors import PipelineError
+
+    def stop_after_ten(step, _losses):
+        if step == 10:
+            signal.raise_signal(signal.SIGTERM)
+
     straight = _train(ws32, steps=20, run="straight", augment="affine")
-    first = _train(ws32, steps=10, run="split", augment="affine")
-    assert first.steps_done == 10
+    with pytest.raises(PipelineError, match="interrupted at step 10"):
+        _train(ws32, steps=20, run="split", augment="affine", on_step=stop_after_ten)
     second = _train(ws32, steps=20, run="split", augment="affine", resume=True)
     assert second.resumed_from == 10 and second.steps_done == 20
     a = _checkpoint_values(straight.run_dir, 20)
@@ -175,9 +191,9 @@ def test_resume_equals_straight_run(ws32):
     )
     assert worst < 1e-5, worst
     # a run that was not resumed but restarted from scratch would differ: the test can fail
-    fresh = _train(ws32, steps=10, run="other-seed", augment="affine", seed=1)
+    fresh = _train(ws32, steps=20, run="other-seed", augment="affine", seed=1)
     c = _checkpoint_values(fresh.run_dir, 10)
-    d = _checkpoint_values(first.run_dir, 10)
+    d = _checkpoint_values(second.run_dir, 10)
     assert any(not np.allclose(c[k], d[k]) for k in c if np.asarray(c[k]).dtype.kind == "f")
 
 
