@@ -674,6 +674,14 @@ def gate_options(func: F) -> F:
             help="Gate (with --utility): Dice trained on synthetic / Dice trained on real.",
         ),
         click.option(
+            "--min-real-dice",
+            default=d.min_real_dice,
+            show_default=True,
+            type=click.FloatRange(0, 1),
+            help="Gate (with --utility): the segmenter trained on real slices must reach this "
+            "Dice, or the ratio says nothing.",
+        ),
+        click.option(
             "--features",
             type=click.Choice(["encoder", "pixel"]),
             default=d.features,
@@ -704,6 +712,7 @@ def _gate_config(
     utility_steps: int,
     utility_seeds: int,
     min_utility_ratio: float,
+    min_real_dice: float,
 ) -> Any:
     from pipeline.quality import GateConfig
 
@@ -712,6 +721,7 @@ def _gate_config(
         utility_steps=utility_steps,
         utility_seeds=utility_seeds,
         min_utility_ratio=min_utility_ratio,
+        min_real_dice=min_real_dice,
         min_heart_ssim=min_ssim,
         min_heldout_ssim=min_slice_ssim,
         max_fd_ratio=max_fd_ratio,

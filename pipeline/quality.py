@@ -56,6 +56,9 @@ class GateConfig:
     utility_steps: int = 300  # segmenter steps per arm and seed
     utility_seeds: int = 3
     min_utility_ratio: float = 0.5  # Dice(synthetic) / Dice(real), when utility runs
+    # the yardstick must learn: below this the real arm's Dice says nothing (HOCM, 6 training
+    # slices: 0.08), and a ratio of two near-zero numbers would pass or fail by chance
+    min_real_dice: float = 0.3
 
 
 def feature_extractor(
@@ -152,10 +155,11 @@ def apply_gates(
     feature_space: str,
     flagged_fraction: float | None = None,
     utility_ratio: float | None = None,
+    real_dice: float | None = None,
 ) -> GateVerdict:
     """Judge the figures against ``cfg``'s thresholds (the whole-slice SSIM gate only when set,
-    the flagged-fraction gate only for a batch, ``flagged_fraction`` not None). Pure: numbers
-    in, verdict out."""
+    the flagged-fraction gate only for a batch, ``flagged_fraction`` not None; the utility
+    ratio and the real arm's Dice when the utility study ran). Pure: numbers in, verdict out."""
     results = [
         {
             "gate": "min_heart_ssim",
@@ -198,6 +202,15 @@ def apply_gates(
                 "value": utility_ratio,
                 "threshold": cfg.min_utility_ratio,
                 "passed": utility_ratio >= cfg.min_utility_ratio,
+            }
+        )
+    if real_dice is not None:
+        results.append(
+            {
+                "gate": "min_real_dice",
+                "value": real_dice,
+                "threshold": cfg.min_real_dice,
+                "passed": real_dice >= cfg.min_real_dice,
             }
         )
     return GateVerdict(results, all(g["passed"] for g in results))
@@ -338,6 +351,7 @@ def evaluate(
         feature_space=space,
         flagged_fraction=fraction,
         utility_ratio=None if utility is None else utility["tstr_trtr"],
+        real_dice=None if utility is None else utility["arms"]["real"]["dice_mean"],
     )
     report = {
         "run": run,

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from models.segmenter import foreground_intensity
+from pipeline.quality import GateConfig, apply_gates
 from pipeline.utility import UtilityConfig, utility_study
 
 
@@ -66,4 +67,25 @@ def test_foreground_intensity_is_nnunet_ct_normalisation():
     whole = np.clip(images.ravel(), *np.percentile(images, [0.5, 99.5]))
     assert foreground_intensity(images, np.zeros_like(masks))[2:] == pytest.approx(
         (whole.mean(), whole.std())
+    )
+
+
+def test_utility_gates_need_a_yardstick_that_learned():
+    """The ratio gate judges synthetic vs real; the real-arm gate refuses a ratio of two
+    near-zero Dice scores (measured on HOCM: 0.042 / 0.078 = 0.53 would have passed)."""
+    common = dict(heart_ssim=0.9, heldout_ssim=0.8, fd_ratio=0.5, feature_space="pixel")
+    cfg = GateConfig()
+    good = apply_gates(cfg, **common, utility_ratio=0.84, real_dice=0.59)
+    assert good.passed and {"min_utility_ratio", "min_real_dice"} <= {
+        g["gate"] for g in good.results
+    }
+    assert apply_gates(cfg, **common, utility_ratio=0.2, real_dice=0.59).failed == [
+        "min_utility_ratio"
+    ]
+    assert apply_gates(cfg, **common, utility_ratio=0.53, real_dice=0.078).failed == [
+        "min_real_dice"
+    ]
+    assert all(
+        g["gate"] not in ("min_utility_ratio", "min_real_dice")
+        for g in apply_gates(cfg, **common).results
     )
