@@ -24,9 +24,11 @@ from pipeline.workspace import DEFAULT_WORKSPACE, ENV_WORKSPACE, Workspace, open
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-#: The demo's budget on two CPU cores (README "Demo"): the tiny cGAN's steps and the
-#: utility study's segmenter steps per arm and seed.
+#: The demo's budget on two CPU cores (README "Quickstart", ≤ 5 minutes): the tiny cGAN's
+#: steps, the gates' feature encoder's steps and the utility study's segmenter steps per arm
+#: and seed.
 DEMO_TRAIN_STEPS = 1000
+DEMO_ENCODER_STEPS = 200
 DEMO_UTILITY_STEPS = 200
 
 #: ``pipeline --help`` lists the commands in the order data flows through them.
@@ -384,7 +386,7 @@ def status(workspace: Path, as_json: bool) -> None:
 @click.option("--port", default=8501, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
     "--encoder-steps",
-    default=300,
+    default=DEMO_ENCODER_STEPS,
     show_default=True,
     type=click.IntRange(1, 100_000),
     help="Training steps of the feature encoder the quality gates use.",
