@@ -22,7 +22,15 @@ from sqlalchemy.orm import Session
 from pipeline.atomic import atomic_write
 from pipeline.catalog import CandidateBatch
 from pipeline.errors import PipelineError
-from pipeline.preprocess import display_to_ras, ras_to_display, stored_to_unit, unit_to_hu
+from pipeline.preprocess import (
+    PICTURE_WINDOW,
+    display_to_ras,
+    picture_window,
+    ras_to_display,
+    stored_to_unit,
+    unit_to_hu,
+    view_label,
+)
 from pipeline.preview import overlay, save_png, to_uint8
 from pipeline.workspace import Workspace
 
@@ -38,7 +46,8 @@ def write_candidate(
     window: tuple[float, float],
 ) -> None:
     """images/NAME.nii.gz (HU int16, or display units 0–255 uint8), masks/NAME.nii.gz (class
-    indices), previews/NAME.png and NAME_overlay.png. Each file atomically."""
+    indices), previews/NAME.png and NAME_overlay.png (HU in the cardiac window, as every
+    picture). Each file atomically."""
     affine = np.diag([spacing[0], spacing[1], spacing[2], 1.0])
     hu = units == "HU"
     data = np.rint(unit_to_hu(image, window)).astype(np.int16) if hu else to_uint8(image)
@@ -48,8 +57,9 @@ def write_candidate(
         nii.header["descrip"] = f"cardiac-synth synthetic {units}".encode()
         (folder / sub).mkdir(parents=True, exist_ok=True)
         atomic_write(folder / sub / f"{name}.nii.gz", lambda tmp, n=nii: nib.save(n, tmp))
-    save_png(to_uint8(image), folder / "previews" / f"{name}.png")
-    save_png(overlay(image, mask), folder / "previews" / f"{name}_overlay.png")
+    shown = picture_window(image, storage=window, units=units)
+    save_png(to_uint8(shown), folder / "previews" / f"{name}.png")
+    save_png(overlay(shown, mask), folder / "previews" / f"{name}_overlay.png")
 
 
 def write_batch_json(
@@ -70,6 +80,7 @@ def write_batch_json(
         "generator_sha256": generator_sha256,
         "units": units,
         "window": list(window),
+        "previews": view_label(units, PICTURE_WINDOW),
         **extra,
         "label_schema": label_schema,
     }

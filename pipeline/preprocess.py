@@ -18,6 +18,11 @@ VIEW_WINDOWS: dict[str, tuple[float, float]] = {
 }
 
 
+#: The window of every picture the pipeline writes of HU slices (previews, sample grids,
+#: report figures): in the storage window 200 HU of heart contrast is 6% of the grey range.
+PICTURE_WINDOW = "cardiac"
+
+
 def window_to_unit(hu: np.ndarray, window: tuple[float, float] = DEFAULT_WINDOW) -> np.ndarray:
     """Clip HU to ``window`` and scale linearly to [0, 1] (float32)."""
     lo, hi = window
@@ -57,6 +62,11 @@ def view_window(
     level, width = VIEW_WINDOWS[preset]
     hu = np.float32(lo) + np.asarray(unit, dtype=np.float32) * np.float32(hi - lo)
     return window_to_unit(hu, (level - width / 2, level + width / 2))
+
+
+def picture_window(unit: np.ndarray, *, storage: tuple[float, float], units: str) -> np.ndarray:
+    """A [0, 1] slice as every written picture shows it (:data:`PICTURE_WINDOW` for HU)."""
+    return view_window(unit, storage=storage, units=units, preset=PICTURE_WINDOW)
 
 
 def view_label(units: str, preset: str | None) -> str:

@@ -30,7 +30,13 @@ from pipeline.metrics import (
     structure_intensities,
     wasserstein_1,
 )
-from pipeline.preprocess import resize_image, unit_scale, view_label, view_window
+from pipeline.preprocess import (
+    PICTURE_WINDOW,
+    resize_image,
+    unit_scale,
+    view_label,
+    view_window,
+)
 from pipeline.preview import overlay, to_uint8
 from pipeline.progress import Progress
 from pipeline.runs import find_run, load_generator
@@ -490,7 +496,7 @@ def write_report(
         plt.close(fig)
 
     units, storage = view
-    preset = "cardiac" if units == "HU" else None
+    preset = PICTURE_WINDOW if units == "HU" else None
     shown = view_label(units, preset)
 
     def view(x: np.ndarray) -> np.ndarray:

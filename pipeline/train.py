@@ -32,9 +32,11 @@ from pipeline.atomic import atomic_write
 from pipeline.augment import affine_warp, random_affine
 from pipeline.catalog import PatientSplit, Run, Source, get_meta, utcnow, write_session
 from pipeline.errors import PipelineError
+from pipeline.preprocess import picture_window
 from pipeline.preview import PALETTE, grid, save_png, to_uint8
 from pipeline.privacy import ssim_batch
 from pipeline.progress import Progress
+from pipeline.runs import run_units
 from pipeline.slices import load_split
 from pipeline.validate import path_name
 from pipeline.workspace import Workspace
@@ -339,12 +341,18 @@ def make_dataset(
     return ds.prefetch(2)
 
 
-def _sample_grid(masks: np.ndarray, fake: np.ndarray, real: np.ndarray) -> np.ndarray:
-    """Rows of condition | generated | original; small slices enlarged (nearest) to ≥ 128 px."""
+def _sample_grid(
+    masks: np.ndarray,
+    fake: np.ndarray,
+    real: np.ndarray,
+    view: Callable[[np.ndarray], np.ndarray] = np.asarray,
+) -> np.ndarray:
+    """Rows of condition | generated | original, the slices through ``view`` (a viewing
+    window); small slices enlarged (nearest) to ≥ 128 px."""
     zoom = max(1, 128 // masks.shape[1])
     tiles = []
     for m, f, r in zip(masks, fake, real, strict=True):
-        tiles += [PALETTE[m % len(PALETTE)], to_uint8(f[..., 0]), to_uint8(r[..., 0])]
+        tiles += [PALETTE[m % len(PALETTE)], to_uint8(view(f[..., 0])), to_uint8(view(r[..., 0]))]
     tiles = [np.repeat(np.repeat(t, zoom, axis=0), zoom, axis=1) for t in tiles]
     return grid(tiles, columns=3)
 
@@ -488,6 +496,10 @@ def train(
         )
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    units, storage = run_units(config)
+
+    def picture_view(unit: np.ndarray) -> np.ndarray:
+        return picture_window(unit, storage=storage, units=units)
 
     @tf.function
     def dist_step(cond: Any, img: Any) -> dict[str, Any]:
@@ -525,7 +537,9 @@ def train(
                 tf.summary.scalar("lr_d", lr_d)
             if chief and (step % opts.eval_every == 0 or step == cfg.steps):
                 twin.set_weights(gan.generator.get_weights())
-                heldout = _evaluate(twin, cfg, val_images, val_masks, run_dir, step, writer)
+                heldout = _evaluate(
+                    twin, cfg, val_images, val_masks, run_dir, step, writer, picture_view
+                )
             if step % opts.checkpoint_every == 0:
                 manager.save(checkpoint_number=step)
                 saved_at = step
@@ -585,9 +599,11 @@ def _evaluate(
     run_dir: Path,
     step: int,
     writer: Any,
+    view: Callable[[np.ndarray], np.ndarray] = np.asarray,
 ) -> dict[str, float | None]:
     """Held-out SSIM and MAE in inference mode (moving BN statistics: how generation runs)
-    and SSIM with batch statistics for comparison; a sample grid PNG.
+    and SSIM with batch statistics for comparison; a sample grid PNG (slices through
+    ``view``).
 
     ``generator`` is a scratch copy: batch-statistics mode updates its moving averages.
     """
@@ -608,7 +624,7 @@ def _evaluate(
         "mae": float(np.mean(np.abs(real - fake))),
     }
     show = pick[:4]
-    picture = _sample_grid(masks[show], fake[: len(show), ..., None], images[show])
+    picture = _sample_grid(masks[show], fake[: len(show), ..., None], images[show], view)
     save_png(picture, run_dir / "samples" / f"step_{step:06d}.png")
     with writer.as_default(step=step):
         for name, value in result.items():

@@ -37,7 +37,7 @@ from pipeline.catalog import Candidate, CandidateBatch, PatientSplit, Reviewer, 
 from pipeline.decisions import candidate_states, effective_decisions
 from pipeline.errors import PipelineError
 from pipeline.figures import privacy_figure
-from pipeline.preprocess import display_to_ras
+from pipeline.preprocess import display_to_ras, picture_window
 from pipeline.preview import overlay
 from pipeline.privacy import Calibration
 from pipeline.progress import Progress
@@ -324,7 +324,8 @@ def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> E
             files[f"labelsTr/{case}.nii.gz"] = _nifti_gz(
                 display_to_ras(cand.mask[None]), spacing, dtype=np.uint8
             )
-            files[f"previews/{case}.png"] = _png(overlay(cand.unit, cand.mask))
+            shown = picture_window(cand.unit, storage=windows[r.batch], units=r.units)
+            files[f"previews/{case}.png"] = _png(overlay(shown, cand.mask))
             cases.append(
                 {
                     "case": case,

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from pipeline.catalog import CandidateBatch, Slice, read_session
 from pipeline.generate import deform_mask
+from pipeline.preprocess import ras_to_display
 from pipeline.workspace import open_workspace
 from tests.conftest import copy_workspace, indexed_workspace, run
 
@@ -105,6 +106,12 @@ def test_generate_provenance_files_determinism_and_resume(ws):
     assert set(np.unique(np.asanyarray(msk.dataobj))) <= set(range(8))
     for suffix in ("", "_overlay"):
         assert Image.open(folder / "previews" / f"cand_00000{suffix}.png").size == (32, 32)
+    # previews in the cardiac window (level 200, width 700 HU), as batch.json says
+    batch_json = json.loads((folder / "batch.json").read_text())
+    assert batch_json["previews"] == "cardiac window 200/700 HU"
+    shown = np.asarray(Image.open(folder / "previews" / "cand_00000.png"), np.float64)
+    expected = np.clip((ras_to_display(hu)[0] - (200 - 350)) / 700, 0, 1) * 255
+    assert np.abs(shown - expected).max() <= 1.0
     first = {p.name: p.read_bytes() for p in (folder / "images").iterdir()}
 
     # resumable: asking for 16 fills in 6, leaves the first 10 untouched
