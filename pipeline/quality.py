@@ -152,6 +152,14 @@ class GateVerdict:
         return [g["gate"] for g in self.results if not g["passed"]]
 
 
+def _gate(cfg: GateConfig, name: str, value: float, **extra: str) -> dict[str, Any]:
+    # each gate is named after its GateConfig threshold; "min_" gates need value ≥ threshold,
+    # "max_" gates value ≤ threshold (render shows the same sign from the same prefix)
+    threshold = getattr(cfg, name)
+    passed = value >= threshold if name.startswith("min_") else value <= threshold
+    return {"gate": name, **extra, "value": value, "threshold": threshold, "passed": bool(passed)}
+
+
 def apply_gates(
     cfg: GateConfig,
     *,
@@ -166,59 +174,16 @@ def apply_gates(
     """Judge the figures against ``cfg``'s thresholds (the whole-slice SSIM gate only when set,
     the flagged-fraction gate only for a batch, ``flagged_fraction`` not None; the utility
     ratio and the real arm's Dice when the utility study ran). Pure: numbers in, verdict out."""
-    results = [
-        {
-            "gate": "min_heart_ssim",
-            "value": heart_ssim,
-            "threshold": cfg.min_heart_ssim,
-            "passed": bool(heart_ssim >= cfg.min_heart_ssim),
-        }
-    ]
+    results = [_gate(cfg, "min_heart_ssim", heart_ssim)]
     if cfg.min_heldout_ssim is not None:
-        results.append(
-            {
-                "gate": "min_heldout_ssim",
-                "value": heldout_ssim,
-                "threshold": cfg.min_heldout_ssim,
-                "passed": heldout_ssim >= cfg.min_heldout_ssim,
-            }
-        )
-    results.append(
-        {
-            "gate": "max_fd_ratio",
-            "feature_space": feature_space,
-            "value": fd_ratio,
-            "threshold": cfg.max_fd_ratio,
-            "passed": bool(fd_ratio <= cfg.max_fd_ratio),
-        }
-    )
-    if flagged_fraction is not None:
-        results.append(
-            {
-                "gate": "max_flagged_fraction",
-                "value": flagged_fraction,
-                "threshold": cfg.max_flagged_fraction,
-                "passed": flagged_fraction <= cfg.max_flagged_fraction,
-            }
-        )
-    if utility_ratio is not None:
-        results.append(
-            {
-                "gate": "min_utility_ratio",
-                "value": utility_ratio,
-                "threshold": cfg.min_utility_ratio,
-                "passed": utility_ratio >= cfg.min_utility_ratio,
-            }
-        )
-    if real_dice is not None:
-        results.append(
-            {
-                "gate": "min_real_dice",
-                "value": real_dice,
-                "threshold": cfg.min_real_dice,
-                "passed": real_dice >= cfg.min_real_dice,
-            }
-        )
+        results.append(_gate(cfg, "min_heldout_ssim", heldout_ssim))
+    results.append(_gate(cfg, "max_fd_ratio", fd_ratio, feature_space=feature_space))
+    optional = {
+        "max_flagged_fraction": flagged_fraction,
+        "min_utility_ratio": utility_ratio,
+        "min_real_dice": real_dice,
+    }
+    results += [_gate(cfg, name, value) for name, value in optional.items() if value is not None]
     return GateVerdict(results, all(g["passed"] for g in results))
 
 
