@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline.augment import affine_warp, elastic, random_affine
+from pipeline.augment import affine_warp, elastic_coords, random_affine, warp_labels
 from pipeline.candidates import open_batch, write_batch_json, write_candidate
 from pipeline.catalog import Candidate, Slice, write_session
 from pipeline.errors import PipelineError
@@ -89,17 +90,26 @@ def deform_mask(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """A new, label-preserving variant of a class-index mask and the parameters that made it.
 
-    Elastic field (about ``alpha``·side px, seeded and recorded), then an affine, both nearest
-    neighbour so no new label appears; each present structure is dropped with probability
-    ``drop`` (at least one is kept). Returns the mask and a JSON-ready parameter record.
+    Elastic field (about ``alpha``·side px, seeded and recorded), then an affine, resampled by
+    label shares (:func:`~pipeline.augment.warp_labels`: no new label, and 2-px vessels keep
+    their width instead of fraying into nearest-neighbour steps); each present structure is
+    dropped with probability ``drop`` (at least one is kept). Returns the mask and a JSON-ready
+    parameter record.
     """
     size = mask.shape[0]
     field_seed = int(rng.integers(0, 2**31 - 1))
     # a smooth field (24 px at 256², scaled with the side): organs bend, edges do not fray
     elastic_params = {"alpha_px": alpha * size, "sigma_px": 24.0 * size / 256.0, "seed": field_seed}
-    out = elastic(mask, np.random.default_rng(field_seed), alpha=alpha * size, sigma=24.0, order=0)
+    coords = elastic_coords(
+        mask.shape, np.random.default_rng(field_seed), alpha=alpha * size, sigma=24.0
+    )
     affine = random_affine(rng, degrees=degrees, scale=scale, shift=shift)
-    out = affine_warp(out, affine, order=0, cval=0)
+
+    def warp(share: np.ndarray, cval: float) -> np.ndarray:
+        bent = ndimage.map_coordinates(share, coords, order=1, mode="nearest")
+        return affine_warp(bent, affine, order=1, cval=cval)
+
+    out = warp_labels(mask, warp)
     present = [int(c) for c in np.unique(out) if c > 0]
     dropped = [c for c in present if rng.random() < drop]
     if dropped and len(dropped) == len(present):

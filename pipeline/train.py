@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from models.config import GanConfig
 from pipeline import __version__
 from pipeline.atomic import atomic_write
-from pipeline.augment import affine_warp, random_affine
+from pipeline.augment import affine_warp, random_affine, warp_labels
 from pipeline.catalog import PatientSplit, Run, Source, get_meta, utcnow, write_session
 from pipeline.errors import PipelineError
 from pipeline.preprocess import picture_window
@@ -109,13 +109,17 @@ def augment_pair(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One joint random affine (±10°, scale 0.9–1.1, shift ±6%) of a (S, S) image and mask.
 
-    The mask is resampled by nearest neighbour (never a new label); uncovered image pixels are
-    air (the slice's minimum). ``flip`` adds a left-right mirror with probability ½: mirrored
-    anatomy (dextrocardia) is rare in patients, so it is opt-in.
+    The image is resampled by cubic spline, clipped to its own range, and the mask by label
+    shares (:func:`~pipeline.augment.warp_labels`, never a new label): bilinear images under
+    nearest-neighbour masks lost a quarter of a 2-px vessel's contrast in every pair, and the
+    generator learned to paint vessels that dim. Uncovered image pixels are air (the slice's
+    minimum). ``flip`` adds a left-right mirror with probability ½: mirrored anatomy
+    (dextrocardia) is rare in patients, so it is opt-in.
     """
     params = random_affine(rng, flip=flip)
-    out_image = affine_warp(image, params, order=1, cval=float(image.min()))
-    out_mask = affine_warp(mask, params, order=0, cval=0)
+    low, high = float(image.min()), float(image.max())
+    out_image = np.clip(affine_warp(image, params, order=3, cval=low), low, high)
+    out_mask = warp_labels(mask, lambda a, cval: affine_warp(a, params, order=1, cval=cval))
     return out_image.astype(np.float32), out_mask.astype(np.uint8)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
@@ -73,3 +74,15 @@ def copy_workspace(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "ws"
     shutil.copytree(src, dst)
     return dst
+
+
+def thin_vessel(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A myocardium-like disc (label 1, 0.40) holding a bright 2-px vessel (label 7, 0.80)
+    and a 4-px one (label 6, 0.85), on air (0.0): the demo's pulmonary artery and aorta."""
+    yy, xx = np.mgrid[:size, :size]
+    mask = np.zeros((size, size), np.uint8)
+    mask[(yy - 32) ** 2 + (xx - 32) ** 2 < 22**2] = 1
+    mask[(np.abs((yy - 30) - 0.6 * (xx - 32)) < 1.2) & (np.abs(xx - 32) < 14)] = 7
+    mask[(yy - 40) ** 2 + (xx - 22) ** 2 < 2.2**2] = 6
+    image = np.select([mask == 7, mask == 6, mask == 1], [0.80, 0.85, 0.40], 0.0)
+    return image.astype(np.float32), mask
