@@ -96,6 +96,18 @@ def random_affine(
     }
 
 
+def _affine(size: int, params: dict[str, float | bool]) -> tuple[np.ndarray, np.ndarray]:
+    """(matrix, offset) that take an output pixel to where it reads the input (scipy's order)."""
+    angle = np.deg2rad(float(params["degrees"]))
+    c, si = np.cos(angle) / float(params["scale"]), np.sin(angle) / float(params["scale"])
+    matrix = np.array([[c, -si], [si, c]])
+    if params["mirror"]:
+        matrix = matrix @ np.diag([1.0, -1.0])
+    centre_px = np.array([(size - 1) / 2, (size - 1) / 2])
+    moved = centre_px + np.array([float(params["shift_y"]), float(params["shift_x"])]) * size
+    return matrix, centre_px - matrix @ moved
+
+
 def affine_warp(
     image: np.ndarray, params: dict[str, float | bool], *, order: int, cval: float
 ) -> np.ndarray:
@@ -103,30 +115,49 @@ def affine_warp(
 
     ``order=0`` (nearest) for label maps; uncovered pixels get ``cval``.
     """
-    s = image.shape[0]
-    angle = np.deg2rad(float(params["degrees"]))
-    c, si = np.cos(angle) / float(params["scale"]), np.sin(angle) / float(params["scale"])
-    matrix = np.array([[c, -si], [si, c]])
-    if params["mirror"]:
-        matrix = matrix @ np.diag([1.0, -1.0])
-    centre_px = np.array([(s - 1) / 2, (s - 1) / 2])
-    moved = centre_px + np.array([float(params["shift_y"]), float(params["shift_x"])]) * s
-    offset = centre_px - matrix @ moved
+    matrix, offset = _affine(image.shape[0], params)
     out = ndimage.affine_transform(image, matrix, offset, order=order, mode="constant", cval=cval)
     return out.astype(image.dtype)
 
 
-def warp_labels(mask: np.ndarray, warp: Callable[[np.ndarray, float], np.ndarray]) -> np.ndarray:
-    """Resample a class-index map through a float warp ``warp(array, cval)`` (linear order).
+def affine_coords(size: int, params: dict[str, float | bool]) -> np.ndarray:
+    """The sampling grid (2, S, S) of :func:`affine_warp`: where each output pixel reads from."""
+    matrix, offset = _affine(size, params)
+    grid = np.indices((size, size), dtype=np.float64).reshape(2, -1)
+    return (matrix @ grid + offset[:, None]).reshape(2, size, size)
 
-    Each label's indicator (background's too, 1 outside the field of view) is interpolated and
-    every pixel takes the label with the largest share. Nearest neighbour snaps every boundary to
-    the old grid, up to half a pixel away from where the image's interpolated edge lands; on a
-    2-px vessel that misalignment puts dim edge pixels under the label. No new label appears.
+
+def warp_labels(mask: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Resample a class-index map at ``coords`` (2, H, W) by label shares.
+
+    Each label's indicator is interpolated bilinearly (a neighbour off the grid counts as
+    background) and every pixel takes the label with the largest share. Nearest neighbour snaps
+    every boundary to the old grid, up to half a pixel away from where the image's interpolated
+    edge lands; on a 2-px vessel that misalignment puts dim edge pixels under the label. No new
+    label appears.
     """
-    labels = np.union1d([0], np.unique(mask)).astype(mask.dtype)
-    shares = np.stack([warp((mask == c).astype(np.float32), float(c == 0)) for c in labels])
-    return labels[shares.argmax(axis=0)]
+    h, w = mask.shape
+    y0, x0 = np.floor(coords[0]), np.floor(coords[1])
+    fy, fx = (coords[0] - y0).astype(np.float32), (coords[1] - x0).astype(np.float32)
+    y0, x0 = y0.astype(np.int64), x0.astype(np.int64)
+    corners = []
+    for dy, dx, weight in (
+        (0, 0, (1 - fy) * (1 - fx)),
+        (0, 1, (1 - fy) * fx),
+        (1, 0, fy * (1 - fx)),
+        (1, 1, fy * fx),
+    ):
+        yy, xx = y0 + dy, x0 + dx
+        inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+        label = np.where(inside, mask[np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)], 0)
+        corners.append((label, weight))
+    out = np.zeros(coords.shape[1:], mask.dtype)
+    best = np.full(coords.shape[1:], -1.0, np.float32)
+    for c in np.union1d([0], np.unique(mask)).astype(mask.dtype):
+        share = sum(weight * (label == c) for label, weight in corners)
+        take = share > best  # ties keep the lower label, as an argmax would
+        out[take], best[take] = c, share[take]
+    return out
 
 
 def blend(image: np.ndarray, other: np.ndarray, weight: float = 0.7) -> np.ndarray:

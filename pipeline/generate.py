@@ -19,7 +19,7 @@ from scipy import ndimage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline.augment import affine_warp, elastic_coords, random_affine, warp_labels
+from pipeline.augment import affine_coords, elastic_coords, random_affine, warp_labels
 from pipeline.candidates import open_batch, write_batch_json, write_candidate
 from pipeline.catalog import Candidate, Slice, write_session
 from pipeline.errors import PipelineError
@@ -100,16 +100,17 @@ def deform_mask(
     field_seed = int(rng.integers(0, 2**31 - 1))
     # a smooth field (24 px at 256², scaled with the side): organs bend, edges do not fray
     elastic_params = {"alpha_px": alpha * size, "sigma_px": 24.0 * size / 256.0, "seed": field_seed}
-    coords = elastic_coords(
+    bend = elastic_coords(
         mask.shape, np.random.default_rng(field_seed), alpha=alpha * size, sigma=24.0
     )
     affine = random_affine(rng, degrees=degrees, scale=scale, shift=shift)
-
-    def warp(share: np.ndarray, cval: float) -> np.ndarray:
-        bent = ndimage.map_coordinates(share, coords, order=1, mode="nearest")
-        return affine_warp(bent, affine, order=1, cval=cval)
-
-    out = warp_labels(mask, warp)
+    # one resampling of the composed map (affine, then the field read where the affine lands);
+    # a point the affine takes off the grid reads a far-off coordinate, hence background
+    at = affine_coords(size, affine)
+    coords = np.stack(
+        [ndimage.map_coordinates(b, at, order=1, mode="constant", cval=-(10**6)) for b in bend]
+    )
+    out = warp_labels(mask, coords)
     present = [int(c) for c in np.unique(out) if c > 0]
     dropped = [c for c in present if rng.random() < drop]
     if dropped and len(dropped) == len(present):

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from models.config import GanConfig
 from pipeline import __version__
 from pipeline.atomic import atomic_write
-from pipeline.augment import affine_warp, random_affine, warp_labels
+from pipeline.augment import affine_coords, affine_warp, random_affine, warp_labels
 from pipeline.catalog import PatientSplit, Run, Source, get_meta, utcnow, write_session
 from pipeline.errors import PipelineError
 from pipeline.preprocess import picture_window
@@ -119,7 +119,7 @@ def augment_pair(
     params = random_affine(rng, flip=flip)
     low, high = float(image.min()), float(image.max())
     out_image = np.clip(affine_warp(image, params, order=3, cval=low), low, high)
-    out_mask = warp_labels(mask, lambda a, cval: affine_warp(a, params, order=1, cval=cval))
+    out_mask = warp_labels(mask, affine_coords(mask.shape[0], params))
     return out_image.astype(np.float32), out_mask.astype(np.uint8)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from models.config import preset
+from pipeline.augment import affine_coords, affine_warp, random_affine, warp_labels
 from pipeline.errors import PipelineError
 from pipeline.train import (
     augment_pair,
@@ -137,3 +138,29 @@ def test_augment_pair_keeps_thin_vessels_bright_under_their_label():
             kept[c].append((img[msk == c].mean() - myo) / (image[mask == c].mean() - 0.40))
         assert img.min() >= image.min() and img.max() <= image.max()  # no spline overshoot
     assert np.mean(kept[7]) >= 0.9 and np.mean(kept[6]) >= 0.9, kept
+
+
+def test_warp_labels_by_hand():
+    """Bilinear shares worked out by hand; off the grid is background; a tie keeps the lower label;
+    and an affine grid gives what scipy's linear interpolation of each indicator gives."""
+    mask = np.array([[1, 1, 3, 3], [1, 1, 3, 3], [5, 5, 3, 3], [5, 5, 3, 3]], np.uint8)
+    ident = np.indices(mask.shape, dtype=np.float64)
+    np.testing.assert_array_equal(warp_labels(mask, ident), mask)
+    at = lambda y, x: np.array([[[y]], [[x]]], np.float64)  # noqa: E731
+    assert warp_labels(mask, at(0.0, 1.25))[0, 0] == 1  # 0.75 of label 1
+    assert warp_labels(mask, at(0.0, 1.75))[0, 0] == 3  # 0.75 of label 3
+    assert warp_labels(mask, at(1.5, 0.4))[0, 0] == 1  # 1 and 5 share 0.5 each: the lower
+    assert warp_labels(mask, at(1.6, 0.4))[0, 0] == 5
+    assert warp_labels(mask, at(-3.0, 1.0))[0, 0] == 0  # off the grid
+    assert warp_labels(mask, at(3.0, 3.5))[0, 0] == 0  # half off: a tie with background
+    _, vessel = thin_vessel()
+    for seed in range(5):
+        params = random_affine(np.random.default_rng(seed))
+        labels = np.unique(np.append(vessel, 0))
+        shares = [
+            affine_warp((vessel == c).astype(np.float32), params, order=1, cval=c == 0)
+            for c in labels
+        ]
+        np.testing.assert_array_equal(
+            warp_labels(vessel, affine_coords(64, params)), labels[np.argmax(shares, axis=0)]
+        )
