@@ -226,6 +226,61 @@ def contrast_over(values: dict[str, np.ndarray], reference: str) -> dict[str, fl
     return {k: float(np.mean(v)) - base for k, v in values.items() if k != reference}
 
 
+def _structure_sums(
+    images: np.ndarray, masks: np.ndarray, classes: int, scale: float, offset: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per image and class: the sum of source-unit values and the pixel count, (N, classes)."""
+    n = len(images)
+    units = offset + np.asarray(images, np.float64).reshape(n, -1) * scale
+    index = (np.arange(n)[:, None] * classes + np.asarray(masks).reshape(n, -1)).ravel()
+    sums = np.bincount(index, weights=units.ravel(), minlength=n * classes)
+    counts = np.bincount(index, minlength=n * classes)
+    return sums.reshape(n, classes), counts.reshape(n, classes).astype(np.float64)
+
+
+def contrast_ratio_interval(
+    real: np.ndarray,
+    masks: np.ndarray,
+    cand: np.ndarray,
+    cand_masks: np.ndarray,
+    *,
+    class_names: list[str],
+    reference: str,
+    scale: float,
+    offset: float,
+    draws: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile-bootstrap interval of each structure's synthetic / real contrast over
+    ``reference`` (the ratio :func:`contrast_over` gives), resampling whole candidates and whole
+    real slices independently, with replacement.
+
+    A batch of 64 candidates holds a small vessel in about twenty of them, so which masks were
+    drawn moves its ratio by ±0.1 (measured on the demo): the interval says how far a figure can
+    be read. Structures without a finite interval are left out.
+    """
+    classes, ref = len(class_names), class_names.index(reference)
+    rng = np.random.default_rng(seed)
+    contrast = []
+    for images, labels in ((real, masks), (cand, cand_masks)):
+        sums, counts = _structure_sums(images, labels, classes, scale, offset)
+        weights = rng.multinomial(len(images), np.full(len(images), 1 / len(images)), size=draws)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = (weights @ sums) / (weights @ counts)
+        contrast.append(means - means[:, ref : ref + 1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = contrast[1] / contrast[0]
+    tail = 100 * (1 - level) / 2
+    out = {}
+    for c, name in enumerate(class_names):
+        finite = ratio[:, c][np.isfinite(ratio[:, c])]
+        if c > 0 and c != ref and len(finite) == draws:
+            lo, hi = np.percentile(finite, [tail, 100 - tail])
+            out[name] = (float(lo), float(hi))
+    return out
+
+
 def dice(pred: np.ndarray, truth: np.ndarray, *, classes: int) -> np.ndarray:
     """Dice per class 1..classes-1 over a stack, ``2|P∩T| / (|P| + |T|)``; NaN for a class that is
     absent from both (undefined, not perfect).

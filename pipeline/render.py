@@ -65,11 +65,17 @@ def metrics_lines(
         )
         c = heart["contrast_over_myocardium"]
         if c["ratio"]:
+            ci = c.get("ratio_ci95", {})
             per = ", ".join(
-                f"{k} {c['synthetic'][k]:.0f} vs {c['real'][k]:.0f} ({v:.0%})"
+                f"{k} {c['synthetic'][k]:.0f} vs {c['real'][k]:.0f} ({v:.0%}"
+                + (f", {ci[k][0]:.0%}–{ci[k][1]:.0%}" if k in ci else "")
+                + ")"
                 for k, v in c["ratio"].items()
             )
-            lines.append(f"contrast over myocardium ({heart['units']}), synthetic vs real: {per}")
+            lines.append(
+                f"contrast over myocardium ({heart['units']}), synthetic vs real "
+                f"(ratio, 95% bootstrap interval over images): {per}"
+            )
         if heart["wasserstein"]:
             per = ", ".join(f"{k} {v:.0f}" for k, v in heart["wasserstein"].items())
             lines.append(f"intensity distance per structure (W1, {heart['units']}): {per}")

@@ -225,6 +225,10 @@ def test_filter_and_gates_pass_trained_and_fail_untrained(ws):
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["distribution"]["feature_space"].startswith("encoder-128d-")
     assert set(metrics["distribution"]["prdc_k5"]) == {"precision", "recall", "density", "coverage"}
+    contrast = metrics["heart"]["contrast_over_myocardium"]  # with how far it can be read
+    assert contrast["ratio_ci95"] and set(contrast["ratio_ci95"]) <= set(contrast["ratio"])
+    assert all(lo <= hi for lo, hi in contrast["ratio_ci95"].values())
+    assert "95% bootstrap interval over images" in good.stdout
 
     bad = run("generate", "-w", ws, "--run", "untrained", "--count", 24, "--filter", *GATES_FAST)
     assert bad.exit_code == 1 and "quality gates failed" in bad.stderr

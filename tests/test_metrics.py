@@ -165,3 +165,49 @@ def test_heart_region_leaves_the_body_out():
     assert contrast_over({"myo": np.array([100.0]), "lv": np.array([300.0, 350])}, "myo") == {
         "lv": pytest.approx(225.0)
     }
+
+
+def test_contrast_ratio_interval_is_a_percentile_bootstrap_over_images():
+    """Against scipy's percentile bootstrap of the same statistic (whole images resampled,
+    real and synthetic independently); a batch of identical images has a zero-width interval."""
+    from scipy import stats
+
+    from pipeline.metrics import contrast_ratio_interval
+
+    rng = np.random.default_rng(3)
+    names = ["bg", "myocardium", "vessel"]
+
+    def stack(n, vessel_mean):
+        masks = np.zeros((n, 16, 16), np.uint8)
+        masks[:, 2:10, 2:10] = 1
+        masks[: n // 2, 4:6, 4:9] = 2  # half the images hold the vessel
+        images = np.where(masks == 1, 0.3, 0.0) + rng.normal(0, 0.01, masks.shape)
+        vessel = rng.normal(vessel_mean, 0.08, (n, 1, 1))  # each image its own brightness
+        return np.where(masks == 2, vessel, images), masks
+
+    real, rm = stack(60, 0.7)
+    fake, fm = stack(40, 0.6)
+    kw = {"class_names": names, "reference": "myocardium", "scale": 1.0, "offset": 0.0}
+    got = contrast_ratio_interval(real, rm, fake, fm, draws=4000, **kw)
+
+    def contrast(images, masks):
+        return images[masks == 2].mean() - images[masks == 1].mean()
+
+    def ratio(i_real, i_fake):
+        return contrast(fake[i_fake], fm[i_fake]) / contrast(real[i_real], rm[i_real])
+
+    ref = stats.bootstrap(
+        (np.arange(60), np.arange(40)),
+        ratio,
+        vectorized=False,
+        n_resamples=4000,
+        method="percentile",
+        random_state=0,
+    ).confidence_interval
+    assert set(got) == {"vessel"}
+    assert got["vessel"] == pytest.approx((ref.low, ref.high), abs=0.02)
+    assert got["vessel"][0] < ratio(np.arange(60), np.arange(40)) < got["vessel"][1]
+    same = contrast_ratio_interval(
+        real[:1].repeat(5, 0), rm[:1].repeat(5, 0), real[:1].repeat(5, 0), rm[:1].repeat(5, 0), **kw
+    )
+    assert same["vessel"] == pytest.approx((1.0, 1.0))
