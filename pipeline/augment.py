@@ -49,7 +49,8 @@ def elastic(
     """Mild elastic deformation: a smooth random displacement field of about ``alpha`` px.
 
     ``sigma`` is the field's smoothness in pixels at 256² and scales with the image size.
-    ``order=0`` (nearest) for label maps, so no new label value appears.
+    For label maps use :func:`elastic_coords` with :func:`warp_labels` (no new label, and no
+    half-pixel snapping of thin structures as with ``order=0``).
     """
     coords = elastic_coords(image.shape, rng, alpha=alpha, sigma=sigma)
     return ndimage.map_coordinates(image, coords, order=order, mode="nearest").astype(image.dtype)
@@ -113,7 +114,8 @@ def affine_warp(
 ) -> np.ndarray:
     """Apply :func:`random_affine` parameters about the centre of a square (S, S) array.
 
-    ``order=0`` (nearest) for label maps; uncovered pixels get ``cval``.
+    Uncovered pixels get ``cval``. For label maps use :func:`affine_coords` with
+    :func:`warp_labels`.
     """
     matrix, offset = _affine(image.shape[0], params)
     out = ndimage.affine_transform(image, matrix, offset, order=order, mode="constant", cval=cval)
