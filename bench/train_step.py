@@ -150,10 +150,11 @@ def main() -> None:
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     from models.config import preset
-    from pipeline.train import read_cpuinfo, resolve_precision
+    from pipeline.cpu import read_cpu
+    from pipeline.train import resolve_precision
 
     gpus = tf.config.list_logical_devices("GPU")
-    policy = resolve_precision("auto", gpus=len(gpus), cpuinfo=read_cpuinfo())
+    policy = resolve_precision("auto", gpus=len(gpus), cpu=read_cpu())
     mixed = None if policy == "float32" else policy
     ceiling = {"float32": matmul_ceiling("float32", args.seconds / 2)}
     if mixed:

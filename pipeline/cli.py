@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from models.config import GanConfig
 from pipeline import __version__
+from pipeline.cpu import CpuProfile, read_cpu
 from pipeline.errors import PipelineError
 from pipeline.progress import Progress
 from pipeline.tflog import quiet_tensorflow
@@ -460,7 +461,7 @@ def demo(
         # skews every structure's contrast over it
         opts = TrainOptions(run=run_name, resume=resume, seed=seed, augment="affine")
         bar = StepProgress("train")
-        trained = train(ws, cfg, opts, progress=bar, on_step=bar.postfix, cpuinfo=_cpuinfo())
+        trained = train(ws, cfg, opts, progress=bar, on_step=bar.postfix, cpu=_cpu())
         click.echo(describe_training(trained))
         if not candidates:
             return
@@ -1296,7 +1297,7 @@ def train_cmd(
     )
     bar = StepProgress("train")
     with opened_workspace(workspace, create=False) as ws:
-        report = train(ws, cfg, opts, progress=bar, on_step=bar.postfix, cpuinfo=_cpuinfo())
+        report = train(ws, cfg, opts, progress=bar, on_step=bar.postfix, cpu=_cpu())
     if as_json:
         echo_json(dataclasses.asdict(report))
         return
@@ -1316,10 +1317,8 @@ def _gan_config(preset_name: str, **overrides: Any) -> GanConfig:
         raise PipelineError(str(exc)) from None
 
 
-def _cpuinfo() -> str:
-    from pipeline.train import read_cpuinfo
-
-    return read_cpuinfo()
+def _cpu() -> CpuProfile:
+    return read_cpu()
 
 
 class StepProgress:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from pipeline import __version__
 from pipeline.atomic import atomic_write
 from pipeline.augment import affine_coords, affine_warp, random_affine, warp_labels
 from pipeline.catalog import PatientSplit, Run, Source, get_meta, utcnow, write_session
+from pipeline.cpu import CpuProfile
 from pipeline.errors import PipelineError
 from pipeline.preprocess import picture_window
 from pipeline.preview import PALETTE, grid, save_png, to_uint8
@@ -123,95 +123,35 @@ def augment_pair(
     return out_image.astype(np.float32), out_mask.astype(np.uint8)
 
 
-# oneDNN's ISA levels (``ONEDNN_MAX_CPU_ISA``) that still run native bfloat16 kernels; any other
-# named level (SSE41, AVX, AVX2, AVX2_VNNI, AVX512_CORE, AVX512_CORE_VNNI, ...) lacks them.
-_BF16_ISAS = {
-    "ALL",
-    "DEFAULT",
-    "AVX512_CORE_BF16",
-    "AVX512_CORE_FP16",
-    "AVX512_CORE_AMX",
-    "AVX512_CORE_AMX_FP16",
-    "AVX10_1_512",
-    "AVX10_1_512_AMX",
-    "AVX10_1_512_AMX_FP16",
-    "AVX10_2_512",
-    "AVX10_2_512_AMX_2",
-}
-_KNOWN_ISAS = _BF16_ISAS | {
-    "SSE41",
-    "AVX",
-    "AVX2",
-    "AVX2_VNNI",
-    "AVX2_VNNI_2",
-    "AVX512_CORE",
-    "AVX512_CORE_VNNI",
-}
-
-
-def limit_to_isa(cpuinfo: str, max_isa: str | None) -> str:
-    """``/proc/cpuinfo`` text as oneDNN sees it under ``ONEDNN_MAX_CPU_ISA=max_isa``.
-
-    A limit below AVX512_CORE_BF16 removes the bf16/AMX flags (and below AVX512_CORE every
-    AVX-512 flag), so an AVX-512 machine limited to AVX2 picks the float32 path exactly as an
-    AVX2-only machine does. Unset, empty or unknown values (which oneDNN ignores) change nothing.
-    """
-    isa = (max_isa or "").strip().upper()
-    if not isa or isa not in _KNOWN_ISAS or isa in _BF16_ISAS:
-        return cpuinfo
-
-    def keep(flag: str) -> bool:
-        if "bf16" in flag or flag.startswith("amx"):
-            return False
-        return not (flag.startswith("avx512") and not isa.startswith("AVX512"))
-
-    lines = []
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags") and ":" in line:
-            head, flags = line.split(":", 1)
-            line = f"{head}: " + " ".join(f for f in flags.split() if keep(f))
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def read_cpuinfo() -> str:
-    """This CPU's features as this process's kernels may use them: ``/proc/cpuinfo`` (empty
-    where there is none) narrowed by ``ONEDNN_MAX_CPU_ISA`` when that is set."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    return limit_to_isa(text, os.environ.get("ONEDNN_MAX_CPU_ISA"))
-
-
-def cpu_has_bf16(cpuinfo: str) -> bool:
-    """Whether /proc/cpuinfo text lists native bfloat16 arithmetic (AVX512-BF16 or AMX-BF16)."""
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def resolve_precision(requested: str, *, gpus: int, cpuinfo: str) -> str:
-    """``float32`` | ``mixed`` | ``auto`` → a Keras dtype policy name for this machine.
+def resolve_precision(requested: str, *, gpus: int, cpu: CpuProfile) -> str:
+    """``float32`` | ``mixed`` | ``auto`` (or a policy name) → a Keras dtype policy here.
 
     mixed: ``mixed_float16`` (with loss scaling) on GPUs, ``mixed_bfloat16`` on CPUs with native
-    bf16, refused elsewhere. auto: mixed where supported, else float32.
+    bf16 that oneDNN may use under its ISA limit, refused elsewhere. auto: mixed where
+    supported, else float32. A policy named outright is refused on a CPU that cannot run it
+    (TensorFlow would hand oneDNN a dtype the limited ISA has no kernel for and abort).
     """
-    if requested in ("float32", "mixed_bfloat16", "mixed_float16"):
+    if requested == "float32":
+        return requested
+    if requested in ("mixed_bfloat16", "mixed_float16"):
+        if not gpus and requested not in cpu.runnable_policies():
+            raise PipelineError(
+                f"--precision {requested}: oneDNN has no {requested.split('_')[1]} kernels on "
+                f"this CPU under ONEDNN_MAX_CPU_ISA={cpu.max_isa}; use float32 or auto"
+            )
         return requested
     if requested not in ("mixed", "auto"):
         raise PipelineError(f"unknown precision {requested!r}; use float32, mixed or auto")
     if gpus:
         return "mixed_float16"
-    if cpu_has_bf16(cpuinfo):
+    if cpu.native_bf16:
         return "mixed_bfloat16"
     if requested == "auto":
         return "float32"
     raise PipelineError(
-        "--precision mixed: this CPU has no native bfloat16 (AVX512-BF16 or AMX) and no GPU is "
-        "visible; emulated bf16 is slower than float32, so use --precision float32"
+        "--precision mixed: this CPU has no native bfloat16 (AVX512-BF16 or AMX) that oneDNN may "
+        "use and no GPU is visible; emulated bf16 is slower than float32, so use --precision "
+        "float32"
     )
 
 
@@ -392,13 +332,13 @@ def train(
     *,
     progress: Progress = iter,
     on_step: StepCallback | None = None,
-    cpuinfo: str = "",
+    cpu: CpuProfile | None = None,
 ) -> TrainReport:
     """Train ``cfg`` on the workspace's training split.
 
-    ``cfg.precision`` may be ``float32``, ``mixed`` or ``auto`` (resolved for this machine
-    with ``cpuinfo``, the text of /proc/cpuinfo). ``on_step(step, metrics)`` is called after
-    every step (a progress bar's losses).
+    ``cfg.precision`` may be ``float32``, ``mixed`` or ``auto`` (resolved for ``cpu``, this
+    machine's flags and oneDNN limit; none given: a CPU with no flags, i.e. float32).
+    ``on_step(step, metrics)`` is called after every step (a progress bar's losses).
     """
     import keras
     import tensorflow as tf
@@ -417,7 +357,9 @@ def train(
     chief = is_chief(opts.cluster if opts.strategy == "multi-worker" else None)
     replicas = strategy.num_replicas_in_sync
     precision = resolve_precision(
-        cfg.precision, gpus=len(tf.config.list_logical_devices("GPU")), cpuinfo=cpuinfo
+        cfg.precision,
+        gpus=len(tf.config.list_logical_devices("GPU")),
+        cpu=cpu or CpuProfile(frozenset()),
     )
     cfg = replace(cfg, num_classes=len(json.loads(schema)), precision=precision)
     images, masks = load_split(ws, "train", cfg.size)

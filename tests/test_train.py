@@ -143,15 +143,15 @@ def _train(ws_path, **kw):
     ws = open_workspace(ws_path, create=False)
     try:
         cfg = preset("tiny", **cfg_fields)
-        return train(ws, cfg, opts, cpuinfo=_cpuinfo(), on_step=on_step)
+        return train(ws, cfg, opts, cpu=_cpu(), on_step=on_step)
     finally:
         ws.close()
 
 
-def _cpuinfo():
-    from pipeline.train import read_cpuinfo
+def _cpu():
+    from pipeline.cpu import read_cpu
 
-    return read_cpuinfo()
+    return read_cpu()
 
 
 def _checkpoint_values(run_dir, step):
@@ -226,9 +226,7 @@ def test_generation_from_saved_generator_is_deterministic(ws32):
 def test_mixed_precision_is_no_worse_than_float32(ws32):
     """bf16 (where the CPU has it) after a short run: held-out MAE within 0.02 of float32's
     (absolute, on [0, 1] images; the noise between two float32 seeds is of that order)."""
-    from pipeline.train import cpu_has_bf16
-
-    if not cpu_has_bf16(_cpuinfo()):
+    if not _cpu().native_bf16:
         pytest.skip("this CPU has no native bfloat16 (AVX512-BF16 / AMX): mixed is refused here")
     f32 = _train(ws32, steps=120, run="f32", eval_every=120)
     bf16 = _train(ws32, steps=120, run="bf16", eval_every=120, precision="mixed")

@@ -11,12 +11,9 @@ from pipeline.errors import PipelineError
 from pipeline.train import (
     augment_pair,
     batch_order,
-    cpu_has_bf16,
     is_chief,
-    limit_to_isa,
     make_dataset,
     parse_cluster,
-    resolve_precision,
 )
 from tests.conftest import thin_vessel
 
@@ -78,35 +75,6 @@ def test_replicas_split_exactly_the_global_batch(replicas, pipelines):
             np.testing.assert_array_equal(cond.argmax(-1), masks[img[:, 0, 0, 0].astype(int)])
     for s, ids in seen.items():
         assert sorted(ids) == sorted(order[s].tolist())
-
-
-CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n"
-
-
-def test_precision_resolution():
-    assert cpu_has_bf16(CPUINFO.format(extra="avx512_bf16"))
-    assert cpu_has_bf16(CPUINFO.format(extra="amx_bf16 amx_tile"))
-    assert not cpu_has_bf16(CPUINFO.format(extra=""))
-    plain, bf16 = CPUINFO.format(extra=""), CPUINFO.format(extra="avx512_bf16")
-    assert resolve_precision("mixed", gpus=0, cpuinfo=bf16) == "mixed_bfloat16"
-    assert resolve_precision("mixed", gpus=2, cpuinfo=plain) == "mixed_float16"
-    assert resolve_precision("auto", gpus=0, cpuinfo=plain) == "float32"
-    assert resolve_precision("float32", gpus=2, cpuinfo=bf16) == "float32"
-    with pytest.raises(PipelineError, match="no native bfloat16"):
-        resolve_precision("mixed", gpus=0, cpuinfo=plain)
-
-
-def test_onednn_isa_limit_narrows_cpu_features():
-    """ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512/bf16 machine must resolve like an AVX2 machine."""
-    bf16 = CPUINFO.format(extra="avx512_bf16 amx_bf16 amx_tile")
-    avx2 = limit_to_isa(bf16, "AVX2")
-    assert not cpu_has_bf16(avx2) and "avx512f" not in avx2 and "avx2" in avx2
-    assert resolve_precision("auto", gpus=0, cpuinfo=avx2) == "float32"
-    core = limit_to_isa(bf16, "avx512_core")  # oneDNN reads the value case-insensitively
-    assert not cpu_has_bf16(core) and "avx512f" in core
-    for unlimited in (None, "", "ALL", "AVX512_CORE_BF16", "AVX512_CORE_AMX", "no-such-isa"):
-        assert limit_to_isa(bf16, unlimited) == bf16
-    assert limit_to_isa("", "AVX2") == ""
 
 
 def test_tf_config_parsing():
