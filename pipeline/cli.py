@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -50,6 +51,20 @@ FLOW_ORDER = (
     "verify",
     "demo",
 )
+
+
+class FiniteRange(click.FloatRange):
+    """click's ``FloatRange`` that also refuses NaN and ±inf: NaN fails no comparison, so click
+    lets it through every range, and a NaN threshold switches a privacy rule or gate off."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The number, or click's usage error (exit 2) naming the option."""
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
 
 
 class PipelineGroup(click.Group):
@@ -250,7 +265,7 @@ def phantom(out: Path, volumes: int, seed: int, size: int, slices: int, workers:
     "--min-foreground",
     default=0.001,
     show_default=True,
-    type=float,
+    type=FiniteRange(0.0, 1.0),
     help="Skip slices whose labelled fraction is below this (0 keeps all).",
 )
 @click.option(
@@ -314,6 +329,9 @@ def _parse_window(text: str) -> tuple[float, float]:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
         raise PipelineError(f"--window {text!r}: expected lo,hi in HU") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        # an infinite bound scales every voxel to 0 (or NaN): the cache would be all zeros
+        raise PipelineError(f"--window {text!r}: lo and hi must be finite HU values")
     if not hi > lo:
         raise PipelineError(f"--window {text!r}: hi must be above lo")
     return lo, hi
@@ -552,12 +570,12 @@ def _demo_auto_review(workspace: Path, batch: str) -> None:
     "--quantile",
     default=0.99,
     show_default=True,
-    type=click.FloatRange(0.5, 0.9999),
+    type=FiniteRange(0.5, 0.9999),
     help="Quantile of held-out-vs-training similarity used as the threshold.",
 )
 @click.option(
     "--threshold",
-    type=click.FloatRange(-1.0, 1.0),
+    type=FiniteRange(-1.0, 1.0),
     default=None,
     help="Explicit SSIM threshold instead of calibration (needed without held-out patients).",
 )
@@ -572,7 +590,7 @@ def _demo_auto_review(workspace: Path, batch: str) -> None:
     "--smooth",
     default=1.0,
     show_default=True,
-    type=click.FloatRange(0.0, 8.0),
+    type=FiniteRange(0.0, 8.0),
     help="Gaussian sigma (px) applied before SSIM, so added noise cannot hide a copy.",
 )
 @click.option("--encoder-steps", default=300, show_default=True, type=click.IntRange(1, 100_000))
@@ -626,27 +644,27 @@ def gate_options(func: F) -> F:
             "--min-ssim",
             default=d.min_heart_ssim,
             show_default=True,
-            type=float,
+            type=FiniteRange(-1.0, 1.0),
             help="Gate: minimum mean SSIM inside the heart region on held-out masks.",
         ),
         click.option(
             "--min-slice-ssim",
             default=d.min_heldout_ssim,
-            type=float,
+            type=FiniteRange(-1.0, 1.0),
             help="Gate (off unless given): minimum mean SSIM of whole held-out slices.",
         ),
         click.option(
             "--max-fd-ratio",
             default=d.max_fd_ratio,
             show_default=True,
-            type=float,
+            type=FiniteRange(0.0),
             help="Gate: maximum Fréchet distance relative to the real-vs-real baseline.",
         ),
         click.option(
             "--max-flagged",
             default=d.max_flagged_fraction,
             show_default=True,
-            type=click.FloatRange(0, 1),
+            type=FiniteRange(0, 1),
             help="Gate: maximum fraction of the batch flagged too similar.",
         ),
         click.option(
@@ -673,14 +691,14 @@ def gate_options(func: F) -> F:
             "--min-utility-ratio",
             default=d.min_utility_ratio,
             show_default=True,
-            type=float,
+            type=FiniteRange(0.0),
             help="Gate (with --utility): Dice trained on synthetic / Dice trained on real.",
         ),
         click.option(
             "--min-real-dice",
             default=d.min_real_dice,
             show_default=True,
-            type=click.FloatRange(0, 1),
+            type=FiniteRange(0, 1),
             help="Gate (with --utility): the segmenter trained on real slices must reach this "
             "Dice, or the ratio says nothing.",
         ),
@@ -836,7 +854,7 @@ def filter_cmd(
     "--drop-structures",
     default=0.0,
     show_default=True,
-    type=click.FloatRange(0, 1),
+    type=FiniteRange(0, 1),
     help="augmented: probability of removing each structure from a mask.",
 )
 @click.option(
@@ -1212,10 +1230,10 @@ def verify_cmd(bundle: Path, as_json: bool) -> None:
 @click.option("--steps", type=click.IntRange(1, 10_000_000), help="Override the preset's steps.")
 @click.option("--batch", type=click.IntRange(1, 4096), help="Global batch size.")
 @click.option("--size", type=click.IntRange(4, 1024), help="Image size (a power of two).")
-@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), help="G and D learning rate.")
+@click.option("--lr", type=FiniteRange(0, 1, min_open=True), help="G and D learning rate.")
 @click.option(
     "--lr-decay",
-    type=click.FloatRange(0, 1),
+    type=FiniteRange(0, 1),
     help="Share of the steps at the end over which both rates fall linearly to 0 "
     "(preset's: tiny 0.5, paper and seed-code 0).",
 )
