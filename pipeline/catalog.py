@@ -7,6 +7,7 @@ busy timeout instead of failing with "database is locked" when a read lock is up
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -315,7 +316,15 @@ def set_meta(session: Session, key: str, value: str) -> None:
 
 def init_catalog(path: Path) -> Engine:
     """Open ``catalog.db``, creating or migrating it; refuse a newer or foreign schema."""
-    existed = path.exists() and path.stat().st_size > 0
+    existed = path.exists()
+    if existed and path.is_file() and path.stat().st_size == 0:
+        # an empty file is not a new workspace: something truncated the catalog, and writing a
+        # fresh schema into it would report an empty workspace as if nothing had been lost
+        raise PipelineError(
+            "catalog.db is an empty file, not a catalog (restore it from a backup, or delete "
+            "it to start a new workspace)",
+            path=path,
+        )
     engine = create_catalog_engine(path)
     try:
         with write_session(engine) as session:
@@ -324,7 +333,12 @@ def init_catalog(path: Path) -> Engine:
                     raise PipelineError(
                         "not a cardiac-synth catalog (no schema version)", path=path
                     )
-                version = int(get_meta(session, "schema_version") or 0)
+                raw = get_meta(session, "schema_version") or ""
+                if not re.fullmatch(r"[0-9]{1,9}", raw) or int(raw) < 1:
+                    raise PipelineError(
+                        f"catalog schema version {raw[:20]!r} is not a whole number ≥ 1", path=path
+                    )
+                version = int(raw)
                 if version > SCHEMA_VERSION:
                     raise PipelineError(
                         f"catalog schema version {version} is newer than this cardiac-synth "

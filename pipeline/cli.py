@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,6 +68,10 @@ class FiniteRange(click.FloatRange):
         return rv
 
 
+#: Every seed option: numpy's generators take 0 … 2³²−1 (a negative seed was a traceback).
+SEED = click.IntRange(0, 2**32 - 1)
+
+
 class PipelineGroup(click.Group):
     """A click group that turns library errors into one line on stderr and the right exit code."""
 
@@ -89,6 +94,14 @@ class PipelineGroup(click.Group):
             err = click.ClickException(" ".join(exc.format_message().split()) + where)
             err.exit_code = exc.exit_code
             raise err from None
+        except BrokenPipeError:
+            # the reader went away (`pipeline decisions list | head -1`): stop quietly, as
+            # other command-line tools do; point stdout at nothing so the exit flush is silent
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError, AttributeError):  # a captured stdout has no descriptor
+                pass
+            ctx.exit(141)  # 128 + SIGPIPE, what a shell reports for a killed writer
         except OSError as exc:  # a full disk, a permission, a path that is not what it seems
             raise _one_line(exc) from None
         except Exception as exc:
@@ -191,7 +204,7 @@ def cli(verbose: bool) -> None:
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--volumes", default=8, show_default=True, type=click.IntRange(1, 10_000))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option(
     "--size",
     default=256,
@@ -260,7 +273,7 @@ def phantom(out: Path, volumes: int, seed: int, size: int, slices: int, workers:
     show_default=True,
     help="train,val,test fractions of patients.",
 )
-@click.option("--seed", default=0, show_default=True, type=int, help="Split seed.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Split seed.")
 @click.option(
     "--min-foreground",
     default=0.001,
@@ -424,7 +437,7 @@ def status(workspace: Path, as_json: bool) -> None:
     type=click.IntRange(1, 100_000),
     help="Segmenter steps per arm and seed.",
 )
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 def demo(
     workspace: Path,
     volumes: int,
@@ -594,7 +607,7 @@ def _demo_auto_review(workspace: Path, batch: str) -> None:
     help="Gaussian sigma (px) applied before SSIM, so added noise cannot hide a copy.",
 )
 @click.option("--encoder-steps", default=300, show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option(
     "--rebuild", is_flag=True, help="Embed everything again instead of adding new slices."
 )
@@ -849,7 +862,7 @@ def filter_cmd(
     help="augmented (deformed training masks), heldout (test split) or a folder of masks.",
 )
 @click.option("--batch-name", help="Folder under candidates/ (default RUN-MASKS).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option(
     "--drop-structures",
     default=0.0,
@@ -1070,7 +1083,7 @@ def _exec_review_app(workspace: Path, port: int, address: str) -> None:
 @workspace_option
 @click.option("--run", "run_name", default="run", show_default=True, help="Run they pose as.")
 @click.option("--count", default=5, show_default=True, type=click.IntRange(1, 10_000))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 def honeypots_cmd(workspace: Path, run_name: str, count: int, seed: int) -> None:
     """Mix known near-copies of training slices into the review queues, unmarked (admins see
     each reviewer's catch rate; honeypots are never exported)."""
@@ -1269,7 +1282,7 @@ def verify_cmd(bundle: Path, as_json: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint.")
 @click.option("--eval-every", default=100, show_default=True, type=click.IntRange(1, 10**7))
 @click.option("--checkpoint-every", default=200, show_default=True, type=click.IntRange(1, 10**7))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @json_option
 def train_cmd(
     workspace: Path,

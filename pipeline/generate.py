@@ -193,7 +193,9 @@ def read_user_masks(folder: Path, schema: LabelSchema, size: int) -> list[MaskSp
             try:
                 classes = schema.to_classes(plane)
             except ValueError as exc:
-                raise PipelineError(str(exc), path=f) from None
+                # generate has no label options: the masks must use the run's own label codes
+                advice = " (masks must use the label codes the run was trained on)"
+                raise PipelineError(f"{exc}{advice}", path=f) from None
             if not classes.any():
                 continue
             factor = max(classes.shape) / size

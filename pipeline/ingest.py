@@ -396,7 +396,8 @@ def prepare(
             classes = schema.to_classes(raw, ignore_unknown=cfg.ignore_unknown_labels)
         except ValueError as exc:
             where = f" (slice z={vol.numbers[k]})" if vol.units == "HU" else ""
-            raise PipelineError(f"{exc}{where}", path=vol.label_files[k]) from None
+            advice = " (pass --labels or --ignore-unknown-labels)"
+            raise PipelineError(f"{exc}{where}{advice}", path=vol.label_files[k]) from None
         mask = resize_mask(classes, cfg.size, spacing=vol.in_plane)
         frac = foreground_fraction(mask)
         if frac < cfg.min_foreground or (cfg.min_foreground > 0 and frac == 0):

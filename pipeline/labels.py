@@ -100,10 +100,7 @@ class LabelSchema:
         unknown = [int(v) for v in values if int(v) not in self.values]
         if unknown and not ignore_unknown:
             shown = ", ".join(str(v) for v in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
-            raise ValueError(
-                f"label values {shown} are not in the schema {self.to_dict()} "
-                "(pass --labels or --ignore-unknown-labels)"
-            )
+            raise ValueError(f"label values {shown} are not in the schema {self.to_dict()}")
 
     def to_classes(self, labels: np.ndarray, *, ignore_unknown: bool = False) -> np.ndarray:
         """Map source label values to class indices (uint8).

@@ -421,7 +421,8 @@ def parse_decision_csv(text: str) -> tuple[list[DecisionRow], list[str]]:
     well-formed rows and a problem line for each malformed one. No database involved."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_IMPORT_BYTES:
         raise PipelineError(f"CSV is larger than {MAX_IMPORT_BYTES // 2**20} MiB")
-    reader = csv.DictReader(io.StringIO(text))
+    # Excel's "CSV UTF-8" starts with a byte-order mark, which would glue onto the first column
+    reader = csv.DictReader(io.StringIO(text.removeprefix("\ufeff")))
     rows: list[DecisionRow] = []
     problems: list[str] = []
     try:

@@ -51,3 +51,87 @@ def test_ingest_window_must_be_finite(phantom_dir, ws_path, window):
     result = run("ingest", phantom_dir, "-w", ws_path, "--window", window)
     one_line_exit_2(result)
     assert "--window" in result.stderr and not ws_path.exists()
+
+
+def test_a_bom_csv_is_read_like_any_other():
+    """E: Excel's "CSV UTF-8" starts with a byte-order mark; it was refused as lacking columns."""
+    from pipeline.review import parse_decision_csv
+
+    text = "candidate,decision,reason\n7,reject,artefact\n"
+    assert parse_decision_csv("\ufeff" + text) == parse_decision_csv(text)
+    rows, problems = parse_decision_csv("\ufeff" + text)
+    assert len(rows) == 1 and not problems
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_seeds_outside_numpys_range_are_one_line(phantom_dir, ws_path, seed):
+    one_line_exit_2(run("ingest", phantom_dir, "-w", ws_path, "--seed", seed))
+    assert not ws_path.exists()
+
+
+@pytest.mark.parametrize("raw", ["6.5", "abc", "", "-1", "0", "99999999999999"])
+def test_a_damaged_schema_version_is_one_line(indexed, tmp_path, raw):
+    """E: int('6.5') was a traceback."""
+    from pipeline.catalog import Meta, write_session
+    from pipeline.workspace import open_workspace
+    from tests.conftest import copy_workspace
+
+    ws = copy_workspace(indexed, tmp_path)
+    w = open_workspace(ws, create=False)
+    with write_session(w.engine) as s:
+        s.get(Meta, "schema_version").value = raw
+    w.close()
+    result = run("status", "-w", ws)
+    one_line_exit_2(result)
+    assert "schema version" in result.stderr or "newer" in result.stderr
+
+
+def test_an_empty_catalog_file_is_refused_not_reinitialised(indexed, tmp_path):
+    """B.8: a 0-byte catalog.db read as an empty workspace and got a fresh schema written."""
+    from tests.conftest import copy_workspace
+
+    ws = copy_workspace(indexed, tmp_path)
+    (ws / "catalog.db").write_bytes(b"")
+    for f in ws.glob("catalog.db-*"):
+        f.unlink()
+    result = run("status", "-w", ws)
+    one_line_exit_2(result)
+    assert "empty file" in result.stderr and (ws / "catalog.db").stat().st_size == 0
+
+
+def test_generate_with_unknown_labels_gives_advice_it_can_take(tmp_path):
+    """E: generate advised --labels / --ignore-unknown-labels, options only ingest has."""
+    import numpy as np
+
+    from pipeline.errors import PipelineError
+    from pipeline.generate import read_user_masks
+    from pipeline.labels import LabelSchema
+
+    d = tmp_path / "masks"
+    d.mkdir()
+    m = np.zeros((32, 32), np.uint8)
+    m[8:20, 8:20] = 77
+    from PIL import Image
+
+    Image.fromarray(m).save(d / "a.png")
+    with pytest.raises(PipelineError) as err:
+        read_user_masks(d, LabelSchema.mmwhs(), 32)
+    assert "--labels" not in str(err.value) and "label codes the run was trained on" in str(
+        err.value
+    )
+
+
+def test_a_closed_pipe_ends_quietly(indexed):
+    """E: `pipeline status | head -1` printed "Error: Broken pipe" and exited 2."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "status", "-w", str(indexed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader is gone before the first line
+    _, err = proc.communicate(timeout=120)
+    assert b"Error" not in err and b"Traceback" not in err, err
+    assert proc.returncode in (0, 141), (proc.returncode, err)
