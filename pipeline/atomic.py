@@ -8,15 +8,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import PipelineError
+
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it to ``path``.
 
     The temporary name keeps the target's suffixes (``.nii.gz``, ``.keras``, ``.npy``), because
     the writers choose their format by them. A failure removes the temporary file and leaves
-    any previous ``path`` as it was.
+    any previous ``path`` as it was. A target that exists and is not a regular file (a device,
+    a FIFO, a symbolic link) is refused, never replaced.
     """
     path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        # rename would swap a device, a FIFO or a link for a regular file and report success
+        # (`--csv /dev/full` as root): write where the user pointed, or refuse; we refuse
+        kind = "a symbolic link" if path.is_symlink() else "not a regular file"
+        raise PipelineError(f"{kind}: refusing to replace it (name a regular file)", path=path)
     fd, tmp = tempfile.mkstemp(
         prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent
     )

@@ -135,3 +135,30 @@ def test_a_closed_pipe_ends_quietly(indexed):
     _, err = proc.communicate(timeout=120)
     assert b"Error" not in err and b"Traceback" not in err, err
     assert proc.returncode in (0, 141), (proc.returncode, err)
+
+
+def test_writes_never_swap_a_device_or_a_link_for_a_file(indexed, tmp_path):
+    """B.9: `decisions export --csv /dev/full` replaced the device with a regular file and
+    reported success; a symlinked target was replaced by a file."""
+    import os
+
+    from pipeline.atomic import atomic_write
+    from pipeline.errors import PipelineError
+
+    target = tmp_path / "real.csv"
+    target.write_text("keep")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (link, fifo, tmp_path):
+        with pytest.raises(PipelineError, match="refusing to replace"):
+            atomic_write(path, lambda tmp: tmp.write_text("new"))
+    assert link.is_symlink() and target.read_text() == "keep" and fifo.is_fifo()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+    atomic_write(target, lambda tmp: tmp.write_text("new"))  # a regular file is replaced
+    assert target.read_text() == "new"
+    # through the command, on a FIFO (as /dev/full would be, without touching /dev)
+    result = run("decisions", "export", "--csv", fifo, "-w", indexed)
+    one_line_exit_2(result)
+    assert "refusing to replace" in result.stderr and fifo.is_fifo()
