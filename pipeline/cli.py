@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -97,10 +98,9 @@ class PipelineGroup(click.Group):
         except BrokenPipeError:
             # the reader went away (`pipeline decisions list | head -1`): stop quietly, as
             # other command-line tools do; point stdout at nothing so the exit flush is silent
-            try:
+            # (a captured stdout, as in tests, has no descriptor to point elsewhere)
+            with contextlib.suppress(OSError, ValueError, AttributeError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            except (OSError, ValueError, AttributeError):  # a captured stdout has no descriptor
-                pass
             ctx.exit(141)  # 128 + SIGPIPE, what a shell reports for a killed writer
         except OSError as exc:  # a full disk, a permission, a path that is not what it seems
             raise _one_line(exc) from None

@@ -17,6 +17,45 @@ from pipeline.preprocess import ras_to_display
 
 #: The image files the pipeline reads from a folder.
 IMAGE_SUFFIXES = (".png", ".nii", ".nii.gz")
+#: The most voxels a NIfTI may declare (512³, a whole-body CT at full resolution); gzip lets a
+#: 2 MB file declare gigabytes, and PNG's decompression-bomb limit has no NIfTI twin.
+MAX_NIFTI_VOXELS = 2**27
+#: Plausible voxel spacing in mm (our own 2-D bundles use a 999 mm slice axis).
+SPACING_MM = (0.01, 1000.0)
+
+
+def _stored_pixdim(img: nib.Nifti1Image, path: Path) -> list[float]:
+    """The voxel sizes as the file stores them: nibabel's loader silently "fixes" a zero
+    pixdim to 1 (with only a log warning), so read the raw header again without its checks."""
+    try:
+        with nib.openers.ImageOpener(path) as f:
+            raw = type(img.header).from_fileobj(f, check=False)
+        return [float(z) for z in raw["pixdim"][1:4]]
+    except Exception:  # not a single-file NIfTI on disk: the loaded header is all there is
+        return [float(z) for z in img.header.get_zooms()]
+
+
+def check_nifti_header(img: nib.Nifti1Image, path: Path, *, what: str = "NIfTI") -> None:
+    """Refuse, before any voxel is read, a file whose header declares more than
+    :data:`MAX_NIFTI_VOXELS` voxels or an implausible spacing (zero, negative, not finite, or
+    outside :data:`SPACING_MM`; pixdim 0 with no qform/sform used to become 1 mm)."""
+    shape = tuple(int(s) for s in img.header.get_data_shape())
+    voxels = int(np.prod(shape, dtype=np.float64))
+    if voxels > MAX_NIFTI_VOXELS:
+        raise PipelineError(
+            f"{what} declares {shape} = {voxels:,} voxels, more than any CT volume we read "
+            f"({MAX_NIFTI_VOXELS:,}); refusing to load it",
+            path=path,
+        )
+    zooms = [float(z) for z in _stored_pixdim(img, path)[: min(3, len(shape))]]
+    lo, hi = SPACING_MM
+    if not all(np.isfinite(z) and lo <= z <= hi for z in zooms):
+        shown = ", ".join(f"{z:g}" for z in zooms)
+        raise PipelineError(
+            f"{what} voxel spacing ({shown}) mm is not plausible (each must be {lo:g}–{hi:g} mm; "
+            "fix the header's pixdim or its qform/sform)",
+            path=path,
+        )
 
 
 def image_files(folder: Path, *, what: str) -> list[Path]:
@@ -77,6 +116,10 @@ def read_nifti_slices(path: Path, *, what: str) -> tuple[np.ndarray, list[float]
     Trailing singleton dimensions are dropped; ``what`` (image / mask) names the file's role."""
     try:
         img = nib.load(path)
+    except Exception as exc:
+        raise PipelineError(f"unreadable NIfTI ({short_reason(exc)})", path=path) from None
+    check_nifti_header(img, path, what=what)
+    try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:
         raise PipelineError(f"unreadable NIfTI ({short_reason(exc)})", path=path) from None

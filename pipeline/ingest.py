@@ -37,7 +37,7 @@ from pipeline.catalog import (
     write_session,
 )
 from pipeline.errors import PipelineError
-from pipeline.imageio import read_png, short_reason
+from pipeline.imageio import check_nifti_header, read_png, short_reason
 from pipeline.labels import LabelSchema
 from pipeline.preprocess import (
     DEFAULT_WINDOW,
@@ -235,6 +235,7 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
         raise PipelineError(f"cannot read NIfTI header ({short_reason(exc)})", path=path) from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise PipelineError("not a NIfTI image", path=path)
+    check_nifti_header(img, path)
     shape = img.shape
     if len(shape) > 3 and all(s == 1 for s in shape[3:]):
         img = img.slicer[(..., *([0] * (len(shape) - 3)))]

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.imageio import check_nifti_header
 from pipeline.validate import inside
 
 REQUIRED = ("channel_names", "labels", "numTraining", "file_ending")
@@ -202,7 +203,11 @@ def _check_layout(root: Path, dataset: dict[str, Any]) -> list[str]:
             continue
         try:
             label = nib.load(labels_found[case])
+            check_nifti_header(label, labels_found[case])  # before a gzip bomb is inflated
             data = np.asanyarray(label.dataobj)
+        except PipelineError as exc:
+            problems.append(f"labelsTr/{case}.nii.gz: {exc.message}")
+            continue
         except Exception as exc:  # a damaged file is a finding, not a crash
             problems.append(f"labelsTr/{case}.nii.gz: unreadable ({type(exc).__name__})")
             continue
@@ -212,7 +217,11 @@ def _check_layout(root: Path, dataset: dict[str, Any]) -> list[str]:
         for ch in sorted(expected):
             try:
                 img = nib.load(root / "imagesTr" / f"{case}_{ch}.nii.gz")
+                check_nifti_header(img, root / "imagesTr" / f"{case}_{ch}.nii.gz")
                 np.asanyarray(img.dataobj)
+            except PipelineError as exc:
+                problems.append(f"imagesTr/{case}_{ch}.nii.gz: {exc.message}")
+                continue
             except Exception as exc:
                 problems.append(f"imagesTr/{case}_{ch}.nii.gz: unreadable ({type(exc).__name__})")
                 continue

@@ -162,3 +162,36 @@ def test_writes_never_swap_a_device_or_a_link_for_a_file(indexed, tmp_path):
     result = run("decisions", "export", "--csv", fifo, "-w", indexed)
     one_line_exit_2(result)
     assert "refusing to replace" in result.stderr and fifo.is_fifo()
+
+
+def test_nifti_headers_are_checked_before_any_voxel_is_read(tmp_path):
+    """B.10: a 2.3 MB .nii.gz declaring 2048²×64 took 1.7 GB to ingest and to verify; pixdim 0
+    became 1 mm, spacings of 1.48 km or 1 nm passed."""
+    import nibabel as nib
+    import numpy as np
+
+    from pipeline.errors import PipelineError
+    from pipeline.imageio import MAX_NIFTI_VOXELS, check_nifti_header, read_nifti_slices
+
+    def img(shape, zooms):
+        out = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
+        out.header.set_data_shape(shape)
+        out.header.set_zooms(zooms)
+        return out
+
+    with pytest.raises(PipelineError, match="voxels, more than"):
+        check_nifti_header(img((2048, 2048, 64), (0.5, 0.5, 2.0)), tmp_path / "x.nii.gz")
+    assert MAX_NIFTI_VOXELS >= 512**3
+    check_nifti_header(img((512, 512, 400), (0.4, 0.4, 0.6)), tmp_path / "ok.nii.gz")
+    check_nifti_header(img((64, 64, 1), (1.0, 1.0, 999.0)), tmp_path / "ours.nii.gz")
+    for zooms in ((0.0, 0.5, 2.0), (1480_000.0, 1, 1), (1e-6, 1, 1)):
+        with pytest.raises(PipelineError, match=r"spacing .* not plausible"):
+            check_nifti_header(img((8, 8, 8), zooms), tmp_path / "bad.nii.gz")
+    # through the reader: a real file with pixdim 0 and no qform/sform
+    data = np.zeros((8, 8, 3), np.int16)
+    bad = nib.Nifti1Image(data, None)
+    bad.header.set_zooms((0.0, 0.0, 0.0))
+    path = tmp_path / "zero.nii.gz"
+    nib.save(bad, path)
+    with pytest.raises(PipelineError, match="not plausible"):
+        read_nifti_slices(path, what="mask")
