@@ -1184,20 +1184,21 @@ def export_cmd(
     accept_failed_gate: str | None,
 ) -> None:
     """Package the approved, unflagged candidates as a release bundle (folder + .zip)."""
-    from release.bundle import ExportConfig, build_bundle
+    from release.bundle import ExportConfig, build_bundle, read_licence
 
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch is not None and not epoch.isdigit():
         raise PipelineError(f"SOURCE_DATE_EPOCH={epoch!r} is not a whole number of seconds")
     if accept_failed_gate is not None and not accept_failed_gate.strip():
         raise PipelineError("--accept-failed-gate needs a reason")
+    licence, licence_source = read_licence(license_)
     with opened_workspace(workspace, create=False) as ws:
         cfg = ExportConfig(
             out=out,
             batches=batches,
             name=name,
             dataset_id=dataset_id,
-            license=license_,
+            license=licence,
             accept_failed_gate=accept_failed_gate,
             policy=_policy(ws),
             source_date_epoch=int(epoch) if epoch is not None else None,
@@ -1205,6 +1206,7 @@ def export_cmd(
         built = build_bundle(ws, cfg, progress=progress_bar("export", "case"))
     bundle = built.folder
     click.echo(f"exported {built.cases} cases to {bundle} and {built.zip}")
+    click.echo(f"licence: {licence_source}")
     click.echo(f"check it: pipeline verify {bundle}   (or: cd {bundle} && sha256sum -c SHA256SUMS)")
 
 

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import shutil
+import unicodedata
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -348,7 +349,7 @@ def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> E
             "name": cfg.name,
             "description": "Synthetic cardiac CT slices generated from segmentation masks by a "
             "conditional GAN, privacy-filtered and physician-reviewed (cardiac-synth).",
-            "licence": _licence_text(cfg.license),
+            "licence": cfg.license,
             "release": when,
             "reference": f"cardiac-synth {__version__}",
             "tensorImageSize": "3D",
@@ -430,12 +431,48 @@ def _public_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _licence_text(value: str) -> str:
-    """--license TEXT or FILE (its contents)."""
+#: The most a licence file may hold (the longest common licences, GPL-3.0 and MPL-2.0, are
+#: 35 KiB and 16 KiB).
+MAX_LICENCE_BYTES = 64 * 1024
+
+
+def read_licence(value: str) -> tuple[str, str]:
+    """``--license TEXT or FILE`` → (the licence text, what was included, in words).
+
+    A file must be UTF-8 text of at most :data:`MAX_LICENCE_BYTES` with no control characters
+    but line breaks and tabs (a binary file was a traceback); a value that looks like a path
+    but names no file is refused rather than shipped as the licence text.
+    """
     p = Path(value)
-    if len(value) < 4096 and p.is_file():
-        return p.read_text().strip()
-    return value
+    try:
+        exists, is_file = p.exists(), p.is_file()
+    except OSError:  # a name too long to be a path is a (bad) licence name, not a file
+        exists = is_file = False
+    looks_like_path = "/" in value or p.suffix.lower() in (".txt", ".md", ".rst", ".licence")
+    if is_file:
+        if p.stat().st_size > MAX_LICENCE_BYTES:
+            raise PipelineError(
+                f"licence file is larger than {MAX_LICENCE_BYTES // 1024} KiB", path=p
+            )
+        try:
+            text = p.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise PipelineError("licence file is not UTF-8 text", path=p) from None
+        bad = {c for c in text if unicodedata.category(c) == "Cc" and c not in "\n\r\t"}
+        if bad:
+            raise PipelineError("licence file holds control characters (binary?)", path=p)
+        text = text.strip()
+        if not text:
+            raise PipelineError("licence file is empty", path=p)
+        return text, f"the text of {p} ({len(text):,} characters)"
+    if looks_like_path and not exists:
+        raise PipelineError("licence file not found (pass a file or a licence name)", path=p)
+    if exists:
+        raise PipelineError("licence path is not a regular file", path=p)
+    text = " ".join(value.split())
+    if not text or len(text) > 200:
+        raise PipelineError("--license: give a licence name (≤ 200 characters) or a text file")
+    return text, f"the licence name {text!r}"
 
 
 def _privacy_histogram(cases: list[dict[str, Any]], batches: dict[str, Any]) -> bytes | None:

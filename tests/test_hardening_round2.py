@@ -195,3 +195,32 @@ def test_nifti_headers_are_checked_before_any_voxel_is_read(tmp_path):
     nib.save(bad, path)
     with pytest.raises(PipelineError, match="not plausible"):
         read_nifti_slices(path, what="mask")
+
+
+def test_licence_is_a_bounded_utf8_text_file_or_a_name(tmp_path):
+    """D.20: `export --license FILE` copied any file (a binary one was a traceback)."""
+    from pipeline.errors import PipelineError
+    from release.bundle import MAX_LICENCE_BYTES, read_licence
+
+    good = tmp_path / "LICENCE.txt"
+    good.write_text("Creative Commons Attribution 4.0\n\nYou are free to share.\n")
+    text, said = read_licence(str(good))
+    assert text.startswith("Creative Commons") and str(good) in said and "characters" in said
+    assert read_licence("CC-BY-4.0") == ("CC-BY-4.0", "the licence name 'CC-BY-4.0'")
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    big = tmp_path / "big.txt"
+    big.write_text("x" * (MAX_LICENCE_BYTES + 1))
+    cases = {
+        str(binary): "not UTF-8|control characters",
+        str(big): "larger than",
+        str(tmp_path / "missing.txt"): "not found",
+        str(tmp_path): "not a regular file",
+        "x" * 300: "licence name",
+    }
+    for value, why in cases.items():
+        with pytest.raises(PipelineError, match=why):
+            read_licence(value)
+    result = run("export", "-w", tmp_path / "ws", "--out", tmp_path / "o", "--license", binary)
+    one_line_exit_2(result)
+    assert "model.bin" in result.stderr and not (tmp_path / "o").exists()
