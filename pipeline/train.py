@@ -12,11 +12,14 @@ of replicas or workers splits the very same global batch.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -325,6 +328,27 @@ def _check_resume(run_dir: Path, config: dict[str, Any], opts: TrainOptions, chi
         )
 
 
+@contextmanager
+def run_lock(runs_dir: Path, run: str) -> Iterator[None]:
+    """One writer per run folder: an advisory lock on ``runs/.<run>.lock`` for as long as a
+    training writes ``runs/<run>/``. A second ``train`` (a new run or ``--resume``) of the same
+    run is refused instead of interleaving checkpoints and overwriting the other's result."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(runs_dir / f".{run}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineError(
+                "another training is writing this run (one writer per run); wait for it or "
+                "choose another --run",
+                path=runs_dir / run,
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def train(
     ws: Workspace,
     cfg: GanConfig,
@@ -334,12 +358,29 @@ def train(
     on_step: StepCallback | None = None,
     cpu: CpuProfile | None = None,
 ) -> TrainReport:
-    """Train ``cfg`` on the workspace's training split.
+    """Train ``cfg`` on the workspace's training split, as the run folder's only writer.
 
     ``cfg.precision`` may be ``float32``, ``mixed`` or ``auto`` (resolved for ``cpu``, this
     machine's flags and oneDNN limit; none given: a CPU with no flags, i.e. float32).
     ``on_step(step, metrics)`` is called after every step (a progress bar's losses).
     """
+    path_name(opts.run, what="run")  # it becomes runs/<run>/: refuse it before any work
+    # only the chief writes the run; the other workers of a multi-worker run share its folder
+    if not is_chief(opts.cluster if opts.strategy == "multi-worker" else None):
+        return _train(ws, cfg, opts, progress=progress, on_step=on_step, cpu=cpu)
+    with run_lock(ws.runs_dir, opts.run):
+        return _train(ws, cfg, opts, progress=progress, on_step=on_step, cpu=cpu)
+
+
+def _train(
+    ws: Workspace,
+    cfg: GanConfig,
+    opts: TrainOptions,
+    *,
+    progress: Progress,
+    on_step: StepCallback | None,
+    cpu: CpuProfile | None,
+) -> TrainReport:
     import keras
     import tensorflow as tf
 

@@ -224,3 +224,21 @@ def test_licence_is_a_bounded_utf8_text_file_or_a_name(tmp_path):
     result = run("export", "-w", tmp_path / "ws", "--out", tmp_path / "o", "--license", binary)
     one_line_exit_2(result)
     assert "model.bin" in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_one_writer_per_run(indexed, tmp_path):
+    """B.6: two `train --resume` of one run both exited 0; the 300-step result was overwritten
+    by the 260-step one and orphan checkpoints remained."""
+    from pipeline.train import run_lock
+    from tests.conftest import copy_workspace
+
+    ws = copy_workspace(indexed, tmp_path)
+    args = ("train", "-w", ws, "--preset", "tiny", "--size", 32, "--batch", 4, "--run", "r")
+    with run_lock(ws / "runs", "r"):  # another training holds the run
+        busy = run(*args, "--steps", 1)
+        one_line_exit_2(busy)
+        assert "another training is writing this run" in busy.stderr
+        assert not (ws / "runs" / "r" / "config.json").exists()
+    done = run(*args, "--steps", 1)  # released: the run trains
+    assert done.exit_code == 0, done.stderr
+    assert (ws / "runs" / "r" / "generator.keras").exists()
