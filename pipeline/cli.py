@@ -1214,13 +1214,20 @@ def export_cmd(
 @click.argument("bundle", type=click.Path(path_type=Path))
 @json_option
 def verify_cmd(bundle: Path, as_json: bool) -> None:
-    """Check a bundle's checksums, manifest and nnU-Net layout; exit 1 listing problems."""
+    """Check a bundle's checksums, manifest and nnU-Net layout, and the zip that is sent: a
+    folder (and the .zip beside it), or a .zip alone; exit 1 listing problems."""
     from pipeline.errors import CheckFailedError
-    from release.verify import verify_bundle
+    from release.verify import verify_bundle, verify_zip
 
-    if not bundle.is_dir():
-        raise PipelineError("not a bundle folder", path=bundle)
-    problems = verify_bundle(bundle)
+    if bundle.is_file() and bundle.name.endswith(".zip"):
+        problems = verify_zip(bundle)
+    elif bundle.is_dir():
+        problems = verify_bundle(bundle)
+        sent = bundle.with_name(bundle.name + ".zip")
+        if sent.exists():
+            problems += verify_zip(sent, beside=bundle)
+    else:
+        raise PipelineError("not a bundle folder or a bundle .zip", path=bundle)
     if as_json:
         echo_json({"bundle": str(bundle), "sound": not problems, "problems": problems})
     else:

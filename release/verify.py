@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,89 @@ def verify_bundle(root: Path) -> list[str]:
                 f"manifest.json cases differ from labelsTr (not in manifest: {extra[:5]}, "
                 f"missing files: {gone[:5]})"
             )
+    return problems
+
+
+#: The most a bundle zip may inflate to (a zip bomb is refused before anything is written).
+MAX_ZIP_BYTES = 64 * 2**30
+
+
+def verify_zip(path: Path, *, beside: Path | None = None) -> list[str]:
+    """Every problem found in a bundle zip (empty: sound): what is *sent* is checked, not only
+    the folder it was made from.
+
+    Members must all lie under one ``DatasetNNN_Name/`` folder named like the zip, as regular
+    files (no absolute path, ``..``, backslash, link, duplicate or folder entry), inflate to at
+    most :data:`MAX_ZIP_BYTES`, and be exactly the files its ``SHA256SUMS`` lists, each with that
+    digest. The sound members are then unpacked into a temporary folder and checked like a
+    bundle folder (manifest, dataset.json, layout). ``beside``: the folder exported with it,
+    whose ``SHA256SUMS`` must be the zip's, byte for byte.
+    """
+    import stat
+    import tempfile
+    import zipfile
+
+    path = Path(path)
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        return [f"{path.name}: not a readable zip ({type(exc).__name__})"]
+    problems: list[str] = []
+    with z:
+        infos = z.infolist()
+        root = path.name[: -len(".zip")] if path.name.endswith(".zip") else path.stem
+        names: dict[str, zipfile.ZipInfo] = {}
+        for info in infos:
+            name = info.filename
+            mode = info.external_attr >> 16
+            if name.startswith(("/", "\\")) or "\\" in name or ".." in name.split("/"):
+                problems.append(f"{path.name}: member {name!r} points outside the bundle")
+            elif not name.startswith(f"{root}/") or name.endswith("/"):
+                problems.append(f"{path.name}: member {name!r} is not a file under {root}/")
+            elif stat.S_IFMT(mode) not in (0, stat.S_IFREG):  # ours carry no type bits
+                problems.append(f"{path.name}: member {name!r} is not a regular file")
+            elif name in names:
+                problems.append(f"{path.name}: member {name!r} appears twice")
+            else:
+                names[name[len(root) + 1 :]] = info
+        if sum(i.file_size for i in infos) > MAX_ZIP_BYTES:
+            return [*problems, f"{path.name}: inflates to more than {MAX_ZIP_BYTES >> 30} GiB"]
+        sums = names.get("SHA256SUMS")
+        if sums is None:
+            return [*problems, f"{path.name}: SHA256SUMS is missing"]
+        sums_text = z.read(sums)
+        listed = {}
+        for line in sums_text.decode("utf-8", "replace").splitlines():
+            m = re.match(r"^([0-9a-f]{64})  (.+)$", line)
+            if m:
+                listed[m.group(2)] = m.group(1)
+        for name in sorted(set(names) - set(listed) - {"SHA256SUMS"}):
+            problems.append(f"{path.name}: {name} is not listed in SHA256SUMS")
+        for name in sorted(set(listed) - set(names)):
+            problems.append(f"{path.name}: {name} is listed in SHA256SUMS but not in the zip")
+        for name in sorted(set(listed) & set(names)):
+            h = hashlib.sha256()
+            with z.open(names[name]) as f:
+                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    h.update(chunk)
+            if h.hexdigest() != listed[name]:
+                problems.append(f"{path.name}: {name}: SHA-256 does not match SHA256SUMS")
+        if beside is not None:
+            folder_sums = Path(beside) / "SHA256SUMS"
+            if not folder_sums.is_file() or folder_sums.read_bytes() != sums_text:
+                problems.append(
+                    f"{path.name}: its SHA256SUMS differs from the folder's: the zip is not "
+                    "the bundle that was checked"
+                )
+        if problems:
+            return problems
+        with tempfile.TemporaryDirectory(prefix="verify-zip-") as tmp:
+            for name, info in names.items():
+                target = Path(tmp) / root / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(info) as src, target.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            problems += [f"{path.name}: {p}" for p in verify_bundle(Path(tmp) / root)]
     return problems
 
 

@@ -242,3 +242,50 @@ def test_one_writer_per_run(indexed, tmp_path):
     done = run(*args, "--steps", 1)  # released: the run trains
     assert done.exit_code == 0, done.stderr
     assert (ws / "runs" / "r" / "generator.keras").exists()
+
+
+def test_verify_checks_the_zip_that_is_sent(tmp_path):
+    """D.18: appending a source CT and `../../evil.txt` to Dataset500_X.zip still verified
+    "sound": only the folder was checked."""
+    import zipfile
+
+    from tests.test_hardening import _bundle
+    from tests.test_release import fake_workspace
+
+    ws, _ = fake_workspace(
+        tmp_path, [{"honeypot": False, "gates": True, "cands": [(False, ("accept", None))] * 3}]
+    )
+    bundle = _bundle(ws, tmp_path)
+    sent = bundle.with_name(bundle.name + ".zip")
+    assert run("verify", bundle).exit_code == 0 and run("verify", sent).exit_code == 0
+    pristine = sent.read_bytes()
+    tampered = {
+        f"{bundle.name}/imagesTr/source_ct_0000.nii.gz": b"a patient's CT",
+        "../../evil.txt": b"x",
+        "/etc/cron.d/evil": b"x",
+        f"{bundle.name}/../evil.txt": b"x",
+    }
+    for name, data in tampered.items():
+        sent.write_bytes(pristine)
+        with zipfile.ZipFile(sent, "a") as z:
+            z.writestr(name, data)
+        for target in (bundle, sent):  # the folder with its zip, and the zip alone
+            result = run("verify", target)
+            assert result.exit_code == 1, (name, result.stdout)
+            assert "Traceback" not in result.stderr
+        assert not (tmp_path / "evil.txt").exists()
+    # a member changed in place (same name): its digest no longer matches
+    sent.write_bytes(pristine)
+    with zipfile.ZipFile(sent) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    label = next(n for n in members if "/labelsTr/" in n)
+    data = bytearray(members[label])
+    data[len(data) // 2] ^= 0xFF
+    members[label] = bytes(data)
+    with zipfile.ZipFile(sent, "w") as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+    result = run("verify", sent)
+    assert result.exit_code == 1 and "SHA-256 does not match" in result.stdout
+    sent.write_bytes(b"not a zip")
+    assert run("verify", sent).exit_code == 1
