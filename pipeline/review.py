@@ -242,7 +242,8 @@ def record_decision(
     app_version: str = __version__,
 ) -> Decision:
     """Append one accept / reject. A flagged candidate can never be accepted; a disabled
-    reviewer cannot decide; a reject needs a reason."""
+    reviewer cannot decide; a reject needs a reason; a reason holds at most ``MAX_FIELD``
+    characters."""
     if decision not in ("accept", "reject"):
         raise PipelineError(f"decision must be accept or reject, not {decision!r}")
     if reviewer.disabled:
@@ -259,6 +260,8 @@ def record_decision(
         )
     if decision == "reject" and not reason.strip():
         raise PipelineError("a reject needs a reason")
+    if len(reason) > MAX_FIELD:  # the same bound as an imported field (a note is not a file)
+        raise PipelineError(f"a reason or note is limited to {MAX_FIELD:,} characters")
     d = Decision(
         candidate_id=candidate_id,
         reviewer_id=reviewer.id,

@@ -17,6 +17,7 @@ from pipeline.catalog import Candidate, Reviewer, read_session, write_session
 from pipeline.errors import PipelineError
 from pipeline.preprocess import VIEW_WINDOWS, view_label
 from pipeline.review import (
+    MAX_FIELD,
     REJECT_REASONS,
     candidate_states,
     login,
@@ -184,7 +185,8 @@ with tabs[0]:
                     st.caption(f"{i}: SSIM {n['ssim']:.3f} · texture {n['texture']:.3f}{mirrored}")
         with st.expander("Provenance"):
             st.json(view.provenance)
-        st.text_input("Note (optional)", key="note")
+        # the stored reason is "<reason>: <note>", bounded like an imported field
+        st.text_input("Note (optional)", key="note", max_chars=MAX_FIELD - 100)
         a, r, u, s = st.columns(4)
 
         # Callbacks run before the next script run, so they may clear the note widget: a note

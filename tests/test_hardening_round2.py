@@ -289,3 +289,24 @@ def test_verify_checks_the_zip_that_is_sent(tmp_path):
     assert result.exit_code == 1 and "SHA-256 does not match" in result.stdout
     sent.write_bytes(b"not a zip")
     assert run("verify", sent).exit_code == 1
+
+
+def test_notes_are_bounded_like_imported_fields(tmp_path):
+    """C.15: a note of 200,058 characters was stored while imports cap fields at 4,096."""
+    from pipeline.catalog import Candidate, write_session
+    from pipeline.errors import PipelineError
+    from pipeline.review import MAX_FIELD, add_reviewer, record_decision
+    from pipeline.workspace import open_workspace
+    from tests.test_release import PW, fake_workspace
+
+    ws_path, _ = fake_workspace(
+        tmp_path, [{"honeypot": False, "gates": True, "cands": [(False, (None, None))] * 2}]
+    )
+    w = open_workspace(ws_path, create=False)
+    with write_session(w.engine) as s:
+        ann = add_reviewer(s, "cat", "reviewer", PW)
+        ids = [c.id for c in s.query(Candidate).all()]
+        with pytest.raises(PipelineError, match="limited to 4,096"):
+            record_decision(s, ann, ids[0], "reject", reason="artefact: " + "x" * 200_000)
+        record_decision(s, ann, ids[0], "reject", reason="x" * MAX_FIELD)
+    w.close()
