@@ -29,7 +29,7 @@ from pipeline.catalog import Candidate, PrivacyCalibration, Source, utcnow, writ
 from pipeline.embed import EMBEDDERS, Embedder, PixelEmbedder, load_embedder
 from pipeline.errors import PipelineError
 from pipeline.figures import privacy_figure
-from pipeline.imageio import image_files, read_nifti_slices, read_png
+from pipeline.imageio import image_files, read_nifti_slices, read_png, skipped_entries
 from pipeline.index import (
     LoadedIndex,
     catalog_fingerprint,
@@ -525,16 +525,20 @@ def read_images(path: Path, *, size: int, window: tuple[float, float] | None) ->
     workspace of PNG sources, ``window`` None); PNG values are display units. Other sizes are
     resized (with a warning); NaN or infinite pixels are an error.
     """
+    notes: list[str] = []
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = image_files(path / "images" if (path / "images").is_dir() else path, what="images")
+        folder = path / "images" if (path / "images").is_dir() else path
+        files = image_files(folder, what="images")
+        skipped = skipped_entries(folder)
+        if skipped:
+            notes.append(f"{folder}: not read (only PNG and NIfTI files are): {skipped}")
     else:
         raise PipelineError("no such file or folder", path=path)
     units = "HU" if window is not None else "display"
     names: list[str] = []
     slices: list[np.ndarray] = []
-    notes: list[str] = []
     for f in files:
         if f.name.lower().endswith(".png"):
             planes = [

@@ -64,11 +64,33 @@ def image_files(folder: Path, *, what: str) -> list[Path]:
     if not folder.is_dir():
         raise PipelineError(f"{what} folder not found", path=folder)
     files = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.is_symlink() and p.name.lower().endswith(IMAGE_SUFFIXES)
     )
     if not files:
         raise PipelineError(f"no PNG or NIfTI {what} here", path=folder)
     return files
+
+
+def skipped_entries(folder: Path) -> str | None:
+    """What :func:`image_files` leaves out of ``folder``, counted in words ("2 subfolders, 1
+    file of another type"), or None when it reads everything: a reader must not lose files
+    silently (subfolders are not searched)."""
+    counts = {"subfolder": 0, "file of another type": 0, "special file (link, FIFO, device)": 0}
+    for p in folder.iterdir():
+        if p.is_symlink() or not (p.is_dir() or p.is_file()):
+            counts["special file (link, FIFO, device)"] += 1
+        elif p.is_dir():
+            counts["subfolder"] += 1
+        elif not p.name.lower().endswith(IMAGE_SUFFIXES):
+            counts["file of another type"] += 1
+    parts = [
+        f"{n} {kind}{'s' if n > 1 and kind == 'subfolder' else ''}"
+        for kind, n in counts.items()
+        if n
+    ]
+    return ", ".join(parts) if parts else None
 
 
 def short_reason(exc: BaseException) -> str:

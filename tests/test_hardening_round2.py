@@ -310,3 +310,24 @@ def test_notes_are_bounded_like_imported_fields(tmp_path):
             record_decision(s, ann, ids[0], "reject", reason="artefact: " + "x" * 200_000)
         record_decision(s, ann, ids[0], "reject", reason="x" * MAX_FIELD)
     w.close()
+
+
+def test_filter_images_says_what_it_did_not_read(indexed, tmp_path):
+    """E: `filter --images DIR` skipped subfolders, other extensions and special files without
+    counting them."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    d = tmp_path / "imgs"
+    (d / "nested").mkdir(parents=True)
+    Image.fromarray(np.full((32, 32), 90, np.uint8)).save(d / "a.png")
+    Image.fromarray(np.full((32, 32), 90, np.uint8)).save(d / "nested" / "b.png")
+    (d / "notes.txt").write_text("x")
+    (d / "link.png").symlink_to(d / "a.png")
+    os.mkfifo(d / "pipe.png")
+    result = run("filter", "-w", indexed, "--images", d)
+    assert result.exit_code == 0, result.stderr
+    assert "1 subfolder, 1 file of another type, 2 special file" in result.stderr
+    assert "of 1 flagged" in result.stdout  # only a.png was scored
