@@ -636,6 +636,7 @@ def index_cmd(
         smooth=smooth,
         quantile=quantile,
         threshold=threshold,
+        set_by=None if threshold is None else _os_account(),
         encoder_steps=encoder_steps,
         seed=seed,
     )
@@ -1355,6 +1356,16 @@ def _gan_config(preset_name: str, **overrides: Any) -> GanConfig:
         return preset(preset_name, **fields)
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
+
+
+def _os_account() -> str:
+    """Who runs this command, as the OS knows them (recorded with a hand-set privacy rule)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers): the numeric id
+        return f"uid {os.getuid()}"
 
 
 def _cpu() -> CpuProfile:

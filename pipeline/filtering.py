@@ -137,6 +137,7 @@ class FilterConfig:
     smooth: float = 1.0  # Gaussian sigma (px) before SSIM; 0 compares raw pixels
     quantile: float = DEFAULT_QUANTILE
     threshold: float | None = None  # explicit threshold instead of calibration
+    set_by: str | None = None  # who passed that threshold (recorded with it)
     calibration_max: int = 2000  # slices sampled for the leave-one-patient-out baseline
     planted: int = 20  # source slices planted per kind of near-copy (the other tail)
     encoder_steps: int = 300
@@ -451,7 +452,9 @@ def build_index(
     index, info = make_index(vectors, ids, k=cfg.k, seed=cfg.seed)
 
     if cfg.threshold is not None:
-        cal = Calibration.given(cfg.threshold)
+        cal = Calibration.given(
+            cfg.threshold, set_by=cfg.set_by, set_at=utcnow().isoformat(timespec="seconds")
+        )
     else:
         cal = calibrate_index(vectors, refs, index, embedder, store, cfg, progress)
         if cal is None:

@@ -406,6 +406,8 @@ class Calibration:
     method: str = "leave-one-patient-out"
     slice_bound: float | None = None  # the order-statistic bound, were slices exchangeable
     n_patients: int = 0  # patients behind the baseline (0: slices taken as exchangeable)
+    set_by: str | None = None  # a hand-set rule: who set it (the OS account) ...
+    set_at: str | None = None  # ... and when (UTC, ISO 8601)
 
     def flag(self, score: float, texture: float | None = None) -> bool:
         """True when the image is more similar to a source than a different person would be."""
@@ -446,8 +448,10 @@ class Calibration:
         return self.n_baseline == 0
 
     @classmethod
-    def given(cls, threshold: float) -> Calibration:
-        """An explicit SSIM threshold, with no baseline behind it."""
+    def given(
+        cls, threshold: float, *, set_by: str | None = None, set_at: str | None = None
+    ) -> Calibration:
+        """An explicit SSIM threshold, with no baseline behind it, and who set it when."""
         return cls(
             quantile=float("nan"),
             threshold=float(threshold),
@@ -455,6 +459,8 @@ class Calibration:
             baseline=(),
             certified=False,
             method="explicit",
+            set_by=set_by,
+            set_at=set_at,
         )
 
     @classmethod
@@ -481,6 +487,8 @@ class Calibration:
             method=stored.get("method") or ("explicit" if not stored.get("n_baseline") else ""),
             slice_bound=stored.get("slice_bound"),
             n_patients=int(stored.get("n_patients") or 0),
+            set_by=stored.get("set_by"),
+            set_at=stored.get("set_at"),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -497,6 +505,8 @@ class Calibration:
             "note": self.note,
             "n_patients": self.n_patients,
             "slice_bound": self.slice_bound,
+            "set_by": self.set_by,
+            "set_at": self.set_at,
         }
 
     def to_manifest(self) -> dict[str, Any]:
@@ -514,10 +524,17 @@ class Calibration:
         }
 
     def describe(self) -> str:
-        """The flag rule in words, e.g. ``SSIM > 0.5529 or texture > 0.0689``."""
+        """The flag rule in words, e.g. ``SSIM > 0.5529 or texture > 0.0689``; a hand-set rule
+        says so, with who and when, and that a threshold of 1 flags nothing."""
         rule = f"SSIM > {self.threshold:.4f}"
         if self.texture_threshold is not None:
             rule += f" or texture > {self.texture_threshold:.4f}"
+        if self.explicit:  # said wherever the rule is shown: CLI, app, reports, datasheet
+            who = f" by {self.set_by}" if self.set_by else ""
+            when = f" at {self.set_at}" if self.set_at else ""
+            rule += f", hand-set{who}{when}, not calibrated"
+            if self.threshold >= 1.0:
+                rule += ": it flags nothing"
         return rule
 
     def provenance(self) -> str:

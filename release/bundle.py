@@ -498,7 +498,10 @@ def _quality_lines(manifest: dict[str, Any]) -> list[str]:
         if metrics:
             lines.append(f"**{name}**")
             figures = metrics_lines(
-                metrics["paired"], metrics["distribution"], metrics.get("heart")
+                metrics["paired"],
+                metrics["distribution"],
+                metrics.get("heart"),
+                metrics.get("utility"),
             )
             lines += [f"- {x}" for x in figures]
             if (b.get("privacy") or {}).get("count") is not None:
@@ -520,6 +523,11 @@ def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
         f"{p['note']}. " for p in priv if p.get("note")
     )  # a baseline too small for the requested quantile says so
     margins = [c["privacy_margin"] for c in manifest["cases"]]
+    hand_set = "; ".join(
+        cal.describe()
+        for cal in (Calibration.from_manifest(p) for p in priv if "threshold" in p)
+        if cal.explicit
+    )
     labels = ", ".join(f"{k} = {v}" for k, v in dataset["labels"].items())
     lines = [
         f"# Datasheet: {manifest['dataset']}",
@@ -533,7 +541,14 @@ def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
         "## Composition",
         f"{n} synthetic 2D axial slices ({manifest['units']}) with label maps ({labels}), as "
         "an nnU-Net v2 raw dataset (`imagesTr/`, `labelsTr/`, `dataset.json`); overlay "
-        "previews in `previews/`. No image is a real patient's scan.",
+        "previews in `previews/`. "
+        + (
+            "The privacy filter's rule was set by hand, not calibrated "
+            f"({hand_set}): this release makes no statement about how close its images are to "
+            "a real patient's scan."
+            if hand_set
+            else "No image is a real patient's scan."
+        ),
         "",
         "## Collection process",
         "Synthetic. A conditional GAN (pix2pix-style U-Net generator, PatchGAN discriminator) "

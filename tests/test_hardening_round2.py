@@ -331,3 +331,43 @@ def test_filter_images_says_what_it_did_not_read(indexed, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "1 subfolder, 1 file of another type, 2 special file" in result.stderr
     assert "of 1 flagged" in result.stdout  # only a.png was scored
+
+
+def test_a_hand_set_rule_says_so_wherever_it_is_shown(indexed, tmp_path):
+    """A.3: `index --threshold 1.0` switched the filter off, but reports still described the
+    calibrated tails and the datasheet said "No image is a real patient's scan"."""
+    import json
+
+    from pipeline.catalog import CandidateBatch, write_session
+    from pipeline.workspace import open_workspace
+    from tests.conftest import copy_workspace
+    from tests.test_hardening import _bundle
+    from tests.test_release import fake_workspace
+
+    ws = copy_workspace(indexed, tmp_path)
+    built = run("index", "-w", ws, "--threshold", "1.0", "--rebuild")
+    assert built.exit_code == 0, built.stderr
+    assert "hand-set by" in built.stdout and "it flags nothing" in built.stdout
+    cal = json.loads((ws / "index" / "manifest.json").read_text())["calibration"]
+    assert cal["explicit"] and cal["set_by"] and cal["set_at"]
+    src = sorted((indexed.parent / "src").glob("*_image.nii.gz"))[0]  # a source volume itself
+    scored = run("filter", "-w", ws, "--images", src)
+    assert scored.exit_code == 0, scored.stderr
+    assert "0 of" in scored.stdout and "hand-set by" in scored.stdout
+    assert "flags nothing" in scored.stdout
+    # the datasheet of a release filtered under a hand-set rule
+    root = tmp_path / "rel"
+    root.mkdir()
+    rel, _ = fake_workspace(
+        root, [{"honeypot": False, "gates": True, "cands": [(False, ("accept", None))] * 2}]
+    )
+    w = open_workspace(rel, create=False)
+    with write_session(w.engine) as s:
+        for b in s.query(CandidateBatch).all():
+            hand = {"n_baseline": 0, "method": "explicit", "threshold": 1.0}
+            hand |= {"texture_threshold": None, "set_by": "ann", "set_at": "2026-11-28T10:00:00"}
+            b.privacy = {**b.privacy, **hand}
+    w.close()
+    sheet = (_bundle(rel, root) / "DATASHEET.md").read_text()
+    assert "No image is a real patient's scan" not in sheet
+    assert "set by hand" in sheet and "hand-set by ann at 2026-11-28T10:00:00" in sheet
