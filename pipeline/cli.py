@@ -33,7 +33,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: and seed.
 DEMO_TRAIN_STEPS = 1000
 DEMO_ENCODER_STEPS = 200
-DEMO_UTILITY_STEPS = 200
+DEMO_UTILITY_STEPS = 300
 
 #: ``pipeline --help`` lists the commands in the order data flows through them.
 FLOW_ORDER = (
@@ -699,14 +699,16 @@ def gate_options(func: F) -> F:
             default=d.utility_seeds,
             show_default=True,
             type=click.IntRange(2, 20),
-            help="Seeds per arm (mean ± sd).",
+            help="Paired seeds (every arm starts from the same weights per seed): mean ± sd and "
+            "the 95% interval over seeds and held-out patients.",
         ),
         click.option(
             "--min-utility-ratio",
             default=d.min_utility_ratio,
             show_default=True,
             type=FiniteRange(0.0),
-            help="Gate (with --utility): Dice trained on synthetic / Dice trained on real.",
+            help="Gate (with --utility): the lower 95% bound of Dice trained on synthetic / Dice "
+            "trained on real.",
         ),
         click.option(
             "--min-real-dice",

@@ -281,6 +281,17 @@ def contrast_ratio_interval(
     return out
 
 
+def dice_counts(pred: np.ndarray, truth: np.ndarray, *, classes: int) -> np.ndarray:
+    """Per class 1..classes-1, (|P∩T|, |P| + |T|) over a stack: Dice's numerator halves and
+    denominator, which add up over slices and patients (pooled Dice, and its bootstrap)."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    out = np.zeros((classes - 1, 2))
+    for c in range(1, classes):
+        p, t = pred == c, truth == c
+        out[c - 1] = int(np.logical_and(p, t).sum()), int(p.sum()) + int(t.sum())
+    return out
+
+
 def dice(pred: np.ndarray, truth: np.ndarray, *, classes: int) -> np.ndarray:
     """Dice per class 1..classes-1 over a stack, ``2|P∩T| / (|P| + |T|)``; NaN for a class that is
     absent from both (undefined, not perfect).
@@ -289,11 +300,8 @@ def dice(pred: np.ndarray, truth: np.ndarray, *, classes: int) -> np.ndarray:
     ----------
     Dice (1945), Measures of the amount of ecologic association between species. Ecology 26(3).
     """
-    pred, truth = np.asarray(pred), np.asarray(truth)
+    counts = dice_counts(pred, truth, classes=classes)
     out = np.full(classes - 1, np.nan)
-    for c in range(1, classes):
-        p, t = pred == c, truth == c
-        total = int(p.sum()) + int(t.sum())
-        if total:
-            out[c - 1] = 2.0 * int(np.logical_and(p, t).sum()) / total
+    has = counts[:, 1] > 0
+    out[has] = 2.0 * counts[has, 0] / counts[has, 1]
     return out

@@ -80,14 +80,7 @@ def metrics_lines(
             per = ", ".join(f"{k} {v:.0f}" for k, v in heart["wasserstein"].items())
             lines.append(f"intensity distance per structure (W1, {heart['units']}): {per}")
     if utility:
-        a = utility["arms"]
-        per = ", ".join(f"{arm} {a[arm]['dice_mean']:.3f} ± {a[arm]['dice_sd']:.3f}" for arm in a)
-        lines.append(
-            f"segmenter Dice on {utility['n_test']} real held-out slices "
-            f"({utility['seeds']} seeds, {utility['n_train']} training images per arm): {per}; "
-            f"TSTR/TRTR {utility['tstr_trtr']:.2f}, augmentation gain "
-            f"{utility['augmentation_gain']:+.3f}"
-        )
+        lines += utility_lines(utility)
     lines.append(
         f"whole slices: SSIM {p['ssim']['mean']:.3f} "
         f"(median {p['ssim']['median']:.3f}), PSNR {p['psnr_db']['mean']:.1f} dB, "
@@ -114,9 +107,49 @@ def metrics_lines(
     return lines
 
 
+def _interval(ci: list[float] | None, fmt: str = ".2f") -> str:
+    """``[lo, hi]`` as "lo–hi", or why there is none (a denominator near zero in many draws)."""
+    if ci is None:
+        return "no interval: the real arm is at zero too often"
+    return f"{ci[0]:{fmt}}–{ci[1]:{fmt}}"
+
+
+def utility_lines(u: dict[str, Any]) -> list[str]:
+    """The utility study in words: each arm's Dice (mean ± seed sd, 95% interval, per seed),
+    TSTR/TRTR with its interval and per-seed ratios, and per-structure Dice with intervals."""
+    a = u["arms"]
+    per = ", ".join(
+        f"{arm} {a[arm]['dice_mean']:.3f} ± {a[arm]['dice_sd']:.3f} "
+        f"({_interval(a[arm].get('dice_interval'), '.3f')})"
+        for arm in a
+    )
+    seeds = ", ".join("–" if r is None else f"{r:.2f}" for r in u.get("tstr_trtr_per_seed", []))
+    patients = u.get("real_patients_seen")
+    saw = f"; the real arm saw {patients} patients" if patients is not None else ""
+    lines = [
+        f"segmenter Dice on {u['n_test']} real held-out slices of {u.get('test_patients', '?')} "
+        f"patients ({u['seeds']} paired seeds, {u['n_train']} distinct training images per "
+        f"arm{saw}), mean ± sd over seeds (95% interval over seeds and patients): {per}",
+        f"TSTR/TRTR {u['tstr_trtr']:.2f} (95% interval {_interval(u.get('tstr_trtr_interval'))}; "
+        f"per seed {seeds}), augmentation gain {u['augmentation_gain']:+.3f}",
+    ]
+    for arm in ("synthetic", "real"):
+        structures = a[arm]["per_structure"]
+        if structures:
+            per = ", ".join(
+                f"{k} {v['dice']:.2f} ({_interval(v['interval'])})"
+                if isinstance(v, dict)
+                else f"{k} {v:.2f}"  # a report written before intervals existed
+                for k, v in structures.items()
+            )
+            lines.append(f"Dice per structure, trained on {arm}: {per}")
+    return lines
+
+
 def _gate_cells(g: dict[str, Any]) -> tuple[str, str, str, str, str]:
     """(gate, value, comparison, threshold, verdict) of one gate result."""
     space = f" [{g['feature_space']}]" if "feature_space" in g else ""
+    space += f" ({g['reads']})" if "reads" in g else ""
     sign = "≥" if g["gate"].startswith("min") else "≤"
     verdict = "pass" if g["passed"] else "FAIL"
     return f"{g['gate']}{space}", f"{g['value']:.4f}", sign, str(g["threshold"]), verdict

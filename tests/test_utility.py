@@ -5,7 +5,7 @@ import pytest
 
 from models.segmenter import foreground_intensity
 from pipeline.quality import GateConfig, apply_gates
-from pipeline.utility import UtilityConfig, utility_study
+from pipeline.utility import UtilityConfig, summarise_utility, utility_study
 
 
 def _scenes(n, seed, *, noise=0.05, informative=True):
@@ -43,8 +43,10 @@ def test_utility_ratio_sees_useless_synthetic_data():
         assert set(result["arms"]) == {"synthetic", "real", "real+synthetic"}
         assert result["seeds"] == 3 and result["n_train"] == 32 and result["n_test"] == 16
         assert result["arms"]["real"]["dice_mean"] > 0.5  # the yardstick itself learns
+        assert result["arms"]["real"]["dice_sd"] < 0.05  # and seeds agree
         assert set(result["arms"]["real"]["per_structure"]) == {"a", "b"}
     assert good["tstr_trtr"] > 0.8 > 0.3 > useless["tstr_trtr"]
+    assert good["tstr_trtr_lower"] > 0.7 and useless["tstr_trtr_interval"][1] < 0.5
     assert good["augmentation_gain"] == pytest.approx(
         good["arms"]["real+synthetic"]["dice_mean"] - good["arms"]["real"]["dice_mean"]
     )
@@ -89,3 +91,67 @@ def test_utility_gates_need_a_yardstick_that_learned():
         g["gate"] not in ("min_utility_ratio", "min_real_dice")
         for g in apply_gates(cfg, **common).results
     )
+
+
+def _counts(dice_table, total=1000.0):
+    """(seeds, arms, patients) Dice → counts for one structure that give exactly that Dice."""
+    d = np.asarray(dice_table, np.float64)[..., None]
+    return np.stack([d * total / 2, np.full_like(d, total)], axis=-1)
+
+
+def test_summarise_utility_by_hand():
+    # 2 seeds, 2 patients, one structure; real 0.6 everywhere, synthetic 0.3 / 0.6 by seed
+    table = np.array([[[0.3, 0.3], [0.6, 0.6], [0.6, 0.6]], [[0.6, 0.6], [0.6, 0.6], [0.7, 0.7]]])
+    out = summarise_utility(_counts(table), class_names=["bg", "a"], draws=500)
+    assert out["arms"]["synthetic"]["dice_per_seed"] == pytest.approx([0.3, 0.6])
+    assert out["arms"]["synthetic"]["dice_mean"] == pytest.approx(0.45)
+    assert out["tstr_trtr"] == pytest.approx(0.75)
+    assert out["tstr_trtr_per_seed"] == pytest.approx([0.5, 1.0])
+    assert out["augmentation_gain"] == pytest.approx(0.05)
+    lo, hi = out["tstr_trtr_interval"]
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(1.0)  # all-one-seed draws
+    assert out["tstr_trtr_lower"] == lo
+    assert out["arms"]["real"]["per_structure"]["a"]["dice"] == pytest.approx(0.6)
+
+
+def test_a_collapsed_seed_cannot_carry_the_gate():
+    """Synthetic data that trains a usable segmenter in one seed of three and collapses in the
+    others: the mean ratio passes the 0.5 gate (0.56), the interval's lower bound does not."""
+    rng = np.random.default_rng(0)
+    syn = np.array([0.9, 0.05, 0.05])[:, None] + rng.normal(0, 0.01, (3, 4))
+    real = 0.6 + rng.normal(0, 0.01, (3, 4))
+    table = np.stack([syn, real, real], axis=1)
+    out = summarise_utility(_counts(table), class_names=["bg", "a"], draws=2000)
+    assert out["tstr_trtr"] > 0.5 > out["tstr_trtr_lower"]
+    common = dict(heart_ssim=0.9, heldout_ssim=0.5, fd_ratio=1.0, feature_space="encoder")
+    verdict = apply_gates(
+        GateConfig(),
+        **common,
+        utility_ratio=out["tstr_trtr_lower"],
+        real_dice=out["arms"]["real"]["dice_mean"],
+    )
+    assert verdict.failed == ["min_utility_ratio"]
+
+
+def test_the_interval_covers_a_known_ratio():
+    """Simulated studies whose true TSTR/TRTR is 0.8 (patients vary, seeds add noise, real and
+    synthetic share the patient effect): the 95% interval covers 0.8 in most of them."""
+    covered = 0
+    for sim in range(60):
+        rng = np.random.default_rng(sim)
+        patient = rng.normal(0, 0.08, 8)
+        real = 0.7 + patient + rng.normal(0, 0.03, (6, 8))
+        syn = 0.8 * (0.7 + patient) + rng.normal(0, 0.03, (6, 8))
+        table = np.stack([syn, real, real], axis=1)
+        lo, hi = summarise_utility(_counts(table), class_names=["bg", "a"], draws=400)[
+            "tstr_trtr_interval"
+        ]
+        covered += lo <= 0.8 <= hi
+    assert covered >= 0.85 * 60, covered
+
+
+def test_no_interval_when_the_real_arm_is_at_zero():
+    table = np.zeros((3, 3, 4))
+    table[:, 0] = 0.4
+    out = summarise_utility(_counts(table), class_names=["bg", "a"], draws=200)
+    assert out["tstr_trtr_interval"] is None and out["tstr_trtr_lower"] == 0.0
