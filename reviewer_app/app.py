@@ -96,6 +96,9 @@ with read_session(ws.engine) as session:
         show_login()
         st.stop()
     state.last_seen = time.time()
+    # the role as the catalog says *now*: an admin demoted while logged in loses the admin
+    # views on the next interaction (it was read once, at login)
+    state.user = {**state.user, "name": me.name, "role": me.role}
     # one derivation of every candidate's state per script run, shared by all tabs
     everything = candidate_states(session, policy=policy)
     counts = progress(session, me, policy=policy, states=everything)

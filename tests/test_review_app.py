@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from pipeline.catalog import Candidate, Decision, LoginEvent, read_session, write_session
+from pipeline.catalog import (
+    Candidate,
+    Decision,
+    LoginEvent,
+    Reviewer,
+    read_session,
+    write_session,
+)
 from pipeline.validate import markdown_text
 from pipeline.workspace import open_workspace
 from tests.conftest import indexed_workspace, run
@@ -126,6 +133,19 @@ def test_admin_sees_the_admin_tab(ws):
     assert [t.label for t in at.tabs][-1] == "Admin"
     at2 = log_in(app(), "ann", PW)
     assert "Admin" not in [t.label for t in at2.tabs]
+
+
+def test_a_demoted_admin_loses_the_admin_views_at_once(ws):
+    """Issue 23 C.11: the role was read once, at login; a demoted admin kept the admin tab."""
+    at = log_in(app(), "boss", PW)
+    assert [t.label for t in at.tabs][-1] == "Admin"
+    w = open_workspace(ws, create=False)
+    with write_session(w.engine) as s:
+        s.scalars(select(Reviewer).where(Reviewer.name == "boss")).one().role = "reviewer"
+    w.close()
+    at.run()
+    assert "Admin" not in [t.label for t in at.tabs]
+    assert "(reviewer)" in " ".join(m.value for m in at.sidebar.markdown)
 
 
 def import_as_ann(ws, csv, password_line):
