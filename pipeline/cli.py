@@ -1074,6 +1074,9 @@ def _exec_review_app(workspace: Path, port: int, address: str) -> None:
     cmd += ["--server.headless", "true", "--server.fileWatcherType", "none"]
     cmd += ["--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
     cmd += ["--server.enableAgentApi", "false", "--server.enableStaticServing", "false"]
+    # an uncaught error shows a generic message in the page, never a traceback with the
+    # server's paths (the app answers the errors it expects in words of its own)
+    cmd += ["--client.showErrorDetails", "none"]
     env = {**os.environ, "PIPELINE_WORKSPACE": str(workspace.resolve())}
     click.echo(f"reviewer app on http://{address}:{port} (workspace {workspace})")
     sys.stdout.flush()

@@ -371,3 +371,20 @@ def test_a_hand_set_rule_says_so_wherever_it_is_shown(indexed, tmp_path):
     sheet = (_bundle(rel, root) / "DATASHEET.md").read_text()
     assert "No image is a real patient's scan" not in sheet
     assert "set by hand" in sheet and "hand-set by ann at 2026-11-28T10:00:00" in sheet
+
+
+def test_the_review_app_never_shows_a_traceback(indexed, monkeypatch):
+    """C.16: client.showErrorDetails was `full`: a locked catalog or a missing index/ put a raw
+    traceback with server paths in the page."""
+    import os
+
+    seen = {}
+
+    def fake_exec(path, argv, env):
+        seen["argv"] = argv
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execve", fake_exec)
+    run("review", "-w", indexed)
+    argv = seen["argv"]
+    assert argv[argv.index("--client.showErrorDetails") + 1] == "none"
