@@ -145,23 +145,34 @@ def legend_html(class_names: list[str]) -> str:
     return "".join(chips)
 
 
-@st.cache_resource
-def _load_index(root: str) -> Any:
+def index_stamp(ws: Workspace) -> str:
+    """The identity of the index on disk (its manifest's inode, size and mtime): the caches
+    below are keyed on it, so a re-index reaches the next script run of every session instead
+    of the old rule being served for the life of the process."""
+    try:
+        st_ = (ws.index_dir / "manifest.json").stat()
+    except OSError:
+        return "missing"
+    return f"{st_.st_ino}:{st_.st_size}:{st_.st_mtime_ns}"
+
+
+@st.cache_resource(max_entries=4)
+def _load_index(root: str, stamp: str) -> Any:
     from pipeline.index import load_index
 
     return load_index(open_ws(root))
 
 
 def load_index_cached(ws: Workspace) -> Any:
-    """The source index, loaded once per app process and workspace."""
-    return _load_index(str(ws.root))
+    """The source index, loaded once per app process, workspace and index build."""
+    return _load_index(str(ws.root), index_stamp(ws))
 
 
 @st.cache_data(max_entries=256)
-def _neighbours(root: str, candidate_id: int, unit: np.ndarray) -> list[dict[str, Any]]:
+def _neighbours(root: str, stamp: str, candidate_id: int, unit: np.ndarray) -> list[dict[str, Any]]:
     from pipeline.filtering import nearest_sources
 
-    loaded = _load_index(root)
+    loaded = _load_index(root, stamp)
     return [
         {k: n[k] for k in ("slice_id", "ssim", "texture", "mirrored", "image")}
         for n in nearest_sources(loaded, unit, k=3)
@@ -172,7 +183,7 @@ def neighbours_cached(ws: Workspace, candidate_id: int, unit: np.ndarray) -> lis
     """The three nearest source slices of a candidate ([0, 1] images with the SSIM and texture
     the filter's scorer gives them; cached per candidate). Draw them with
     ``CandidateView.source_picture``."""
-    return _neighbours(str(ws.root), candidate_id, unit)
+    return _neighbours(str(ws.root), index_stamp(ws), candidate_id, unit)
 
 
 def source_slice(ws: Workspace, slice_id: int) -> np.ndarray | None:

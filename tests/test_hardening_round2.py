@@ -388,3 +388,18 @@ def test_the_review_app_never_shows_a_traceback(indexed, monkeypatch):
     run("review", "-w", indexed)
     argv = seen["argv"]
     assert argv[argv.index("--client.showErrorDetails") + 1] == "none"
+
+
+def test_the_app_sees_a_re_index_without_a_restart(indexed, tmp_path):
+    """A.4: the app cached the index per process; after a re-index, new sessions still showed
+    the old rule."""
+    from reviewer_app.views import index_stamp, load_index_cached, open_ws
+    from tests.conftest import copy_workspace
+
+    ws_path = copy_workspace(indexed, tmp_path)
+    ws = open_ws(str(ws_path))
+    before, stamp = load_index_cached(ws).calibration.threshold, index_stamp(ws)
+    assert run("index", "-w", ws_path, "--threshold", 0.5, "--rebuild").exit_code == 0
+    assert index_stamp(ws) != stamp
+    after = load_index_cached(ws).calibration
+    assert after.threshold == 0.5 != before and after.explicit
