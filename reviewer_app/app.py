@@ -32,6 +32,7 @@ from pipeline.review import (
 from pipeline.validate import markdown_text
 from reviewer_app.views import (
     candidate_view,
+    catalog_unchanged,
     image_html,
     legend_html,
     load_index_cached,
@@ -76,6 +77,8 @@ def reviewer_row(session: Session) -> Reviewer:
 def acting_reviewer(session: Session) -> Reviewer | None:
     """The reviewer this page may write for *now* (alive, not idle too long, enabled); else
     the session ends. Callbacks run before the script body, so each write asks this itself."""
+    if not catalog_unchanged(ws):
+        raise PipelineError(CATALOG_GONE)
     user = state.get("user")
     row = open_session_reviewer(
         session, user["id"] if user else None, state.get("last_seen"), time.time()
@@ -86,6 +89,13 @@ def acting_reviewer(session: Session) -> Reviewer | None:
     return row
 
 
+CATALOG_GONE = (
+    "the workspace's catalog was deleted or replaced since this app started: nothing can be "
+    "recorded; restart the app ('pipeline review')"
+)
+if not catalog_unchanged(ws):
+    st.error(CATALOG_GONE)
+    st.stop()
 policy = policy_of(ws)
 with read_session(ws.engine) as session:
     # one session per script run: the session check, then (if it holds) the page's data
@@ -216,11 +226,15 @@ with tabs[0]:
             state.note = ""
 
         def undo() -> None:
-            with write_session(ws.engine) as session:
-                who = acting_reviewer(session)
-                if who is None:
-                    return
-                undone = undo_last(session, who)
+            try:
+                with write_session(ws.engine) as session:
+                    who = acting_reviewer(session)
+                    if who is None:
+                        return
+                    undone = undo_last(session, who)
+            except PipelineError as exc:
+                state.last_action = f"error: {exc.message}"
+                return
             state.last_action = "undid your last decision" if undone else "nothing to undo"
 
         label = f"{current.batch}/{current.name}"

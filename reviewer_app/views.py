@@ -30,6 +30,28 @@ def open_ws(path: str) -> Workspace:
     return open_workspace(Path(path), create=False)
 
 
+def catalog_identity(ws: Workspace) -> tuple[int, int] | None:
+    """``catalog.db``'s (device, inode) now, or None when it is gone."""
+    try:
+        st_ = (ws.root / "catalog.db").stat()
+    except OSError:
+        return None
+    return st_.st_dev, st_.st_ino
+
+
+@st.cache_resource
+def _catalog_at_start(path: str) -> tuple[int, int] | None:
+    return catalog_identity(open_ws(path))
+
+
+def catalog_unchanged(ws: Workspace) -> bool:
+    """Whether ``catalog.db`` is still the file this app process opened. Deleted or replaced
+    under a running app, SQLite would keep writing into the old, unlinked file: decisions
+    that nobody will ever see. Every write checks this first."""
+    first = _catalog_at_start(str(ws.root))
+    return first is not None and catalog_identity(ws) == first
+
+
 def policy_of(ws: Workspace) -> str:
     """The workspace's review policy (``one`` unless set)."""
     with read_session(ws.engine) as session:

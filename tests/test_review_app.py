@@ -148,6 +148,25 @@ def test_a_demoted_admin_loses_the_admin_views_at_once(ws):
     assert "(reviewer)" in " ".join(m.value for m in at.sidebar.markdown)
 
 
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_the_app_refuses_to_write_into_a_catalog_that_is_gone(ws, how):
+    """Issue 23 B.5: with the catalog files deleted under a running app, Accept said "1 of 16
+    reviewed" and stored nothing. The app now checks the file is the one it opened."""
+    at = log_in(app(), "ann", PW)
+    db = Path(ws) / "catalog.db"
+    if how == "deleted":
+        for f in Path(ws).glob("catalog.db*"):
+            f.unlink()
+    else:  # same content, another file (a restore from backup, a copy over it)
+        copy = Path(ws) / "copy.db"
+        shutil.copy(db, copy)
+        copy.replace(db)
+    at.button(key="accept").click().run()
+    shown = " ".join(e.value for e in at.error)
+    assert "deleted or replaced" in shown and "restart the app" in shown
+    assert not any("1 of 7" in m.value for m in at.sidebar.markdown)
+
+
 def import_as_ann(ws, csv, password_line):
     """`pipeline decisions import CSV --reviewer ann`, the password on stdin."""
     args = ("decisions", "import", csv, "-w", ws, "--reviewer", "ann", "--password-stdin")
