@@ -265,8 +265,8 @@ def test_true_fid_only_from_a_local_weights_file(tmp_path):
     weights = tmp_path / "inception.weights.h5"
     model.save_weights(weights)
     rng = np.random.default_rng(0)
-    # few images: InceptionV3 at 299² is the whole cost of this test (86 s with 12 + 12 on two
-    # cores), and 2048-d features are rank-deficient at any n a unit test can afford
+    # few images (2048-d features are rank-deficient at any n a unit test can afford); most of
+    # this test's ~80 s on two cores is building InceptionV3 three times, not these images
     real = rng.random((5, 32, 32)).astype(np.float32)
     yy = np.linspace(0, 1, 32, dtype=np.float32)
     fake = np.stack([np.outer(yy, yy) * (0.3 + 0.05 * i) for i in range(5)])  # smooth ramps
