@@ -90,12 +90,24 @@ def add_reviewer(session: Session, name: str, role: str, password: str) -> Revie
 
 
 def demo_account(session: Session, name: str, password: str) -> Reviewer:
-    """An admin account for a demo, created or given ``password`` anew (and re-enabled)."""
+    """An admin account for a demo, created, or (an earlier demo's admin account) given
+    ``password`` anew. A disabled account is never re-enabled and an account of another role
+    is never touched: an administrator's decision, or a real reviewer's login, is not the
+    demo's to undo."""
     row = _by_name(session, name)
     if row is None:
         return add_reviewer(session, name, "admin", password)
+    if row.disabled:
+        raise PipelineError(
+            f"account {row.name!r} is disabled; the demo will not re-enable it (an "
+            "administrator disabled it): enable it with 'pipeline reviewers' or remove it"
+        )
+    if row.role != "admin":
+        raise PipelineError(
+            f"account {row.name!r} exists as a {row.role}, not the demo's admin account; the "
+            "demo will not take it over"
+        )
     row.password_hash = hash_password(password)
-    row.disabled = False
     return row
 
 

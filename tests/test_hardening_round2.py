@@ -403,3 +403,26 @@ def test_the_app_sees_a_re_index_without_a_restart(indexed, tmp_path):
     assert index_stamp(ws) != stamp
     after = load_index_cached(ws).calibration
     assert after.threshold == 0.5 != before and after.explicit
+
+
+def test_the_demo_never_revives_or_takes_over_an_account(tmp_path):
+    """C.14 (part): `demo --review` re-enabled a disabled demo-physician, reset its password and
+    called it admin while its role stayed reviewer."""
+    from pipeline.catalog import write_session
+    from pipeline.errors import PipelineError
+    from pipeline.review import add_reviewer, demo_account, disable_reviewer, login
+    from pipeline.workspace import open_workspace
+
+    w = open_workspace(tmp_path / "ws")
+    with write_session(w.engine) as s:
+        demo_account(s, "demo-physician", "first-password-1")  # created as admin
+        demo_account(s, "demo-physician", "second-password-2")  # an earlier demo's: new password
+    assert login(w.engine, "demo-physician", "second-password-2")["role"] == "admin"
+    with write_session(w.engine) as s:
+        disable_reviewer(s, "demo-physician")
+        add_reviewer(s, "dr-ann", "reviewer", "ann-password-1234")
+    for name, why in (("demo-physician", "disabled"), ("dr-ann", "exists as a reviewer")):
+        with write_session(w.engine) as s, pytest.raises(PipelineError, match=why):
+            demo_account(s, name, "third-password-3")
+    assert login(w.engine, "dr-ann", "ann-password-1234")["role"] == "reviewer"
+    w.close()
