@@ -566,13 +566,14 @@ def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
         f"min {min(margins):.4f}, median {float(np.median(margins)):.4f}. "
         "See `privacy_histogram.png`.",
         "",
-        f"Every released image was accepted in review (policy: {manifest['review']['policy']}); "
-        f"accepts per reviewer (pseudonyms): {manifest['review']['accepts_per_reviewer']}."
-        + (
-            " **Demo export: a built-in demo reviewer accepted every unflagged image "
-            "automatically; not a clinical review.**"
+        (
+            "**No physician reviewed these images.** Demo export: a built-in demo account "
+            "(not a person) accepted every unflagged image automatically; this is not a "
+            f"clinical review (accepts per account: {manifest['review']['accepts_per_reviewer']})."
             if manifest["review"]["demo_auto_review"]
-            else ""
+            else f"Every released image was accepted in review (policy: "
+            f"{manifest['review']['policy']}); accepts per reviewer (pseudonyms): "
+            f"{manifest['review']['accepts_per_reviewer']}."
         ),
         "",
         "![privacy scores of the released images](privacy_histogram.png)",

@@ -426,3 +426,23 @@ def test_the_demo_never_revives_or_takes_over_an_account(tmp_path):
             demo_account(s, name, "third-password-3")
     assert login(w.engine, "dr-ann", "ann-password-1234")["role"] == "reviewer"
     w.close()
+
+
+def test_an_automatic_demo_review_is_never_presented_as_a_human_one(tmp_path):
+    """C.14 (part): the datasheet of a demo auto-review opened with "Every released image was
+    accepted in review" like a physician's."""
+    from pipeline.catalog import Reviewer, write_session
+    from pipeline.workspace import open_workspace
+    from tests.test_hardening import _bundle
+    from tests.test_release import fake_workspace
+
+    ws, _ = fake_workspace(
+        tmp_path, [{"honeypot": False, "gates": True, "cands": [(False, ("accept", None))] * 2}]
+    )
+    w = open_workspace(ws, create=False)
+    with write_session(w.engine) as s:
+        s.query(Reviewer).filter(Reviewer.name == "ann").one().role = "demo"
+    w.close()
+    sheet = (_bundle(ws, tmp_path) / "DATASHEET.md").read_text()
+    assert "No physician reviewed these images" in sheet
+    assert "Every released image was accepted in review" not in sheet
