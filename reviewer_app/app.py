@@ -256,10 +256,12 @@ with tabs[0]:
         s.button("Skip (s)", shortcut="s", key="skip", on_click=skip, args=(current.id,))
         u.button("Undo my last (u)", shortcut="u", key="undo", on_click=undo)
         st.caption("Reject with a reason (type a note first if you want one):")
-        for i, (col, reason) in enumerate(
-            zip(st.columns(len(REJECT_REASONS)), REJECT_REASONS, strict=True), start=1
-        ):
-            col.button(
+        # two reasons a row: six in one row were cut off at 1280 px ("1 too simila…"), and a
+        # physician must read what they press
+        for i, reason in enumerate(REJECT_REASONS, start=1):
+            if i % 2 == 1:
+                row = st.columns(2)
+            row[(i - 1) % 2].button(
                 f"{i} {reason}",
                 shortcut=str(i),
                 key=f"reason_{i}",

@@ -133,6 +133,23 @@ def test_review_in_a_real_browser(server, workspace_256, tmp_path):
         log_in(page)
         expect(page.get_by_text(f"0 of {total}").first).to_be_visible()
         snap(page, "2-first-candidate")
+        # issue 23 C.17: every reason button reads whole at common widths (none cut off)
+        for width in (1280, 1024):
+            page.set_viewport_size({"width": width, "height": 1000})
+            page.wait_for_timeout(500)
+            cut = page.locator("button").evaluate_all(
+                """els => els.filter(b => /^[1-6] /.test(b.innerText.trim())).map(b => {
+                    const parts = [b, ...b.querySelectorAll('*')];
+                    const clipped = parts.some(e => e.scrollWidth > e.clientWidth + 1
+                        && getComputedStyle(e).overflowX !== 'visible');
+                    return [b.innerText.trim().split("\\n")[0].trim(), clipped];
+                })"""
+            )
+            names = {name.rstrip("0123456789").strip() for name, _ in cut}
+            assert len(names) == 6, (width, cut)  # the six reasons (a key badge may repeat one)
+            assert not [name for name, clipped in cut if clipped], (width, cut)
+            snap(page, f"2-reasons-{width}px")
+        page.set_viewport_size({"width": 1400, "height": 1000})
         # every picture's bytes are inline: no /media/ URL another browser could fetch
         page.locator("img").first.wait_for(state="visible")
         sources = page.locator("img").evaluate_all("els => els.map(e => e.src)")
