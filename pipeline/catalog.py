@@ -8,6 +8,7 @@ busy timeout instead of failing with "database is locked" when a read lock is up
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -349,6 +350,9 @@ def init_catalog(path: Path) -> Engine:
                     _MIGRATIONS[step](session)
             Base.metadata.create_all(session.connection())
             set_meta(session, "schema_version", str(SCHEMA_VERSION))
+            if get_meta(session, "review_key") is None:
+                # keys the review codes reviewers see instead of batch and candidate names
+                set_meta(session, "review_key", secrets.token_hex(16))
     except (DatabaseError, OperationalError) as exc:
         engine.dispose()
         raise PipelineError(f"cannot open catalog ({exc.orig})", path=path) from None

@@ -45,15 +45,22 @@ class CandidateState:
     rejects: list[str] = field(default_factory=list)
     decisions: int = 0
     decided_by: list[int] = field(default_factory=list)  # reviewer ids with a decision in effect
+    votes: dict[int, str] = field(default_factory=dict)  # reviewer id → accept | reject
 
 
-def effective_decisions(session: Session) -> dict[int, dict[int, Decision]]:
-    """candidate id → reviewer id → that reviewer's current decision (undos applied)."""
-    undone = set(session.scalars(select(Decision.undoes_id).where(Decision.undoes_id.is_not(None))))
+def effective_decisions(
+    session: Session, *, candidate_id: int | None = None
+) -> dict[int, dict[int, Decision]]:
+    """candidate id → reviewer id → that reviewer's current decision (undos applied); for
+    one candidate only when ``candidate_id`` is given."""
+    undos = select(Decision.undoes_id).where(Decision.undoes_id.is_not(None))
+    votes = select(Decision).where(Decision.decision != "undo").order_by(Decision.id)
+    if candidate_id is not None:
+        undos = undos.where(Decision.candidate_id == candidate_id)
+        votes = votes.where(Decision.candidate_id == candidate_id)
+    undone = set(session.scalars(undos))
     current: dict[int, dict[int, Decision]] = defaultdict(dict)
-    for d in session.scalars(
-        select(Decision).where(Decision.decision != "undo").order_by(Decision.id)
-    ):
+    for d in session.scalars(votes):
         if d.id not in undone:  # an undone decision gives way to the one before it
             current[d.candidate_id][d.reviewer_id] = d  # later rows supersede earlier ones
     return current
@@ -105,6 +112,7 @@ def candidate_states(
                 rejects=rejects,
                 decisions=len(mine),
                 decided_by=sorted(mine),
+                votes={r: d.decision for r, d in sorted(mine.items())},
             )
         )
     return out

@@ -30,6 +30,7 @@ from pipeline.catalog import (
     Decision,
     LoginEvent,
     Reviewer,
+    get_meta,
     read_session,
     utcnow,
     write_session,
@@ -194,25 +195,74 @@ def authenticate(
 FINAL_STATES = ("accepted", "rejected", "flagged")
 
 
-def visible_state(s: CandidateState, *, viewer_id: int, admin: bool) -> dict[str, Any]:
-    """One candidate as a reviewer may see it. Admins see everything; a plain reviewer sees
-    other reviewers' names and votes only once the candidate's state is final, and until then
-    only "open" or "waiting for others" (after their own vote): the second reading stays
-    blind, and the rule is written once for every view."""
-    final = s.state in FINAL_STATES
-    if admin or final:
+def review_key(session: Session) -> bytes:
+    """The workspace's secret for :func:`review_code` (made when the catalog is created)."""
+    value = get_meta(session, "review_key")
+    if value is None:
+        raise PipelineError("the catalog has no review key; open it with this version first")
+    return bytes.fromhex(value)
+
+
+def review_code(key: bytes, candidate_id: int) -> str:
+    """What a plain reviewer calls a candidate: 8 hex characters keyed by the workspace's
+    secret. Batch names, candidate names and ids would mark honeypots (their own batch, ids
+    added after the batch they hide in); a keyed code says nothing of either."""
+    digest = hmac.new(key, str(candidate_id).encode(), hashlib.sha256).hexdigest()
+    return digest[:8]
+
+
+def visible_state(s: CandidateState, *, viewer_id: int, admin: bool, key: bytes) -> dict[str, Any]:
+    """One candidate as a reviewer may see it; the rule is written once for every view.
+
+    Admins see everything. A plain reviewer sees a keyed code for the candidate (never its
+    batch, name or id: they would mark honeypots), and:
+
+    * their own vote, while they have one in effect ("you accepted" / "you rejected") and
+      nothing else: the state that follows from their vote would tell them the others'
+      (under policy two a reject beside an accept is a disagreement, a lone reject is
+      final), and they could undo and vote again knowing it;
+    * "rejected" or "flagged" with the names, once the candidate is out of their reach (no
+      vote of theirs, and nothing left to judge);
+    * "open" otherwise, an accepted candidate included: it is still in their queue, and
+      others' accepts must not lead their reading.
+    """
+    if admin:
+        return {
+            "id": s.id,
+            "code": review_code(key, s.id),
+            "batch": s.batch,
+            "candidate": s.name,
+            "state": s.state,
+            "accepted by": ", ".join(s.accepts),
+            "rejected by": ", ".join(s.rejects),
+        }
+    accepts: list[str] = []
+    rejects: list[str] = []
+    if viewer_id in s.decided_by:
+        state = f"you {s.votes[viewer_id]}ed"
+    elif s.state in ("rejected", "flagged"):
         state, accepts, rejects = s.state, s.accepts, s.rejects
     else:
-        state = "waiting for others" if viewer_id in s.decided_by else "open"
-        accepts, rejects = [], []
+        state = "open"
     return {
-        "id": s.id,
-        "batch": s.batch,
-        "candidate": s.name,
+        "candidate": review_code(key, s.id),
         "state": state,
         "accepted by": ", ".join(accepts),
         "rejected by": ", ".join(rejects),
     }
+
+
+#: Provenance every candidate shares with a honeypot, so a plain reviewer may see it.
+SHARED_PROVENANCE = ("run", "generator_sha256")
+
+
+def visible_provenance(provenance: dict[str, Any], *, admin: bool, code: str) -> dict[str, Any]:
+    """A candidate's provenance as a reviewer may see it: everything for admins; for everyone
+    else the review code and what every image in the queue shares (its batch, mask source,
+    source slice, transform and creation time would mark a honeypot)."""
+    if admin:
+        return {"review code": code, **provenance}
+    return {"candidate": code, **{k: provenance[k] for k in SHARED_PROVENANCE if k in provenance}}
 
 
 def queue(
@@ -251,11 +301,14 @@ def record_decision(
     *,
     reason: str = "",
     imported: bool = False,
+    if_undecided: bool = False,
     app_version: str = __version__,
 ) -> Decision:
     """Append one accept / reject. A flagged candidate can never be accepted; a disabled
     reviewer cannot decide; a reject needs a reason; a reason holds at most ``MAX_FIELD``
-    characters."""
+    characters. ``if_undecided`` (the app): refuse when this reviewer already has a vote in
+    effect on the candidate, so a stale page (a second tab) cannot replace a newer vote; a
+    change of mind is an undo, then a vote."""
     if decision not in ("accept", "reject"):
         raise PipelineError(f"decision must be accept or reject, not {decision!r}")
     if reviewer.disabled:
@@ -274,6 +327,13 @@ def record_decision(
         raise PipelineError("a reject needs a reason")
     if len(reason) > MAX_FIELD:  # the same bound as an imported field (a note is not a file)
         raise PipelineError(f"a reason or note is limited to {MAX_FIELD:,} characters")
+    if if_undecided:
+        mine = effective_decisions(session, candidate_id=candidate_id).get(candidate_id, {})
+        if reviewer.id in mine:
+            raise PipelineError(
+                f"you already {mine[reviewer.id].decision}ed this candidate (in another tab or "
+                "window?); nothing recorded. To change it, undo it first"
+            )
     d = Decision(
         candidate_id=candidate_id,
         reviewer_id=reviewer.id,
@@ -319,15 +379,24 @@ def progress(
     reviewer: Reviewer,
     *,
     policy: str,
+    admin: bool,
     states: list[CandidateState] | None = None,
 ) -> dict[str, int]:
-    """'n of N reviewed' for this reviewer and overall (flagged candidates excluded)."""
+    """'n of N reviewed' for this reviewer, and how far everyone is (flagged candidates
+    excluded). Admins get ``overall``, the candidates decided under the policy; a plain
+    reviewer gets ``votes``, the votes everyone has cast: their own vote moves it by one
+    whatever others did, while the decided count would move by one or by none and so tell
+    them whether someone else had voted the other way."""
     if states is None:
         states = candidate_states(session, policy=policy)
     open_ = [s for s in states if not s.flagged]
     mine = sum(reviewer.id in s.decided_by for s in open_)
-    done = sum(s.state in ("accepted", "rejected") for s in open_)
-    return {"total": len(open_), "mine": mine, "overall": done}
+    out = {"total": len(open_), "mine": mine}
+    if admin:
+        out["overall"] = sum(s.state in ("accepted", "rejected") for s in open_)
+    else:
+        out["votes"] = sum(len(s.decided_by) for s in open_)
+    return out
 
 
 def reviewer_stats(session: Session) -> list[dict[str, Any]]:

@@ -25,8 +25,11 @@ from pipeline.review import (
     progress,
     queue,
     record_decision,
+    review_code,
+    review_key,
     reviewer_stats,
     undo_last,
+    visible_provenance,
     visible_state,
 )
 from pipeline.validate import markdown_text
@@ -64,9 +67,9 @@ def show_login() -> None:
             except PipelineError as exc:
                 st.error(markdown_text(exc.message))
             except OperationalError as exc:  # a long write (an import) holds the catalog
-                if "locked" not in str(exc):
+                if not is_busy(exc):
                     raise
-                st.warning("The catalog is busy (another command is writing); try again shortly.")
+                st.warning(BUSY)
 
 
 def reviewer_row(session: Session) -> Reviewer:
@@ -89,6 +92,14 @@ def acting_reviewer(session: Session) -> Reviewer | None:
     return row
 
 
+BUSY = "The catalog is busy (another command is writing); try again shortly."
+
+
+def is_busy(exc: OperationalError) -> bool:
+    """Whether SQLite gave up waiting for another writer (past the 30 s busy timeout)."""
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 CATALOG_GONE = (
     "the workspace's catalog was deleted or replaced since this app started: nothing can be "
     "recorded; restart the app ('pipeline review')"
@@ -96,27 +107,48 @@ CATALOG_GONE = (
 if not catalog_unchanged(ws):
     st.error(CATALOG_GONE)
     st.stop()
-policy = policy_of(ws)
-with read_session(ws.engine) as session:
-    # one session per script run: the session check, then (if it holds) the page's data
-    me = acting_reviewer(session) if "user" in state else None
-    if me is None:
-        if state.pop("expired", False):
-            st.info("Your session expired or your account was disabled; please log in again.")
-        show_login()
-        st.stop()
-    state.last_seen = time.time()
-    # the role as the catalog says *now*: an admin demoted while logged in loses the admin
-    # views on the next interaction (it was read once, at login)
-    state.user = {**state.user, "name": me.name, "role": me.role}
-    # one derivation of every candidate's state per script run, shared by all tabs
-    everything = candidate_states(session, policy=policy)
-    counts = progress(session, me, policy=policy, states=everything)
+try:
+    policy = policy_of(ws)
+    with read_session(ws.engine) as session:
+        # one session per script run: the session check, then (if it holds) the page's data
+        me = acting_reviewer(session) if "user" in state else None
+        if me is None:
+            if state.pop("expired", False):
+                st.info("Your session expired or your account was disabled; please log in again.")
+            show_login()
+            st.stop()
+        state.last_seen = time.time()
+        # the role as the catalog says *now*: an admin demoted while logged in loses the admin
+        # views on the next interaction (it was read once, at login)
+        state.user = {**state.user, "name": me.name, "role": me.role}
+        is_admin = me.role == "admin"
+        key = review_key(session)
+        # one derivation of every candidate's state per script run, shared by all tabs
+        everything = candidate_states(session, policy=policy)
+        counts = progress(session, me, policy=policy, admin=is_admin, states=everything)
+except OperationalError as exc:  # a long write elsewhere held the catalog past the timeout
+    if not is_busy(exc):
+        raise
+    st.warning(BUSY)
+    st.stop()
+
+
+def label_of(candidate_id: int, batch: str, name: str) -> str:
+    """What this page calls a candidate: its batch and name for admins, its review code for
+    everyone else (names and batches would mark honeypots)."""
+    code = review_code(key, candidate_id)
+    return f"{batch} / {name} ({code})" if is_admin else f"candidate {code}"
+
+
 with st.sidebar:
     st.markdown(f"**{markdown_text(state.user['name'])}** ({state.user['role']})")
+    everyone = (
+        f"Overall: **{counts['overall']} of {counts['total']}** decided"
+        if is_admin  # a decided count would tell a reviewer how others voted (see progress)
+        else f"All reviewers: **{counts['votes']}** votes"
+    )
     st.markdown(
-        f"You: **{counts['mine']} of {counts['total']}** reviewed  \n"
-        f"Overall: **{counts['overall']} of {counts['total']}** decided (policy: {policy})"
+        f"You: **{counts['mine']} of {counts['total']}** reviewed  \n{everyone} (policy: {policy})"
     )
     if st.button("Log out"):
         for key in ("user", "skipped"):
@@ -124,161 +156,188 @@ with st.sidebar:
         st.rerun()
 
 names = ["Review", "Flagged (read-only)", "All candidates"]
-if state.user["role"] == "admin":
+if is_admin:
     names.append("Admin")
 tabs = st.tabs(names)
 
-with tabs[0]:
+
+def review_tab() -> None:
+    """The queue: one candidate, its pictures and nearest sources, and the vote buttons."""
     with read_session(ws.engine) as session:
         todo = queue(session, reviewer_row(session), policy=policy, states=everything)
     skipped = state.setdefault("skipped", [])
     todo.sort(key=lambda s: skipped.index(s.id) + 1 if s.id in skipped else 0)
     if not todo:
         st.success("Nothing left for you to review.")
-    else:
-        current = todo[0]
-        view = candidate_view(ws, current.id)
-        st.subheader(markdown_text(f"{current.batch} / {current.name}"))
-        loaded = load_index_cached(ws)
-        near = neighbours_cached(ws, current.id, view.unit)
-        left, right = st.columns([3, 2])
-        with left:
-            if view.units == "HU":
-                preset = st.radio("Window", list(VIEW_WINDOWS), horizontal=True, key="preset")
-            else:
-                preset = None
-                st.caption("Display units (the sources were PNG): no HU window.")
-            show_mask = st.toggle("Mask overlay", value=True, key="overlay")
-            compare = st.radio(
-                "Beside the candidate",
-                ["nothing", *[f"source {i + 1}" for i in range(len(near))]],
-                horizontal=True,
-                key="compare",
+        return
+    current = todo[0]
+    view = candidate_view(ws, current.id)
+    loaded = load_index_cached(ws)  # before anything is drawn: a missing index is one message
+    near = neighbours_cached(ws, current.id, view.unit)
+    label = label_of(current.id, current.batch, current.name)
+    st.subheader(markdown_text(label))
+    left, right = st.columns([3, 2])
+    with left:
+        if view.units == "HU":
+            preset = st.radio("Window", list(VIEW_WINDOWS), horizontal=True, key="preset")
+        else:
+            preset = None
+            st.caption("Display units (the sources were PNG): no HU window.")
+        show_mask = st.toggle("Mask overlay", value=True, key="overlay")
+        compare = st.radio(
+            "Beside the candidate",
+            ["nothing", *[f"source {i + 1}" for i in range(len(near))]],
+            horizontal=True,
+            key="compare",
+        )
+        shown = view_label(view.units, preset)
+        drawn = view.picture(preset, show_mask)
+        if compare == "nothing":
+            st.html(image_html(drawn, alt=f"candidate · {shown}", width=512))
+        else:
+            n = near[int(compare.split()[1]) - 1]
+            c1, c2 = st.columns(2)
+            with c1:
+                st.html(image_html(drawn, alt=f"candidate · {shown}"))
+                st.caption("candidate")
+            with c2:
+                st.html(
+                    image_html(view.source_picture(n["image"], preset), alt=f"{compare} · {shown}")
+                )
+                st.caption(markdown_text(f"{compare} (a real scan)"))
+        st.caption(markdown_text(f"All pictures on this page: {shown}, same scale."))
+        if show_mask:
+            st.markdown(legend_html(view.class_names), unsafe_allow_html=True)
+    with right:
+        cal = loaded.calibration
+        f = view.filtered
+        st.markdown("**Nearest source slices** (the filter's search and scorer)")
+        if not is_admin:
+            # A honeypot is a near-copy the filter would flag, and every other image in the
+            # queue is under the threshold: any score shown here would mark the honeypots.
+            st.caption(
+                f"The filter calls an image too similar when {cal.describe()}. Its scores are "
+                "for admins; judge by eye whether this image is too close to a source slice."
             )
-            shown = view_label(view.units, preset)
-            drawn = view.picture(preset, show_mask)
-            if compare == "nothing":
-                st.html(image_html(drawn, alt=f"candidate · {shown}", width=512))
-            else:
-                n = near[int(compare.split()[1]) - 1]
-                c1, c2 = st.columns(2)
-                with c1:
-                    st.html(image_html(drawn, alt=f"candidate · {shown}"))
-                    st.caption("candidate")
-                with c2:
-                    st.html(
-                        image_html(
-                            view.source_picture(n["image"], preset), alt=f"{compare} · {shown}"
-                        )
-                    )
-                    st.caption(markdown_text(f"{compare} (a real scan)"))
-            st.caption(markdown_text(f"All pictures on this page: {shown}, same scale."))
-            if show_mask:
-                st.markdown(legend_html(view.class_names), unsafe_allow_html=True)
-        with right:
-            cal = loaded.calibration
-            f = view.filtered
-            st.markdown("**Nearest source slices** (the filter's search and scorer)")
+        elif f["ssim"] is not None:
             st.caption(
                 f"The filter stored: SSIM {f['ssim']:.3f} · texture {f['texture']:.3f} "
                 f"(nearest slice {f['nearest_slice']}); too similar when {cal.describe()} "
                 f"({cal.provenance()})."
-                if f["ssim"] is not None
-                else f"Not scored by the filter yet; too similar when {cal.describe()}."
             )
-            cols = st.columns(len(near) or 1)
-            for i, (col, n) in enumerate(zip(cols, near, strict=False), start=1):
-                with col:
-                    st.html(
-                        image_html(
-                            view.source_picture(n["image"], preset), alt=f"source {i} · {shown}"
-                        )
-                    )
-                    mirrored = " (mirrored)" if n["mirrored"] else ""
-                    st.caption(f"{i}: SSIM {n['ssim']:.3f} · texture {n['texture']:.3f}{mirrored}")
-        with st.expander("Provenance"):
-            st.json(view.provenance)
-        # the stored reason is "<reason>: <note>", bounded like an imported field
-        st.text_input("Note (optional)", key="note", max_chars=MAX_FIELD - 100)
-        a, r, u, s = st.columns(4)
+        else:
+            st.caption(f"Not scored by the filter (a honeypot); too similar when {cal.describe()}.")
+        cols = st.columns(len(near) or 1)
+        for i, (col, n) in enumerate(zip(cols, near, strict=False), start=1):
+            with col:
+                st.html(
+                    image_html(view.source_picture(n["image"], preset), alt=f"source {i} · {shown}")
+                )
+                mirrored = " (mirrored)" if n["mirrored"] else ""
+                scores = f": SSIM {n['ssim']:.3f} · texture {n['texture']:.3f}" if is_admin else ""
+                st.caption(f"{i}{scores}{mirrored}")
+    with st.expander("Provenance"):
+        code = review_code(key, current.id)
+        st.json(visible_provenance(view.provenance, admin=is_admin, code=code))
+    # the stored reason is "<reason>: <note>", bounded like an imported field
+    st.text_input("Note (optional)", key="note", max_chars=MAX_FIELD - 100)
+    a, r, u, s = st.columns(4)
 
-        # Callbacks run before the next script run, so they may clear the note widget: a note
-        # must never carry over to the next candidate.
-        def decide(kind: str, candidate_id: int, label: str, reason: str | None = None) -> None:
-            note = state.get("note", "").strip()
-            if kind == "reject" and not reason:  # never a reason nobody chose: say how
-                state.last_action = "a reject needs a reason: press 1–6 (or click one below)"
-                return
-            text = (reason or "") + (f": {note}" if note else "") if kind == "reject" else ""
-            try:
-                with write_session(ws.engine) as session:
-                    who = acting_reviewer(session)
-                    if who is None:
-                        return
-                    record_decision(session, who, candidate_id, kind, reason=text)
-                state.last_action = f"{kind}ed {label}" + (f" ({reason})" if reason else "")
-                state.note = ""
-            except PipelineError as exc:
-                state.last_action = f"error: {exc.message}"
-
-        def skip(candidate_id: int) -> None:
-            skipped.append(candidate_id)
+    # Callbacks run before the next script run, so they may clear the note widget: a note
+    # must never carry over to the next candidate.
+    def decide(kind: str, candidate_id: int, label: str, reason: str | None = None) -> None:
+        note = state.get("note", "").strip()
+        if kind == "reject" and not reason:  # never a reason nobody chose: say how
+            state.last_action = "a reject needs a reason: press 1–6 (or click one below)"
+            return
+        text = (reason or "") + (f": {note}" if note else "") if kind == "reject" else ""
+        try:
+            with write_session(ws.engine) as session:
+                who = acting_reviewer(session)
+                if who is None:
+                    return
+                # a stale page (another tab) must not replace a newer vote of the same person
+                record_decision(session, who, candidate_id, kind, reason=text, if_undecided=True)
+            state.last_action = f"{kind}ed {label}" + (f" ({reason})" if reason else "")
             state.note = ""
+        except PipelineError as exc:
+            state.last_action = f"error: {exc.message}"
+        except OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            state.last_action = f"{BUSY} Nothing recorded for {label}."
 
-        def undo() -> None:
-            try:
-                with write_session(ws.engine) as session:
-                    who = acting_reviewer(session)
-                    if who is None:
-                        return
-                    undone = undo_last(session, who)
-            except PipelineError as exc:
-                state.last_action = f"error: {exc.message}"
-                return
-            state.last_action = "undid your last decision" if undone else "nothing to undo"
+    def skip(candidate_id: int) -> None:
+        skipped.append(candidate_id)
+        state.note = ""
 
-        label = f"{current.batch}/{current.name}"
-        a.button(
-            "Accept (a)",
-            type="primary",
-            shortcut="a",
-            key="accept",
+    def undo() -> None:
+        try:
+            with write_session(ws.engine) as session:
+                who = acting_reviewer(session)
+                if who is None:
+                    return
+                undone = undo_last(session, who)
+        except PipelineError as exc:
+            state.last_action = f"error: {exc.message}"
+            return
+        except OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            state.last_action = f"{BUSY} Nothing undone."
+            return
+        state.last_action = "undid your last decision" if undone else "nothing to undo"
+
+    a.button(
+        "Accept (a)",
+        type="primary",
+        shortcut="a",
+        key="accept",
+        on_click=decide,
+        args=("accept", current.id, label),
+    )
+    r.button(
+        "Reject (x)",
+        shortcut="x",
+        key="reject",
+        on_click=decide,
+        args=("reject", current.id, label),
+    )
+    s.button("Skip (s)", shortcut="s", key="skip", on_click=skip, args=(current.id,))
+    u.button("Undo my last (u)", shortcut="u", key="undo", on_click=undo)
+    st.caption("Reject with a reason (type a note first if you want one):")
+    # two reasons a row: six in one row were cut off at 1280 px ("1 too simila…"), and a
+    # physician must read what they press
+    for i, reason in enumerate(REJECT_REASONS, start=1):
+        if i % 2 == 1:
+            row = st.columns(2)
+        row[(i - 1) % 2].button(
+            f"{i} {reason}",
+            shortcut=str(i),
+            key=f"reason_{i}",
             on_click=decide,
-            args=("accept", current.id, label),
+            args=("reject", current.id, label, reason),
+            width="stretch",
+            help=f"Reject: {reason} (key {i})",
         )
-        r.button(
-            "Reject (x)",
-            shortcut="x",
-            key="reject",
-            on_click=decide,
-            args=("reject", current.id, label),
-        )
-        s.button("Skip (s)", shortcut="s", key="skip", on_click=skip, args=(current.id,))
-        u.button("Undo my last (u)", shortcut="u", key="undo", on_click=undo)
-        st.caption("Reject with a reason (type a note first if you want one):")
-        # two reasons a row: six in one row were cut off at 1280 px ("1 too simila…"), and a
-        # physician must read what they press
-        for i, reason in enumerate(REJECT_REASONS, start=1):
-            if i % 2 == 1:
-                row = st.columns(2)
-            row[(i - 1) % 2].button(
-                f"{i} {reason}",
-                shortcut=str(i),
-                key=f"reason_{i}",
-                on_click=decide,
-                args=("reject", current.id, label, reason),
-                width="stretch",
-                help=f"Reject: {reason} (key {i})",
-            )
-    if state.get("last_action"):
-        st.caption(markdown_text(state.last_action))
     if len(todo) > 1:
         # The page is already drawn: warm the cache for the next candidate while the physician
         # looks at this one, so Accept → next image does not wait for the neighbour search.
         upcoming = candidate_view(ws, todo[1].id)
         neighbours_cached(ws, todo[1].id, upcoming.unit)
 
-is_admin = state.user["role"] == "admin"
+
+with tabs[0]:
+    try:
+        review_tab()
+    except PipelineError as exc:  # e.g. no index/: say what to do, never a traceback
+        st.error(markdown_text(exc.message))
+    except OperationalError as exc:
+        if not is_busy(exc):
+            raise
+        st.warning(BUSY)
+    if state.get("last_action"):
+        st.caption(markdown_text(state.last_action))
 
 with tabs[1]:
     with read_session(ws.engine) as session:
@@ -302,7 +361,7 @@ with tabs[1]:
     for n, f in enumerate(flagged[:50]):
         score, texture, margin, nearest = info.get(f.id, (None, None, None, None))
         line = (
-            f"{markdown_text(f.batch)} / {markdown_text(f.name)}: SSIM {score:.3f}, "
+            f"{markdown_text(label_of(f.id, f.batch, f.name))}: SSIM {score:.3f}, "
             f"texture {texture:.3f}, margin {margin:.3f}"
         )
         if not is_admin or n >= FLAGGED_PAIRS:
@@ -327,12 +386,14 @@ with tabs[1]:
 
 with tabs[2]:
     # blind double reading: plain reviewers see others' votes only once a state is final
-    table = [visible_state(s, viewer_id=state.user["id"], admin=is_admin) for s in everything]
+    table = [
+        visible_state(s, viewer_id=state.user["id"], admin=is_admin, key=key) for s in everything
+    ]
     kinds = sorted({row["state"] for row in table})
     chosen = st.multiselect("Status", kinds, default=kinds, key="status_filter")
     st.dataframe([row for row in table if row["state"] in chosen], width="stretch")
 
-if state.user["role"] == "admin":
+if is_admin:
     with tabs[3]:
         with read_session(ws.engine) as session:
             stats = reviewer_stats(session)

@@ -209,9 +209,11 @@ def neighbours_cached(ws: Workspace, candidate_id: int, unit: np.ndarray) -> lis
 
 
 def source_slice(ws: Workspace, slice_id: int) -> np.ndarray | None:
-    """One source slice ([0, 1]) from the index's slice store, or None if it is not there."""
-    loaded = load_index_cached(ws)
+    """One source slice ([0, 1]) from the index's slice store, or None if it is not there (or
+    there is no index)."""
+    from pipeline.errors import PipelineError
+
     try:
-        return loaded.store.images([slice_id])[0]
-    except (KeyError, IndexError):
+        return load_index_cached(ws).store.images([slice_id])[0]
+    except (KeyError, IndexError, PipelineError):
         return None

@@ -446,3 +446,79 @@ def test_an_automatic_demo_review_is_never_presented_as_a_human_one(tmp_path):
     sheet = (_bundle(ws, tmp_path) / "DATASHEET.md").read_text()
     assert "No physician reviewed these images" in sheet
     assert "Every released image was accepted in review" not in sheet
+
+
+def test_a_second_reader_learns_nothing_from_their_own_vote(tmp_path):
+    """C.12: under policy two, bob's reject after ann's accept showed "waiting for others",
+    while a lone reject showed "rejected" (and the overall count moved differently): bob could
+    read ann's vote, undo, and vote again knowing it. Everything bob sees must be the same in
+    both worlds, before and after an undo."""
+    from pipeline.catalog import write_session
+    from pipeline.decisions import candidate_states
+    from pipeline.review import (
+        add_reviewer,
+        progress,
+        record_decision,
+        review_key,
+        undo_last,
+        visible_state,
+    )
+    from pipeline.workspace import open_workspace
+    from tests.test_review import make_batch
+
+    def bob_sees(s, bob):
+        states = candidate_states(s, policy="two")
+        key = review_key(s)
+        table = [visible_state(x, viewer_id=bob.id, admin=False, key=key) for x in states]
+        return table, progress(s, bob, policy="two", states=states, admin=False)
+
+    seen = []
+    for world, ann_votes in (("a", True), ("b", False)):
+        ws = open_workspace(tmp_path / world)
+        with write_session(ws.engine) as s:
+            ids = make_batch(s, "b", [False, False, False])
+            ann = add_reviewer(s, "ann", "reviewer", "correct horse")
+            bob = add_reviewer(s, "bob", "reviewer", "correct horse")
+            if ann_votes:
+                record_decision(s, ann, ids[1], "accept")
+            before = bob_sees(s, bob)
+            record_decision(s, bob, ids[1], "reject", reason="artefact")
+            after_vote = bob_sees(s, bob)
+            undo_last(s, bob)
+            after_undo = bob_sees(s, bob)
+        ws.close()
+        seen.append((before, after_vote, after_undo))
+
+    def table(view):  # review codes are keyed per workspace: compare all but them
+        return [{k: v for k, v in row.items() if k != "candidate"} for row in view[0]]
+
+    def moved(a, b):  # what bob's own action changed in his counts
+        return {k: b[1][k] - a[1][k] for k in a[1]}
+
+    (a0, a1, a2), (b0, b1, b2) = seen
+    assert table(a0) == table(b0) and table(a1) == table(b1) and table(a2) == table(b2)
+    assert moved(a0, a1) == moved(b0, b1) and moved(a1, a2) == moved(b1, b2)
+    assert [row["state"] for row in table(a1)] == ["open", "you rejected", "open"]
+    assert "ann" not in str(seen[0])
+
+
+def test_a_stale_tab_cannot_replace_a_newer_vote(tmp_path):
+    """C.15: two tabs of one reviewer both show X; the newer tab accepts, then the stale tab's
+    reject silently replaced the accept. A vote from the app must find the reviewer undecided
+    on X (a change of mind is Undo, then vote)."""
+    from pipeline.catalog import write_session
+    from pipeline.decisions import candidate_states
+    from pipeline.errors import PipelineError
+    from pipeline.review import add_reviewer, record_decision
+    from pipeline.workspace import open_workspace
+    from tests.test_review import make_batch
+
+    ws = open_workspace(tmp_path / "ws")
+    with write_session(ws.engine) as s:
+        ids = make_batch(s, "b", [False])
+        ann = add_reviewer(s, "ann", "reviewer", "correct horse")
+        record_decision(s, ann, ids[0], "accept", if_undecided=True)  # the newer tab
+        with pytest.raises(PipelineError, match="already accepted"):
+            record_decision(s, ann, ids[0], "reject", reason="artefact", if_undecided=True)
+        assert candidate_states(s, policy="one")[0].state == "accepted"
+    ws.close()

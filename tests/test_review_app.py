@@ -110,11 +110,14 @@ def test_accept_reject_undo_write_rows(ws):
 
 
 def test_flagged_candidates_cannot_be_accepted(ws):
+    from pipeline.review import review_code, review_key
+
     at = log_in(app(), "ann", PW)
     w = open_workspace(ws, create=False)
     with read_session(w.engine) as s:
         flagged = s.scalar(select(Candidate).where(Candidate.flagged.is_(True)))
-        flagged_name, flagged_id = flagged.name, flagged.id
+        flagged_id = flagged.id
+        flagged_name = review_code(review_key(s), flagged_id)  # what a reviewer's page calls it
     w.close()
     seen = set()
     for _ in range(7):  # accept the whole queue: the flagged one never comes up
@@ -283,7 +286,7 @@ def test_a_busy_catalog_at_login_gives_a_retry_message(ws, monkeypatch):
 def test_second_reader_sees_no_first_verdict(ws):
     """Blind double reading: under the two-reviewer policy a plain reviewer sees neither the
     other's name nor vote, and the queue order does not move the candidate the other accepted."""
-    from pipeline.review import get_reviewer, record_decision
+    from pipeline.review import get_reviewer, record_decision, review_code, review_key
 
     assert run("reviewers", "policy", "two", "-w", ws).exit_code == 0
     assert run("reviewers", "add", "bob", "-w", ws, "--password-stdin", input=PW + "\n")
@@ -293,9 +296,12 @@ def test_second_reader_sees_no_first_verdict(ws):
             select(Candidate).where(Candidate.flagged.is_(False)).order_by(Candidate.id.desc())
         ).first()
         record_decision(s, get_reviewer(s, "ann"), last.id, "accept")
+    with read_session(w.engine) as s:
+        first = s.scalar(select(Candidate).order_by(Candidate.id))
+        code = review_code(review_key(s), first.id)
     w.close()
     at = log_in(app(), "bob", PW)
-    assert at.subheader[0].value.endswith("cand\\_00000")  # order unchanged by ann's vote
+    assert code in at.subheader[0].value  # order unchanged by ann's vote
     table = at.dataframe[0].value
     assert set(table["state"]) == {"open", "flagged"}
     assert not table["accepted by"].str.contains("ann").any()
@@ -357,3 +363,92 @@ def test_admins_see_flagged_candidates_beside_their_nearest_source(ws):
     assert any(a.startswith("nearest source ·") for a in alts)
     plain = log_in(app(), "ann", PW)
     assert not any(a.startswith("flagged candidate") for a in _alts(plain))
+
+
+def _page_text(at) -> str:
+    """Everything a page says in words (headings, text, captions, provenance, tables)."""
+    parts = [str(e.value) for kind in ("subheader", "markdown", "caption") for e in at.get(kind)]
+    parts += [str(j.proto.body) for j in at.get("json")]
+    parts += [str(df.value.to_dict("records")) for df in at.dataframe]
+    return "\n".join(parts)
+
+
+def test_a_honeypot_page_reads_like_any_other(ws):
+    """C.13: the heading said `honeypots / cand_…`, the provenance "mask source: honeypot", the
+    filter line "Not scored by the filter yet", the table batch `honeypots`. With codes and
+    numbers masked, a plain reviewer's page for a honeypot must read like a candidate's."""
+    import re
+
+    from pipeline.review import review_code, review_key
+
+    assert run("honeypots", "-w", ws, "--run", "r", "--count", 2, "--seed", 1).exit_code == 0
+    w = open_workspace(ws, create=False)
+    with read_session(w.engine) as s:
+        key = review_key(s)
+        kinds = {review_code(key, c.id): c.mask_source for c in s.scalars(select(Candidate))}
+    w.close()
+    at = log_in(app(), "ann", PW)
+    pages: dict[str, set[str]] = {"honeypot": set(), "other": set()}
+    for _ in range(9):  # 7 unflagged candidates and 2 honeypots
+        heading = at.subheader[0].value
+        code = re.search(r"[0-9a-f]{8}", heading).group(0)
+        text = _page_text(at)
+        assert "honeypot" not in text.lower() and "Not scored" not in text
+        masked = re.sub(r"\b[0-9a-f]{8}\b", "<code>", text)
+        masked = re.sub(r"[-+]?\d+(\.\d+)?", "#", masked)
+        pages["honeypot" if kinds[code] == "honeypot" else "other"].add(masked)
+        at.button(key="skip").click().run()
+        assert not at.exception, at.exception
+    assert pages["honeypot"] and pages["honeypot"] <= pages["other"], pages["honeypot"]
+
+
+def test_a_missing_index_or_a_locked_catalog_reads_as_a_message(ws, monkeypatch):
+    """C.16: a missing `index/` or a catalog locked past the busy timeout was an exception in
+    the page (a raw traceback, before showErrorDetails was turned off); each is one message
+    that says what to do, and a vote that could not be written says nothing was recorded."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    import pipeline.catalog
+    from reviewer_app.views import open_ws
+
+    at = log_in(app(), "ann", PW)
+    # another process holds the write lock; the app's connections wait 0.2 s, not 30
+    monkeypatch.setattr(pipeline.catalog, "BUSY_TIMEOUT_MS", 200)
+    open_ws(str(ws)).engine.dispose()
+    holder = sqlite3.connect(ws / "catalog.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        at.button(key="accept").click().run()
+    finally:
+        holder.rollback()
+        holder.close()
+    assert not at.exception, at.exception
+    said = [c.value for c in at.caption]
+    assert any("busy" in c and "nothing recorded" in c.lower() for c in said), said
+    assert decisions(ws)[0] == []
+
+    def locked(*args, **kwargs):
+        raise OperationalError("SELECT", {}, Exception("database is locked"))
+
+    with monkeypatch.context() as m:  # a read that fails the same way (the script's own)
+        m.setattr(pipeline.catalog, "read_session", locked)
+        at.run()
+    assert not at.exception, at.exception
+    assert any("busy" in w.value for w in at.warning)
+    shutil.rmtree(ws / "index")
+    at = log_in(app(), "ann", PW)
+    assert not at.exception, at.exception
+    assert any("pipeline index" in e.value for e in at.error)
+
+
+def test_a_stale_second_tab_cannot_replace_a_newer_vote(ws):
+    """C.15: two tabs of one reviewer on the same candidate; the newer accepts, then the stale
+    one's reject replaced the accept silently. It is refused, and the page says why."""
+    old, new = log_in(app(), "ann", PW), log_in(app(), "ann", PW)
+    assert old.subheader[0].value == new.subheader[0].value
+    new.button(key="accept").click().run()
+    old.button(key="reason_3").click().run()
+    assert [r[1] for r in decisions(ws)[0]] == ["accept"]
+    assert any("already accepted" in c.value for c in old.caption)
