@@ -33,7 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from pipeline.errors import PipelineError
 
 #: Bump when a table or column changes; add the migration to ``_MIGRATIONS``.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 BUSY_TIMEOUT_MS = 30_000
 
 
@@ -240,6 +240,38 @@ class Decision(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class Release(Base):
+    """One bundle `pipeline export` built: the release ledger (what left, when, under which id)."""
+
+    __tablename__ = "releases"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset: Mapped[str] = mapped_column(String, index=True)  # DatasetNNN_Name
+    dataset_id: Mapped[int] = mapped_column(Integer, index=True)
+    folder: Mapped[str] = mapped_column(String)  # where it was written (absolute)
+    export_time: Mapped[str] = mapped_column(String)  # as the manifest says
+    manifest_sha256: Mapped[str] = mapped_column(String)
+    zip_sha256: Mapped[str] = mapped_column(String)
+    policy: Mapped[str] = mapped_column(String)
+    by: Mapped[str] = mapped_column(String, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    cases: Mapped[list[ReleaseCase]] = relationship(
+        back_populates="release", order_by="ReleaseCase.id"
+    )
+
+
+class ReleaseCase(Base):
+    """One case of a release: which candidate it was, and the digests of its two files."""
+
+    __tablename__ = "release_cases"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id"), index=True)
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id"), index=True)
+    case: Mapped[str] = mapped_column(String)
+    image_sha256: Mapped[str] = mapped_column(String)
+    label_sha256: Mapped[str] = mapped_column(String)
+    release: Mapped[Release] = relationship(back_populates="cases")
+
+
 def _calibration_details(session: Session) -> None:
     """Schema 6: privacy calibrations keep both tails and their bound in ``details``."""
     if _has_table(session, "privacy_calibrations"):
@@ -249,13 +281,15 @@ def _calibration_details(session: Session) -> None:
 
 
 # 2: privacy_calibrations; 3: runs; 4: candidate_batches, candidates;
-# 5: reviewers, login_events, decisions; 6: privacy_calibrations.details
+# 5: reviewers, login_events, decisions; 6: privacy_calibrations.details;
+# 7: releases, release_cases (the release ledger)
 _MIGRATIONS: dict[int, Any] = {
     2: _tables_only,
     3: _tables_only,
     4: _tables_only,
     5: _tables_only,
     6: _calibration_details,
+    7: _tables_only,
 }
 
 

@@ -50,6 +50,7 @@ FLOW_ORDER = (
     "decisions",
     "honeypots",
     "export",
+    "releases",
     "verify",
     "demo",
 )
@@ -524,7 +525,8 @@ def demo(
     click.echo(
         "Export the accepted, unflagged candidates and check the bundle:\n"
         f"  .venv/bin/pipeline export --workspace {workspace} --out {workspace}/releases\n"
-        f"  .venv/bin/pipeline verify {workspace}/releases/Dataset500_CardiacSynth\n"
+        f"  .venv/bin/pipeline verify {workspace}/releases/Dataset500_CardiacSynth"
+        "   # the folder export printed\n"
         "(or all in one, as a clearly marked demo: pipeline demo --auto-review)"
     )
 
@@ -1170,7 +1172,12 @@ def decisions_import(
 @click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--batch", "batches", multiple=True, help="Only these batches (repeatable).")
 @click.option("--name", default="CardiacSynth", show_default=True, help="Dataset name.")
-@click.option("--dataset-id", default=500, show_default=True, type=click.IntRange(1, 999))
+@click.option(
+    "--dataset-id",
+    type=click.IntRange(1, 999),
+    help="nnU-Net dataset id. Default: the id of an earlier release of exactly these cases, "
+    "else the lowest from 500 the release ledger has not used.",
+)
 @click.option(
     "--license", "license_", default="CC-BY-4.0", show_default=True, help="Licence TEXT or FILE."
 )
@@ -1185,7 +1192,7 @@ def export_cmd(
     out: Path,
     batches: tuple[str, ...],
     name: str,
-    dataset_id: int,
+    dataset_id: int | None,
     license_: str,
     accept_failed_gate: str | None,
 ) -> None:
@@ -1208,12 +1215,49 @@ def export_cmd(
             accept_failed_gate=accept_failed_gate,
             policy=_policy(ws),
             source_date_epoch=int(epoch) if epoch is not None else None,
+            by=_os_account(),
         )
         built = build_bundle(ws, cfg, progress=progress_bar("export", "case"))
     bundle = built.folder
     click.echo(f"exported {built.cases} cases to {bundle} and {built.zip}")
+    if built.reproduces:
+        click.echo(
+            f"the same cases as the {bundle.name} released at {built.reproduces}: a "
+            "reproduction under the same id (see: pipeline releases)"
+        )
     click.echo(f"licence: {licence_source}")
     click.echo(f"check it: pipeline verify {bundle}   (or: cd {bundle} && sha256sum -c SHA256SUMS)")
+
+
+@cli.command("releases")
+@workspace_option
+@json_option
+def releases_cmd(workspace: Path, as_json: bool) -> None:
+    """The release ledger: every bundle exported, its cases and their digests, and the cases
+    the review has withdrawn since they were released."""
+    from pipeline.catalog import read_session
+    from release.ledger import release_ledger
+
+    with opened_workspace(workspace, create=False) as ws:
+        policy = _policy(ws)
+        with read_session(ws.engine) as session:
+            ledger = release_ledger(session, policy=policy)
+    if as_json:
+        echo_json(ledger)
+        return
+    if not ledger:
+        click.echo("no release yet")
+    for r in ledger:
+        who = f" by {r['by']}" if r["by"] else ""
+        click.echo(
+            f"{r['dataset']}: {r['cases']} case(s), exported {r['export_time']}{who} "
+            f"(policy {r['policy']}) to {r['folder']}; manifest sha256 {r['manifest_sha256'][:16]}…"
+        )
+        for c in r["withdrawn"]:
+            click.echo(
+                f"  withdrawn after release: {c['case']} = {c['batch']}/{c['name']} "
+                f"(now {c['state']})"
+            )
 
 
 @cli.command("verify")

@@ -34,7 +34,15 @@ from sqlalchemy.orm import Session
 
 from pipeline import __version__
 from pipeline.candidates import read_batch_json, read_candidate
-from pipeline.catalog import Candidate, CandidateBatch, PatientSplit, Reviewer, Run
+from pipeline.catalog import (
+    Candidate,
+    CandidateBatch,
+    PatientSplit,
+    Release,
+    Reviewer,
+    Run,
+    write_session,
+)
 from pipeline.decisions import candidate_states, effective_decisions
 from pipeline.errors import PipelineError
 from pipeline.figures import privacy_figure
@@ -45,6 +53,7 @@ from pipeline.progress import Progress
 from pipeline.render import describe_privacy, gate_table, metrics_lines
 from pipeline.validate import path_name
 from pipeline.workspace import Workspace
+from release.ledger import LedgerCase, choose_dataset_id, record_release
 
 TMP_PREFIX = ".export-tmp-"
 #: Out-of-plane spacing of a single-slice case: nnU-Net v2's convention for 2-D data, so its
@@ -71,11 +80,12 @@ class ExportConfig:
     out: Path
     batches: tuple[str, ...] = ()  # empty: every batch
     name: str = "CardiacSynth"
-    dataset_id: int = 500
+    dataset_id: int | None = None  # None: from the release ledger (release/ledger.py)
     license: str = "CC-BY-4.0"
     accept_failed_gate: str | None = None  # an admin's written reason
     policy: str = "one"
     source_date_epoch: int | None = None
+    by: str = ""  # who exported (the OS account), for the release ledger
 
 
 @dataclass
@@ -236,16 +246,18 @@ def _out_folder(out: Path) -> Path:
 
 @dataclass(frozen=True)
 class ExportReport:
-    """A built bundle: its folder, its zip beside it, and how many cases it holds."""
+    """A built bundle: its folder, its zip beside it, how many cases it holds, and whether an
+    earlier release held exactly these cases (a reproduction under the same id)."""
 
     folder: Path
     zip: Path
     cases: int
+    reproduces: str | None = None  # the earlier release's export time
 
 
 def build_bundle(ws: Workspace, cfg: ExportConfig, *, progress: Progress = iter) -> ExportReport:
     """Build ``cfg.out/DatasetNNN_Name`` (and ``.zip``) from the releasable candidates."""
-    if not 1 <= cfg.dataset_id <= 999:
+    if cfg.dataset_id is not None and not 1 <= cfg.dataset_id <= 999:
         raise PipelineError("--dataset-id must be 1–999 (nnU-Net's three digits)")
     path_name(cfg.name, what="bundle")
     if "." in cfg.name or "-" in cfg.name:  # nnU-Net's DatasetNNN_Name: no dots or dashes
@@ -257,10 +269,6 @@ def build_bundle(ws: Workspace, cfg: ExportConfig, *, progress: Progress = iter)
 
 
 def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> ExportReport:
-    folder_name = f"Dataset{cfg.dataset_id:03d}_{cfg.name}"
-    target = out / folder_name
-    if target.exists() or target.with_suffix(".zip").exists():
-        raise PipelineError("bundle exists; choose another --out or --name", path=target)
     with Session(ws.engine) as session:
         released, selection, notes = select_releasable(session, cfg)
         if not released:
@@ -305,102 +313,135 @@ def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> E
     if len(units) > 1:
         raise PipelineError("the chosen batches mix HU and display units; export them separately")
 
-    tmp = out / f"{TMP_PREFIX}{folder_name}-{os.getpid()}"
     files: dict[str, bytes] = {}
+    cases = []
+    ledger_cases = []
+    windows: dict[str, tuple[float, float]] = {}
+    for n, r in enumerate(progress(released)):
+        case = f"case_{n:04d}"
+        src = ws.candidates_dir / r.batch
+        if r.batch not in windows:
+            windows[r.batch] = tuple(read_batch_json(src)["window"])
+        cand = read_candidate(src, r.name, units=r.units, window=windows[r.batch])
+        data_dtype = np.int16 if r.units == "HU" else np.uint8
+        spacing = [*r.spacing[:2], SLICE_SPACING_2D]
+        image = _nifti_gz(display_to_ras(cand.stored[None]), spacing, dtype=data_dtype)
+        label = _nifti_gz(display_to_ras(cand.mask[None]), spacing, dtype=np.uint8)
+        files[f"imagesTr/{case}_0000.nii.gz"] = image
+        files[f"labelsTr/{case}.nii.gz"] = label
+        shown = picture_window(cand.unit, storage=windows[r.batch], units=r.units)
+        files[f"previews/{case}.png"] = _png(overlay(shown, cand.mask))
+        ledger_cases.append(LedgerCase(r.candidate_id, case, _sha256(image), _sha256(label)))
+        cases.append(
+            {
+                "case": case,
+                "privacy_ssim": r.privacy_score,
+                "privacy_texture": r.texture_score,
+                "privacy_margin": r.privacy_margin,
+                "accepted_by": [pseudonyms[x] for x in r.reviewers],
+                "pixel_spacing_mm": [float(v) for v in r.spacing[:2]],
+                "slice_spacing_mm": float(r.spacing[2]),
+                "batch": r.batch,
+            }
+        )
+    with Session(ws.engine) as session:
+        dataset_id = choose_dataset_id(session, cfg.dataset_id, cfg.name, ledger_cases)
+    folder_name = f"Dataset{dataset_id:03d}_{cfg.name}"
+    target = out / folder_name
+    if target.exists() or target.with_suffix(".zip").exists():
+        raise PipelineError("bundle exists; choose another --out or --name", path=target)
+    labels = {name: i for i, name in enumerate(schema)}
+    when = export_time(cfg.source_date_epoch)
+    dataset = {
+        "channel_names": {"0": "CT" if units == ["HU"] else "display"},
+        "labels": labels,
+        "numTraining": len(cases),
+        "file_ending": ".nii.gz",
+        "name": cfg.name,
+        "description": "Synthetic cardiac CT slices generated from segmentation masks by a "
+        "conditional GAN, privacy-filtered and physician-reviewed (cardiac-synth).",
+        "licence": cfg.license,
+        "release": when,
+        "reference": f"cardiac-synth {__version__}",
+        "tensorImageSize": "3D",
+    }
+    files["dataset.json"] = (json.dumps(dataset, indent=2) + "\n").encode()
+    per_reviewer: dict[str, int] = {}
+    for c in cases:
+        for who in c["accepted_by"]:
+            per_reviewer[who] = per_reviewer.get(who, 0) + 1
+    hist = _privacy_histogram(cases, manifest_batches)
+    if hist is not None:
+        files["privacy_histogram.png"] = hist
+    manifest = {
+        "tool": {"name": "cardiac-synth", "version": __version__},
+        "export_time": when,
+        "dataset": folder_name,
+        "units": units[0],
+        "batches": manifest_batches,
+        "generators": run_configs,
+        "review": {
+            "policy": cfg.policy,
+            "accepts_per_reviewer": per_reviewer,
+            "demo_auto_review": any(x in demo_ids for r in released for x in r.reviewers),
+        },
+        "accept_failed_gate": cfg.accept_failed_gate,
+        "notes": notes,
+        "split_seeds": split_seeds,
+        "left_out": selection["skipped"],
+        "cases": cases,
+    }
+    files["DATASHEET.md"] = _datasheet(manifest, dataset).encode()
+    manifest["files"] = [
+        {"path": p, "size": len(b), "sha256": _sha256(b)} for p, b in sorted(files.items())
+    ]
+    files["manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+    sums = "".join(f"{_sha256(b)}  {p}\n" for p, b in sorted(files.items()))
+    files["SHA256SUMS"] = sums.encode()
+
+    tmp = out / f"{TMP_PREFIX}{folder_name}-{os.getpid()}"
+    zip_tmp = out / f"{TMP_PREFIX}{folder_name}-{os.getpid()}.zip"
+    placed = False
     try:
         tmp.mkdir()
-        cases = []
-        windows: dict[str, tuple[float, float]] = {}
-        for n, r in enumerate(progress(released)):
-            case = f"case_{n:04d}"
-            src = ws.candidates_dir / r.batch
-            if r.batch not in windows:
-                windows[r.batch] = tuple(read_batch_json(src)["window"])
-            cand = read_candidate(src, r.name, units=r.units, window=windows[r.batch])
-            data_dtype = np.int16 if r.units == "HU" else np.uint8
-            spacing = [*r.spacing[:2], SLICE_SPACING_2D]
-            files[f"imagesTr/{case}_0000.nii.gz"] = _nifti_gz(
-                display_to_ras(cand.stored[None]), spacing, dtype=data_dtype
-            )
-            files[f"labelsTr/{case}.nii.gz"] = _nifti_gz(
-                display_to_ras(cand.mask[None]), spacing, dtype=np.uint8
-            )
-            shown = picture_window(cand.unit, storage=windows[r.batch], units=r.units)
-            files[f"previews/{case}.png"] = _png(overlay(shown, cand.mask))
-            cases.append(
-                {
-                    "case": case,
-                    "privacy_ssim": r.privacy_score,
-                    "privacy_texture": r.texture_score,
-                    "privacy_margin": r.privacy_margin,
-                    "accepted_by": [pseudonyms[x] for x in r.reviewers],
-                    "pixel_spacing_mm": [float(v) for v in r.spacing[:2]],
-                    "slice_spacing_mm": float(r.spacing[2]),
-                    "batch": r.batch,
-                }
-            )
-        labels = {name: i for i, name in enumerate(schema)}
-        when = export_time(cfg.source_date_epoch)
-        dataset = {
-            "channel_names": {"0": "CT" if units == ["HU"] else "display"},
-            "labels": labels,
-            "numTraining": len(cases),
-            "file_ending": ".nii.gz",
-            "name": cfg.name,
-            "description": "Synthetic cardiac CT slices generated from segmentation masks by a "
-            "conditional GAN, privacy-filtered and physician-reviewed (cardiac-synth).",
-            "licence": cfg.license,
-            "release": when,
-            "reference": f"cardiac-synth {__version__}",
-            "tensorImageSize": "3D",
-        }
-        files["dataset.json"] = (json.dumps(dataset, indent=2) + "\n").encode()
-        per_reviewer: dict[str, int] = {}
-        for c in cases:
-            for who in c["accepted_by"]:
-                per_reviewer[who] = per_reviewer.get(who, 0) + 1
-        hist = _privacy_histogram(cases, manifest_batches)
-        if hist is not None:
-            files["privacy_histogram.png"] = hist
-        manifest = {
-            "tool": {"name": "cardiac-synth", "version": __version__},
-            "export_time": when,
-            "dataset": folder_name,
-            "units": units[0],
-            "batches": manifest_batches,
-            "generators": run_configs,
-            "review": {
-                "policy": cfg.policy,
-                "accepts_per_reviewer": per_reviewer,
-                "demo_auto_review": any(x in demo_ids for r in released for x in r.reviewers),
-            },
-            "accept_failed_gate": cfg.accept_failed_gate,
-            "notes": notes,
-            "split_seeds": split_seeds,
-            "left_out": selection["skipped"],
-            "cases": cases,
-        }
-        files["DATASHEET.md"] = _datasheet(manifest, dataset).encode()
-        manifest["files"] = [
-            {"path": p, "size": len(b), "sha256": _sha256(b)} for p, b in sorted(files.items())
-        ]
-        files["manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
-        sums = "".join(f"{_sha256(b)}  {p}\n" for p, b in sorted(files.items()))
-        files["SHA256SUMS"] = sums.encode()
         for path, data in sorted(files.items()):
             dest = tmp / path
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(data)
-        zip_tmp = out / f"{TMP_PREFIX}{folder_name}-{os.getpid()}.zip"
         _write_zip(zip_tmp, folder_name, files, cfg.source_date_epoch)
-        os.replace(tmp, target)
-        os.replace(zip_tmp, target.with_suffix(".zip"))
+        zip_sha = hashlib.sha256(zip_tmp.read_bytes()).hexdigest()
+        # The ledger row and the bundle land together: the renames happen inside the
+        # transaction that records them, and an id another export took meanwhile is refused.
+        with write_session(ws.engine) as session:
+            if choose_dataset_id(session, dataset_id, cfg.name, ledger_cases) != dataset_id:
+                raise PipelineError(f"another export took {folder_name} meanwhile; run again")
+            reproduces = session.scalar(
+                select(Release.export_time).where(Release.dataset == folder_name).limit(1)
+            )
+            record_release(
+                session,
+                dataset=folder_name,
+                dataset_id=dataset_id,
+                folder=str(target.resolve()),
+                export_time=when,
+                manifest_sha256=_sha256(files["manifest.json"]),
+                zip_sha256=zip_sha,
+                policy=cfg.policy,
+                by=cfg.by,
+                cases=ledger_cases,
+            )
+            placed = True
+            os.replace(tmp, target)
+            os.replace(zip_tmp, target.with_suffix(".zip"))
     except BaseException:
+        if placed:  # renamed, then the commit failed: the ledger does not have it, so neither
+            shutil.rmtree(target, ignore_errors=True)  # may the out folder
+            target.with_suffix(".zip").unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         for stale in out.glob(f"{TMP_PREFIX}{folder_name}-{os.getpid()}*"):
             stale.unlink(missing_ok=True) if stale.is_file() else shutil.rmtree(stale, True)
         raise
-    return ExportReport(target, target.with_suffix(".zip"), len(cases))
+    return ExportReport(target, target.with_suffix(".zip"), len(cases), reproduces)
 
 
 def _write_zip(path: Path, root: str, files: dict[str, bytes], epoch: int | None) -> None:

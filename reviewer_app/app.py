@@ -33,6 +33,7 @@ from pipeline.review import (
     visible_state,
 )
 from pipeline.validate import markdown_text
+from release.ledger import release_ledger
 from reviewer_app.views import (
     candidate_view,
     catalog_unchanged,
@@ -397,6 +398,7 @@ if is_admin:
     with tabs[3]:
         with read_session(ws.engine) as session:
             stats = reviewer_stats(session)
+            ledger = release_ledger(session, policy=policy)
         disagreements = [s for s in everything if s.state == "disagreement"]
         st.markdown("**Reviewers** (agreement with other reviewers; honeypot catch rate)")
         st.dataframe(stats, width="stretch")
@@ -407,3 +409,29 @@ if is_admin:
                 f"{markdown_text(', '.join(d.accepts))}; rejected by "
                 f"{markdown_text(', '.join(d.rejects))}"
             )
+        withdrawn = [(r, c) for r in ledger for c in r["withdrawn"]]
+        st.markdown(
+            f"**Releases** ({len(ledger)}; {len(withdrawn)} case(s) withdrawn after release)"
+        )
+        st.dataframe(
+            [
+                {
+                    "dataset": r["dataset"],
+                    "cases": r["cases"],
+                    "exported": r["export_time"],
+                    "by": r["by"],
+                    "withdrawn since": len(r["withdrawn"]),
+                    "folder": r["folder"],
+                }
+                for r in ledger
+            ],
+            width="stretch",
+        )
+        if withdrawn:
+            st.caption(
+                "Released, and no longer accepted: the bundle that left still holds these. "
+                "Tell whoever received it."
+            )
+        for r, c in withdrawn:
+            what = f"{r['dataset']} {c['case']} = {c['batch']} / {c['name']} (now {c['state']})"
+            st.markdown(f"- withdrawn after release: {markdown_text(what)}")

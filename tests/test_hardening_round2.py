@@ -522,3 +522,64 @@ def test_a_stale_tab_cannot_replace_a_newer_vote(tmp_path):
             record_decision(s, ann, ids[0], "reject", reason="artefact", if_undecided=True)
         assert candidate_states(s, policy="one")[0].state == "accepted"
     ws.close()
+
+
+def test_every_release_is_in_the_ledger(tmp_path):
+    """D.19: export, undo an accept, export again: the earlier bundle kept the withdrawn case,
+    nothing recorded what was released when, and both bundles were Dataset500. The catalog
+    keeps a ledger (bundle, cases, hashes, time); a release with other cases gets its own
+    id; an identical one is a reproduction under the same id; admins see what was withdrawn
+    after it was released."""
+    import json
+
+    from pipeline.catalog import write_session
+    from pipeline.review import get_reviewer, undo_last
+    from pipeline.workspace import open_workspace
+    from tests.test_release import fake_workspace
+
+    ws_path, _ = fake_workspace(
+        tmp_path,
+        [
+            {
+                "honeypot": False,
+                "gates": True,
+                "cands": [(False, ("accept", None)), (False, (None, "accept"))],
+            }
+        ],
+    )
+    first = run("export", "-w", ws_path, "--out", tmp_path / "one")
+    assert first.exit_code == 0, first.stderr
+    assert (tmp_path / "one" / "Dataset500_CardiacSynth").is_dir()
+    # the same cases again: a reproduction, under the same id
+    again = run("export", "-w", ws_path, "--out", tmp_path / "again")
+    assert again.exit_code == 0 and (tmp_path / "again" / "Dataset500_CardiacSynth").is_dir()
+    w = open_workspace(ws_path, create=False)
+    with write_session(w.engine) as s:
+        undo_last(s, get_reviewer(s, "bob"))  # bob withdraws his accept of the second case
+    w.close()
+    taken = run("export", "-w", ws_path, "--out", tmp_path / "two", "--dataset-id", 500)
+    one_line = taken.stderr.strip()
+    assert taken.exit_code == 2 and "\n" not in one_line and "Dataset500" in one_line
+    assert "--dataset-id 501" in one_line
+    assert not list((tmp_path / "two").glob("*"))  # nothing half-written
+    second = run("export", "-w", ws_path, "--out", tmp_path / "two")
+    assert second.exit_code == 0, second.stderr
+    assert (tmp_path / "two" / "Dataset501_CardiacSynth").is_dir()
+    ledger = run("releases", "-w", ws_path, "--json")
+    assert ledger.exit_code == 0, ledger.stderr
+    rows = json.loads(ledger.stdout)
+    assert [(r["dataset"], r["cases"]) for r in rows] == [
+        ("Dataset500_CardiacSynth", 2),
+        ("Dataset500_CardiacSynth", 2),
+        ("Dataset501_CardiacSynth", 1),
+    ]
+    manifest = (tmp_path / "one" / "Dataset500_CardiacSynth" / "manifest.json").read_bytes()
+    assert rows[0]["manifest_sha256"] == __import__("hashlib").sha256(manifest).hexdigest()
+    assert all(len(c["image_sha256"]) == 64 for c in rows[0]["case_list"])
+    withdrawn = [(r["dataset"], c["case"], c["state"]) for r in rows for c in r["withdrawn"]]
+    assert withdrawn == [
+        ("Dataset500_CardiacSynth", "case_0001", "unreviewed"),
+        ("Dataset500_CardiacSynth", "case_0001", "unreviewed"),
+    ]
+    text = run("releases", "-w", ws_path).stdout
+    assert "withdrawn after release" in text and "case_0001" in text

@@ -452,3 +452,18 @@ def test_a_stale_second_tab_cannot_replace_a_newer_vote(ws):
     old.button(key="reason_3").click().run()
     assert [r[1] for r in decisions(ws)[0]] == ["accept"]
     assert any("already accepted" in c.value for c in old.caption)
+
+
+def test_admins_see_cases_withdrawn_after_release(ws):
+    """D.19: a case released and then no longer accepted is listed for admins."""
+    at = log_in(app(), "ann", PW)
+    at.button(key="accept").click().run()
+    out = run("export", "-w", ws, "--out", ws.parent / "rel", "--accept-failed-gate", "a test")
+    assert out.exit_code == 0, out.stderr
+    at.button(key="undo").click().run()
+    admin = log_in(app(), "boss", PW)
+    said = " ".join(m.value for m in admin.markdown)
+    assert "1 case(s) withdrawn after release" in said
+    assert "withdrawn after release: Dataset500\\_CardiacSynth case\\_0000" in said
+    plain = " ".join(m.value for m in log_in(app(), "ann", PW).markdown)
+    assert "withdrawn" not in plain
