@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +43,24 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def exclusive_lock(path: Path, *, busy: str, where: Path | None = None) -> Iterator[None]:
+    """Hold an advisory lock (``flock``) on ``path`` — a folder, or a lock file made if
+    missing — for the life of the block; when another process holds it, fail at once with
+    ``busy`` (naming ``where``, else ``path``). The lock goes with the process, so a crashed
+    holder never leaves a stale lock behind."""
+    path = Path(path)
+    if path.is_dir():
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineError(busy, path=where or path) from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -12,14 +12,12 @@ of replicas or workers splits the very same global batch.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import shutil
 import signal
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from models.config import GanConfig
 from pipeline import __version__
-from pipeline.atomic import atomic_write
+from pipeline.atomic import atomic_write, exclusive_lock
 from pipeline.augment import affine_coords, affine_warp, random_affine, warp_labels
 from pipeline.catalog import PatientSplit, Run, Source, get_meta, utcnow, write_session
 from pipeline.cpu import CpuProfile
@@ -328,25 +326,17 @@ def _check_resume(run_dir: Path, config: dict[str, Any], opts: TrainOptions, chi
         )
 
 
-@contextmanager
-def run_lock(runs_dir: Path, run: str) -> Iterator[None]:
+def run_lock(runs_dir: Path, run: str) -> AbstractContextManager[None]:
     """One writer per run folder: an advisory lock on ``runs/.<run>.lock`` for as long as a
     training writes ``runs/<run>/``. A second ``train`` (a new run or ``--resume``) of the same
     run is refused instead of interleaving checkpoints and overwriting the other's result."""
     runs_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(runs_dir / f".{run}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PipelineError(
-                "another training is writing this run (one writer per run); wait for it or "
-                "choose another --run",
-                path=runs_dir / run,
-            ) from None
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+    return exclusive_lock(
+        runs_dir / f".{run}.lock",
+        busy="another training is writing this run (one writer per run); wait for it or "
+        "choose another --run",
+        where=runs_dir / run,
+    )
 
 
 def train(

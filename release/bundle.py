@@ -10,7 +10,6 @@ state and ``SOURCE_DATE_EPOCH`` every byte is the same.
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import hashlib
 import io
@@ -19,8 +18,6 @@ import os
 import shutil
 import unicodedata
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline import __version__
+from pipeline.atomic import exclusive_lock
 from pipeline.candidates import read_batch_json, read_candidate
 from pipeline.catalog import (
     Candidate,
@@ -214,21 +212,6 @@ def _sweep(parent: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-@contextmanager
-def _out_lock(out: Path) -> Iterator[None]:
-    """One export at a time into a folder: an advisory lock on the folder itself (no lock file
-    is left among the bundles); a second export is refused."""
-    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PipelineError("another export is writing into this folder", path=out) from None
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
 def _out_folder(out: Path) -> Path:
     """``--out``: a folder we can write into (created if missing), not a dangling link."""
     out = Path(out)
@@ -263,7 +246,9 @@ def build_bundle(ws: Workspace, cfg: ExportConfig, *, progress: Progress = iter)
     if "." in cfg.name or "-" in cfg.name:  # nnU-Net's DatasetNNN_Name: no dots or dashes
         raise PipelineError(f"--name {cfg.name!r}: letters, digits and underscores only")
     out = _out_folder(cfg.out)
-    with _out_lock(out):
+    # one export at a time into a folder: a lock on the folder itself (no lock file is left
+    # among the bundles); a second export is refused
+    with exclusive_lock(out, busy="another export is writing into this folder"):
         _sweep(out)
         return _build(ws, cfg, out, progress)
 
