@@ -684,6 +684,14 @@ def gate_options(func: F) -> F:
             help="Gate: maximum fraction of the batch flagged too similar.",
         ),
         click.option(
+            "--max-membership-auc",
+            default=d.max_membership_auc,
+            show_default=True,
+            type=FiniteRange(0.5, 1),
+            help="Gate (a batch): the largest membership-audit AUC, training vs held-out "
+            "patients, over both channels (masks, images) and both statistics.",
+        ),
+        click.option(
             "--utility",
             is_flag=True,
             help="Also train a segmenter on the unflagged candidates and test it on the real "
@@ -745,6 +753,7 @@ def _gate_config(
     min_slice_ssim: float | None,
     max_fd_ratio: float,
     max_flagged: float,
+    max_membership_auc: float,
     features: str,
     encoder_steps: int,
     utility: bool,
@@ -765,6 +774,7 @@ def _gate_config(
         min_heldout_ssim=min_slice_ssim,
         max_fd_ratio=max_fd_ratio,
         max_flagged_fraction=max_flagged,
+        max_membership_auc=max_membership_auc,
         features=features,
         encoder_steps=encoder_steps,
     )
@@ -1187,6 +1197,12 @@ def decisions_import(
     help="Admin override of failed quality gates (never of the privacy filter); the reason "
     "is written into the manifest.",
 )
+@click.option(
+    "--allow-derived-anatomy",
+    metavar="REASON",
+    help="Admin: release label maps derived from real patients (augmented or held-out mask "
+    "sources); the reason is written into the manifest and the datasheet.",
+)
 def export_cmd(
     workspace: Path,
     out: Path,
@@ -1195,6 +1211,7 @@ def export_cmd(
     dataset_id: int | None,
     license_: str,
     accept_failed_gate: str | None,
+    allow_derived_anatomy: str | None,
 ) -> None:
     """Package the approved, unflagged candidates as a release bundle (folder + .zip)."""
     from release.bundle import ExportConfig, build_bundle, read_licence
@@ -1204,6 +1221,8 @@ def export_cmd(
         raise PipelineError(f"SOURCE_DATE_EPOCH={epoch!r} is not a whole number of seconds")
     if accept_failed_gate is not None and not accept_failed_gate.strip():
         raise PipelineError("--accept-failed-gate needs a reason")
+    if allow_derived_anatomy is not None and not allow_derived_anatomy.strip():
+        raise PipelineError("--allow-derived-anatomy needs a reason")
     licence, licence_source = read_licence(license_)
     with opened_workspace(workspace, create=False) as ws:
         cfg = ExportConfig(
@@ -1213,6 +1232,7 @@ def export_cmd(
             dataset_id=dataset_id,
             license=licence,
             accept_failed_gate=accept_failed_gate,
+            derived_anatomy=allow_derived_anatomy,
             policy=_policy(ws),
             source_date_epoch=int(epoch) if epoch is not None else None,
             by=_os_account(),

@@ -21,6 +21,7 @@ from pipeline.atomic import atomic_write
 from pipeline.candidates import batch_images, batch_row
 from pipeline.catalog import write_session
 from pipeline.errors import PipelineError
+from pipeline.membership import STATISTICS, Patients, membership_audit
 from pipeline.metrics import (
     contrast_over,
     contrast_ratio_interval,
@@ -56,6 +57,8 @@ class GateConfig:
     min_heldout_ssim: float | None = None  # the same on whole slices (off: air dominates it)
     max_fd_ratio: float = 2.0  # FD(candidates, held-out) / FD(held-out half, other half)
     max_flagged_fraction: float = 0.2  # share of the batch flagged too similar
+    # the membership audit's largest AUC (training vs held-out patients; pipeline/membership.py)
+    max_membership_auc: float = 0.65
     features: str = "encoder"  # encoder | pixel
     encoder_steps: int = 300  # when the workspace has no trained encoder yet
     seed: int = 0
@@ -172,11 +175,13 @@ def apply_gates(
     flagged_fraction: float | None = None,
     utility_ratio: float | None = None,
     real_dice: float | None = None,
+    membership_auc: float | None = None,
 ) -> GateVerdict:
     """Judge the figures against ``cfg``'s thresholds (the whole-slice SSIM gate only when set,
     the flagged-fraction gate only for a batch, ``flagged_fraction`` not None; the utility
     ratio (the lower bound of its interval) and the real arm's Dice when the utility study
-    ran). Pure: numbers in, verdict out."""
+    ran; the membership audit's largest AUC when it could run on a batch). Pure: numbers in,
+    verdict out."""
     results = [_gate(cfg, "min_heart_ssim", heart_ssim)]
     if cfg.min_heldout_ssim is not None:
         results.append(_gate(cfg, "min_heldout_ssim", heldout_ssim))
@@ -185,8 +190,12 @@ def apply_gates(
         "max_flagged_fraction": flagged_fraction,
         "min_utility_ratio": utility_ratio,
         "min_real_dice": real_dice,
+        "max_membership_auc": membership_auc,
     }
-    reads = {"min_utility_ratio": "lower 95% bound"}
+    reads = {
+        "min_utility_ratio": "lower 95% bound",
+        "max_membership_auc": "largest of 4 AUCs (masks, images × best, share)",
+    }
     results += [
         _gate(cfg, name, value, **({"reads": reads[name]} if name in reads else {}))
         for name, value in optional.items()
@@ -345,6 +354,12 @@ def evaluate(
             )
         except ValueError as exc:
             raise PipelineError(f"--utility: {exc}") from None
+    membership = None
+    if batch is not None:
+        n_classes = len(schema.names)
+        membership = _membership(
+            ws, (cand, cand_masks), flags, size=model_cfg.size, n_classes=n_classes, cfg=cfg
+        )
     verdict = apply_gates(
         cfg,
         heart_ssim=heart_block["ssim"]["mean"],
@@ -356,7 +371,11 @@ def evaluate(
         # value, so one lucky seed cannot carry the gate
         utility_ratio=None if utility is None else utility["tstr_trtr_lower"],
         real_dice=None if utility is None else utility["arms"]["real"]["dice_mean"],
+        membership_auc=membership["max_auc"] if membership and membership["testable"] else None,
     )
+    # per-patient scores name patients: they stay in the report folder, never in the catalog's
+    # gate record (which a release manifest copies)
+    per_patient = (membership or {}).pop("per_patient", None)
     report = {
         "run": run,
         "batch": batch,
@@ -372,6 +391,7 @@ def evaluate(
         },
         "heart": heart_block,
         "utility": utility,
+        "membership": membership,
         "distribution": distribution,
         "privacy": None if privacy is None else {**privacy, "flagged_fraction": fraction},
         "gates": {"config": asdict(cfg), "results": verdict.results, "passed": verdict.passed},
@@ -389,6 +409,8 @@ def evaluate(
         intensities=intensities,
         view=(units, window),
     )
+    if per_patient is not None:
+        write_membership(out, membership, per_patient)
     if batch is not None:
         with write_session(ws.engine) as session:
             b = batch_row(session, batch)
@@ -397,11 +419,73 @@ def evaluate(
                     "paired": report["paired"],
                     "heart": heart_block,
                     "utility": utility,
+                    "membership": membership,
                     "distribution": distribution,
                 }
             }
             b.gates_passed = verdict.passed
     return report
+
+
+def _membership(
+    ws: Workspace,
+    batch: tuple[np.ndarray, np.ndarray],
+    flags: list[bool | None],
+    *,
+    size: int,
+    n_classes: int,
+    cfg: GateConfig,
+) -> dict[str, Any]:
+    """The membership audit of a batch's unflagged candidates (what could be released) against
+    every patient of the workspace, training patients as members."""
+    refs = workspace_refs(ws)
+    images, masks = load_slices(ws, refs, size)
+    patients = Patients(
+        images, masks, [r.patient for r in refs], {r.patient: r.split == "train" for r in refs}
+    )
+    keep = np.array([not f for f in flags], bool)
+    return membership_audit(
+        (batch[0][keep], batch[1][keep]), patients, n_classes=n_classes, seed=cfg.seed
+    )
+
+
+def write_membership(out: Path, audit: dict[str, Any], per_patient: dict[str, Any]) -> None:
+    """``membership.json`` (per-patient scores, by patient: stays in the workspace) and
+    ``membership.png``: each statistic's per-patient scores, training vs held-out, with its AUC."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "membership.json").write_text(
+        json.dumps({**audit, "per_patient": per_patient}, indent=2) + "\n"
+    )
+    fig, axes = plt.subplots(1, len(STATISTICS), figsize=(3.2 * len(STATISTICS), 3.2))
+    rng = np.random.default_rng(0)
+    for ax, name in zip(axes, STATISTICS, strict=True):
+        for x, member, colour in ((0, True, "#cc3311"), (1, False, "#0077bb")):
+            ys = [v[name] for v in per_patient.values() if v["member"] == member]
+            ax.scatter(x + rng.uniform(-0.12, 0.12, len(ys)), ys, color=colour, s=22)
+        stat = audit["statistics"][name]
+        ax.set_xticks([0, 1], ["training", "held out"])
+        kind = "Dice" if name.startswith("mask") else "pixel correlation"
+        ax.set_ylabel(
+            f"best {kind} of any candidate" if name.endswith("best") else f"share nearest ({kind})"
+        )
+        ax.set_xlim(-0.5, 1.5)
+        ax.set_title(
+            f"{name.replace('_', ' ')}\nAUC {stat['auc']:.2f} "
+            f"({stat['ci95'][0]:.2f}–{stat['ci95'][1]:.2f}), p {stat['p_value']:.3f}",
+            fontsize=9,
+        )
+    fig.suptitle(
+        f"Membership audit: does the batch point at its training patients? "
+        f"(joint p {audit['joint_p_value']:.3f})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out / "membership.png", dpi=110)
+    plt.close(fig)
 
 
 def inception_fid(real: np.ndarray, fake: np.ndarray, weights: Path) -> float:

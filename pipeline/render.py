@@ -39,7 +39,10 @@ def describe_privacy(privacy: dict[str, Any]) -> str:
             f"training than to held-out patients ({m['share_closer_to_training']:.0%}, "
             f"binomial p = {m['p_value']:.3g}; {m['reference_slices_each']} slices each"
             + (
-                "; masks deformed from training slices, so expected"
+                # not "expected": the anatomy itself then points at the training patients,
+                # which is the leak the membership audit gates (issue 24)
+                "; the masks are deformed training slices: their anatomy points at the "
+                "training patients"
                 if m.get("masks_from_training")
                 else ""
             )
@@ -53,9 +56,11 @@ def metrics_lines(
     distribution: dict[str, Any],
     heart: dict[str, Any] | None = None,
     utility: dict[str, Any] | None = None,
+    membership: dict[str, Any] | None = None,
 ) -> list[str]:
     """The evaluation figures: the heart region's fidelity and contrast, whole-slice paired
-    fidelity, per-structure error, and each distribution number named by its feature space."""
+    fidelity, per-structure error, each distribution number named by its feature space, and
+    the membership audit."""
     p, d = paired, distribution
     lines = []
     if heart:
@@ -81,6 +86,8 @@ def metrics_lines(
             lines.append(f"intensity distance per structure (W1, {heart['units']}): {per}")
     if utility:
         lines += utility_lines(utility)
+    if membership:
+        lines.append(membership_line(membership))
     lines.append(
         f"whole slices: SSIM {p['ssim']['mean']:.3f} "
         f"(median {p['ssim']['median']:.3f}), PSNR {p['psnr_db']['mean']:.1f} dB, "
@@ -112,6 +119,24 @@ def _interval(ci: list[float] | None, fmt: str = ".2f") -> str:
     if ci is None:
         return "no interval: the real arm is at zero too often"
     return f"{ci[0]:{fmt}}–{ci[1]:{fmt}}"
+
+
+def membership_line(m: dict[str, Any]) -> str:
+    """The membership audit in one line: each statistic's AUC (95% interval, permutation p),
+    and the joint p of the largest; or why it could not run."""
+    if not m.get("testable"):
+        return m["note"]
+    per = "; ".join(
+        f"{name.replace('_', ' ')} {s['auc']:.2f} ({s['ci95'][0]:.2f}–{s['ci95'][1]:.2f}, "
+        f"p {s['p_value']:.3f})"
+        for name, s in m["statistics"].items()
+    )
+    pts = m["patients"]
+    return (
+        f"membership audit ({pts['training']} training vs {pts['held_out']} held-out patients, "
+        f"{m['candidates']} unflagged candidates; AUC, 95% interval, permutation p): {per}; "
+        f"largest {m['max_auc']:.2f}, joint p {m['joint_p_value']:.3f}"
+    )
 
 
 def utility_lines(u: dict[str, Any]) -> list[str]:
@@ -179,7 +204,11 @@ def describe_evaluation(report: dict[str, Any]) -> str:
     gates and where the report is."""
     head = f"run {report['run']}" + (f", batch {report['batch']}" if report["batch"] else "")
     figures = metrics_lines(
-        report["paired"], report["distribution"], report.get("heart"), report.get("utility")
+        report["paired"],
+        report["distribution"],
+        report.get("heart"),
+        report.get("utility"),
+        report.get("membership"),
     )
     lines = [head, *(f"  {x}" for x in figures)]
     if report["privacy"]:

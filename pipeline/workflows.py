@@ -90,7 +90,15 @@ def demo_auto_review(ws: Workspace, batch: str, *, progress: Progress = iter) ->
     bundle = out / f"Dataset500_{DEMO_BUNDLE}"
     if bundle.exists():
         return DemoRelease(accepted, bundle, existed=True, problems=verify_bundle(bundle))
-    cfg = ExportConfig(out=out, batches=(batch,), name=DEMO_BUNDLE, policy="one")
+    cfg = ExportConfig(
+        out=out,
+        batches=(batch,),
+        name=DEMO_BUNDLE,
+        policy="one",
+        # the demo's masks are deformed training slices of phantom people, not patients; the
+        # datasheet still says the anatomy is derived, as it would for real ones
+        derived_anatomy="demo on phantom people (no real patient)",
+    )
     try:
         built = build_bundle(ws, cfg, progress=progress)
     except PipelineError as exc:

@@ -54,6 +54,13 @@ from pipeline.workspace import Workspace
 from release.ledger import LedgerCase, choose_dataset_id, record_release
 
 TMP_PREFIX = ".export-tmp-"
+#: Mask sources whose label maps are real patients' anatomy: deformed training slices, and
+#: held-out patients' own label maps. A label map tells whoever holds that patient's scan that
+#: the patient was used, so releasing them needs an admin's written reason.
+DERIVED_ANATOMY = {
+    "augmented": "deformed training slices",
+    "heldout": "held-out patients' own label maps",
+}
 #: Out-of-plane spacing of a single-slice case: nnU-Net v2's convention for 2-D data, so its
 #: planner treats the slice axis as the one not to convolve over (the real slice spacing is
 #: in the manifest).
@@ -81,6 +88,8 @@ class ExportConfig:
     dataset_id: int | None = None  # None: from the release ledger (release/ledger.py)
     license: str = "CC-BY-4.0"
     accept_failed_gate: str | None = None  # an admin's written reason
+    # an admin's written reason to release label maps derived from real patients (issue 24)
+    derived_anatomy: str | None = None
     policy: str = "one"
     source_date_epoch: int | None = None
     by: str = ""  # who exported (the OS account), for the release ledger
@@ -173,7 +182,21 @@ def select_releasable(
             )
     if failed:
         notes.append(f"gates failed for {', '.join(failed)}; exported on: {cfg.accept_failed_gate}")
-    return released, {"chosen": [b.name for b in chosen], "skipped": skipped}, notes
+    derived = sorted({r.batch for r in released if batches[r.batch].masks in DERIVED_ANATOMY})
+    if derived and cfg.derived_anatomy is None:
+        what = "; ".join(f"{n}: {DERIVED_ANATOMY[batches[n].masks]}" for n in derived)
+        raise PipelineError(
+            f"the label maps of batch(es) {what} are anatomy derived from real patients, and a "
+            "label map tells anyone holding a patient's scan whether that patient was used; "
+            "an admin may pass --allow-derived-anatomy REASON (written into the manifest and "
+            "the datasheet)"
+        )
+    selection = {
+        "chosen": [b.name for b in chosen],
+        "skipped": skipped,
+        "derived_anatomy": {n: DERIVED_ANATOMY[batches[n].masks] for n in derived},
+    }
+    return released, selection, notes
 
 
 def _nifti_gz(array: np.ndarray, spacing: list[float], *, dtype: Any) -> bytes:
@@ -371,6 +394,10 @@ def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> E
             "demo_auto_review": any(x in demo_ids for r in released for x in r.reviewers),
         },
         "accept_failed_gate": cfg.accept_failed_gate,
+        "anatomy": {
+            "derived_from_real_patients": selection["derived_anatomy"],
+            "reason": cfg.derived_anatomy if selection["derived_anatomy"] else None,
+        },
         "notes": notes,
         "split_seeds": split_seeds,
         "left_out": selection["skipped"],
@@ -528,6 +555,7 @@ def _quality_lines(manifest: dict[str, Any]) -> list[str]:
                 metrics["distribution"],
                 metrics.get("heart"),
                 metrics.get("utility"),
+                metrics.get("membership"),
             )
             lines += [f"- {x}" for x in figures]
             if (b.get("privacy") or {}).get("count") is not None:
@@ -555,6 +583,7 @@ def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
         if cal.explicit
     )
     labels = ", ".join(f"{k} = {v}" for k, v in dataset["labels"].items())
+    derived = manifest["anatomy"]["derived_from_real_patients"]
     lines = [
         f"# Datasheet: {manifest['dataset']}",
         "",
@@ -576,11 +605,24 @@ def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
             else "No image is a real patient's scan."
         ),
         "",
+        *(
+            [
+                "**The label maps are anatomy derived from real patients** ("
+                + "; ".join(f"{k}: {v}" for k, v in derived.items())
+                + "): someone holding one of those patients' scans may tell from them that the "
+                f"patient was used. Released on an admin's reason: "
+                f"{manifest['anatomy']['reason']}",
+                "",
+            ]
+            if derived
+            else []
+        ),
         "## Collection process",
         "Synthetic. A conditional GAN (pix2pix-style U-Net generator, PatchGAN discriminator) "
         "trained on the hospital's segmented cardiac CT maps a segmentation mask to a CT slice. "
-        "Masks were new anatomy made by deforming training masks (elastic + affine, recorded per "
-        "image), held-out masks, or user-provided masks (see `manifest.json`).",
+        "Masks were training patients' masks deformed (elastic + affine, recorded per image), "
+        "held-out patients' masks, or user-provided masks (see `mask_source` and `anatomy` in "
+        "`manifest.json`).",
         "",
         "Every image was compared with every source slice (FAISS nearest neighbours, then "
         f"aligned SSIM and fine-texture correlation); flagged when {thresholds or 'n/a'}. "

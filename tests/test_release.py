@@ -50,7 +50,8 @@ def fake_workspace(root: Path, batches: list[dict]) -> tuple[Path, dict[int, int
                 name=name,
                 run_id=run_row.id,
                 generator_sha256="a" * 64,
-                masks="honeypot" if spec["honeypot"] else "augmented",
+                # made-up files: a folder of user masks, not a patient's anatomy
+                masks="honeypot" if spec["honeypot"] else spec.get("masks", "dir"),
                 config={},
                 units="HU",
                 gates_passed=spec["gates"],
@@ -408,7 +409,10 @@ def real_pipeline(tmp_path_factory):
 def test_no_source_identifier_in_any_byte(real_pipeline, tmp_path):
     root, ws = real_pipeline
     out = tmp_path / "rel"
-    result = run("export", "-w", ws, "--out", out, "--accept-failed-gate", "2-step test model")
+    result = run(
+        "export", "-w", ws, "--out", out, "--accept-failed-gate", "2-step test model",
+        "--allow-derived-anatomy", "phantom people",
+    )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     bundle = out / "Dataset500_CardiacSynth"
     assert run("verify", bundle).exit_code == 0
@@ -440,7 +444,7 @@ def test_no_source_identifier_in_any_byte(real_pipeline, tmp_path):
 
 def test_export_refuses_failed_gates_without_override(real_pipeline, tmp_path):
     _, ws = real_pipeline
-    result = run("export", "-w", ws, "--out", tmp_path / "x")
+    result = run("export", "-w", ws, "--out", tmp_path / "x", "--allow-derived-anatomy", "x")
     assert result.exit_code == 2 and "quality gates did not pass" in result.stderr
     assert "--accept-failed-gate" in result.stderr
     assert not (tmp_path / "x" / "Dataset500_CardiacSynth").exists()
@@ -513,7 +517,10 @@ def test_end_to_end_on_real_ct(tmp_path):
         accepted = sum(i % 4 != 3 for i in range(len(keep)))
     w.close()
     out = tmp_path / "rel"
-    exported = run("export", "-w", ws, "--out", out, "--name", "HOCMSynth")
+    exported = run(
+        "export", "-w", ws, "--out", out, "--name", "HOCMSynth",
+        "--allow-derived-anatomy", "public HOCM test data",
+    )  # fmt: skip
     assert exported.exit_code == 0, exported.stderr
     bundle = out / "Dataset500_HOCMSynth"
     assert run("verify", bundle).exit_code == 0
