@@ -177,6 +177,8 @@ def _gate_cells(g: dict[str, Any]) -> tuple[str, str, str, str, str]:
     space += f" ({g['reads']})" if "reads" in g else ""
     sign = "≥" if g["gate"].startswith("min") else "≤"
     verdict = "pass" if g["passed"] else "FAIL"
+    if "joint_p" in g:
+        verdict += f" (joint p {g['joint_p']:.3f})"
     return f"{g['gate']}{space}", f"{g['value']:.4f}", sign, str(g["threshold"]), verdict
 
 
