@@ -390,6 +390,9 @@ with tabs[2]:
     table = [
         visible_state(s, viewer_id=state.user["id"], admin=is_admin, key=key) for s in everything
     ]
+    if not is_admin:
+        # batch order would put a honeypot batch's rows together at the end: order by code
+        table.sort(key=lambda row: row["candidate"])
     kinds = sorted({row["state"] for row in table})
     chosen = st.multiselect("Status", kinds, default=kinds, key="status_filter")
     st.dataframe([row for row in table if row["state"] in chosen], width="stretch")

@@ -400,6 +400,9 @@ def test_a_honeypot_page_reads_like_any_other(ws):
         at.button(key="skip").click().run()
         assert not at.exception, at.exception
     assert pages["honeypot"] and pages["honeypot"] <= pages["other"], pages["honeypot"]
+    # the table is in code order, not batch order (which would put the honeypots last)
+    codes = list(at.dataframe[0].value["candidate"])
+    assert codes == sorted(codes) and len(codes) == 10
 
 
 def test_a_missing_index_or_a_locked_catalog_reads_as_a_message(ws, monkeypatch):
