@@ -40,6 +40,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.errors import PipelineError
+from pipeline.membership import mask_similarity
 
 #: Fewest training patients to model (provisional, not yet measured: with fewer the PCA has at
 #: most three modes, and a sample is a blend of so few people that each stays near it).
@@ -149,16 +150,6 @@ def warp_maps(
     ).astype(np.float32)
 
 
-def dice(a: np.ndarray, b: np.ndarray, n_classes: int) -> float:
-    """Multi-label Dice of two label volumes over the foreground classes (0 when both empty)."""
-    inter = total = 0.0
-    for c in range(1, n_classes):
-        x, y = a == c, b == c
-        inter += float(np.sum(x & y))
-        total += float(x.sum() + y.sum())
-    return 2 * inter / total if total else 0.0
-
-
 @dataclass
 class AnatomyModel:
     """A fitted shape model, ready to sample."""
@@ -200,7 +191,7 @@ class AnatomyModel:
     def nearest(self, labels: np.ndarray) -> tuple[float, float]:
         """The best Dice of a label volume with any training patient, and the largest margin
         by which it exceeds that patient's own nearest-other Dice (> 0: too close)."""
-        scores = np.array([dice(labels, t, self.n_classes) for t in self.train])
+        scores = mask_similarity(labels[None], self.train, self.n_classes)[0]
         return float(scores.max()), float(np.max(scores - self.bounds))
 
     def to_bytes(self) -> bytes:
@@ -267,17 +258,9 @@ def fit_anatomy(
         [[len(pieces(a == c)[1]) for c in range(1, n_classes)] for a in aligned], float
     )
     # what separates two different people: each patient's best Dice with any other patient
-    by_patient: dict[str, list[int]] = {}
-    for i, p in enumerate(patients):
-        by_patient.setdefault(p, []).append(i)
-    nearest_other = [
-        max(
-            dice(aligned[i], aligned[j], n_classes)
-            for j in range(len(aligned))
-            if patients[j] != patients[i]
-        )
-        for i in range(len(aligned))
-    ]
+    owners = np.asarray(patients)
+    pairs = mask_similarity(aligned, aligned, n_classes)
+    nearest_other = np.where(owners[:, None] == owners[None, :], -np.inf, pairs).max(1)
     return AnatomyModel(
         mean=mean.astype(np.float32),
         modes=vt[:keep].astype(np.float32),
@@ -294,7 +277,7 @@ def fit_anatomy(
             "alpha": cfg.alpha,
             "degrees": cfg.degrees,
             "scale": cfg.scale,
-            "patients": len(by_patient),
+            "patients": len(set(patients)),
             "modes": keep,
             "variance_kept": float(np.cumsum(var)[keep - 1] / var.sum()),
         },

@@ -191,10 +191,6 @@ def authenticate(
     return row
 
 
-#: States no further vote can change (a disagreement waits for an admin, so it is not final).
-FINAL_STATES = ("accepted", "rejected", "flagged")
-
-
 def review_key(session: Session) -> bytes:
     """The workspace's secret for :func:`review_code` (made when the catalog is created)."""
     value = get_meta(session, "review_key")

@@ -35,9 +35,11 @@ class LedgerCase:
     label_sha256: str
 
 
-def _same_cases(release: Release, cases: list[LedgerCase]) -> bool:
+def _reproduces(release: Release, name: str, cases: list[LedgerCase]) -> bool:
+    """Whether ``release`` is exactly these cases under this name."""
     held = [(c.candidate_id, c.image_sha256, c.label_sha256) for c in release.cases]
-    return held == [(c.candidate_id, c.image_sha256, c.label_sha256) for c in cases]
+    same = held == [(c.candidate_id, c.image_sha256, c.label_sha256) for c in cases]
+    return same and release.dataset.split("_", 1)[1] == name
 
 
 def choose_dataset_id(
@@ -50,7 +52,7 @@ def choose_dataset_id(
     releases = list(session.scalars(select(Release).order_by(Release.id)))
     if requested is None:
         for r in releases:
-            if r.dataset.split("_", 1)[1] == name and _same_cases(r, cases):
+            if _reproduces(r, name, cases):
                 return r.dataset_id
         used = {r.dataset_id for r in releases}
         free = next((i for i in range(FIRST_ID, 1000) if i not in used), None)
@@ -60,9 +62,7 @@ def choose_dataset_id(
             raise PipelineError("every dataset id 1–999 is in the release ledger")
         return free
     for r in releases:
-        if r.dataset_id == requested and not (
-            r.dataset.split("_", 1)[1] == name and _same_cases(r, cases)
-        ):
+        if r.dataset_id == requested and not _reproduces(r, name, cases):
             nxt = choose_dataset_id(session, None, name, cases)
             raise PipelineError(
                 f"{r.dataset} was released at {r.export_time} with {len(r.cases)} case(s) "
