@@ -32,6 +32,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: steps, the gates' feature encoder's steps and the utility study's segmenter steps per arm
 #: and seed.
 DEMO_TRAIN_STEPS = 1000
+DEMO_VOLUMES = 16
+DEMO_SPLIT = (0.5, 0.25, 0.25)  # train, val, test: as many held-out patients as trained on
 DEMO_ENCODER_STEPS = 200
 DEMO_UTILITY_STEPS = 300
 
@@ -381,7 +383,14 @@ def status(workspace: Path, as_json: bool) -> None:
 
 @cli.command()
 @workspace_option
-@click.option("--volumes", default=10, show_default=True, type=click.IntRange(3, 1000))
+@click.option(
+    "--volumes",
+    default=DEMO_VOLUMES,
+    show_default=True,
+    type=click.IntRange(8, 1000),  # 4 training patients: the anatomy model's minimum
+    help="Phantom patients, split half for training, half held out (8 + 8: enough for the "
+    "membership audit, which needs 6 per group).",
+)
 @click.option(
     "--size",
     default=64,
@@ -471,7 +480,10 @@ def demo(
     click.echo(f"[2/5] ingest → {workspace}")
     with opened_workspace(workspace, create=True) as ws:
         report = run_ingest(
-            ws, src, IngestConfig(size=size, seed=seed), progress=progress_bar("ingest", "vol")
+            ws,
+            src,
+            IngestConfig(size=size, seed=seed, split=DEMO_SPLIT),
+            progress=progress_bar("ingest", "vol"),
         )
         click.echo(format_status(report.status))
         click.echo(f"[3/5] privacy index → {ws.index_dir}")
@@ -488,16 +500,16 @@ def demo(
         cfg = dataclasses.replace(
             _gan_config("tiny", size=size, steps=train_steps), precision="auto"
         )
-        # the candidates come from rotated, scaled, deformed training masks: a generator that
-        # never saw such anatomy paints their thin myocardium ~30 HU dark (measured), which
-        # skews every structure's contrast over it
+        # the candidates' anatomy is no training patient's: a generator that saw only the
+        # training people's poses paints unfamiliar anatomy's thin myocardium ~30 HU dark
+        # (measured on deformed masks), which skews every structure's contrast over it
         opts = TrainOptions(run=run_name, resume=resume, seed=seed, augment="affine")
         bar = StepProgress("train")
         trained = train(ws, cfg, opts, progress=bar, on_step=bar.postfix, cpu=_cpu())
         click.echo(describe_training(trained))
         if not candidates:
             return
-        click.echo(f"[5/5] generate {candidates} candidates from deformed training masks, filter")
+        click.echo(f"[5/5] generate {candidates} candidates on synthetic anatomy, filter")
         generated = generate(
             ws,
             GenerateConfig(run=run_name, count=candidates, seed=seed),
@@ -692,6 +704,14 @@ def gate_options(func: F) -> F:
             "patients, over both channels (masks, images) and both statistics.",
         ),
         click.option(
+            "--max-memorisation-share",
+            default=d.max_memorisation_share,
+            show_default=True,
+            type=FiniteRange(0.5, 1),
+            help="Gate (a filtered batch of synthetic or folder masks): the largest share of "
+            "candidates closer to training than to held-out patients (fails beyond chance).",
+        ),
+        click.option(
             "--utility",
             is_flag=True,
             help="Also train a segmenter on the unflagged candidates and test it on the real "
@@ -754,6 +774,7 @@ def _gate_config(
     max_fd_ratio: float,
     max_flagged: float,
     max_membership_auc: float,
+    max_memorisation_share: float,
     features: str,
     encoder_steps: int,
     utility: bool,
@@ -775,6 +796,7 @@ def _gate_config(
         max_fd_ratio=max_fd_ratio,
         max_flagged_fraction=max_flagged,
         max_membership_auc=max_membership_auc,
+        max_memorisation_share=max_memorisation_share,
         features=features,
         encoder_steps=encoder_steps,
     )
@@ -872,9 +894,11 @@ def filter_cmd(
 @click.option("--count", default=64, show_default=True, type=click.IntRange(1, 10_000_000))
 @click.option(
     "--masks",
-    default="augmented",
+    default="synthetic",
     show_default=True,
-    help="augmented (deformed training masks), heldout (test split) or a folder of masks.",
+    help="synthetic (drawn from a shape model of the training label volumes: no one patient's "
+    "anatomy), augmented (deformed training masks), heldout (test split) or a folder of masks; "
+    "augmented and heldout are real patients' anatomy and need --allow-derived-anatomy to export.",
 )
 @click.option("--batch-name", help="Folder under candidates/ (default RUN-MASKS).")
 @click.option("--seed", default=0, show_default=True, type=SEED)

@@ -740,6 +740,7 @@ def filter_batch(ws: Workspace, name: str, *, progress: Progress = iter) -> dict
         # masks deformed from training slices carry those slices' anatomy: "closer to training"
         # is then expected of any generator, and the audit is read with that in mind
         summary["memorisation"]["masks_from_training"] = kind in ("augmented", "honeypot")
+        summary["memorisation"]["mask_source"] = kind
     with write_session(ws.engine) as session:
         for cid, r in zip(ids, results, strict=True):
             row = session.get(Candidate, cid)

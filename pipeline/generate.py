@@ -1,38 +1,51 @@
 """`pipeline generate`: candidate images from new masks, with provenance, resumable.
 
-Mask sources: ``augmented`` (training masks deformed by a seeded, label-preserving elastic +
-affine transform, optionally dropping whole structures: new anatomy with no real counterpart),
-``heldout`` (the test split's masks) or a folder of user masks (NIfTI or PNG, validated against
+Mask sources: ``synthetic`` (the default: label maps drawn from a shape model of the training
+patients' label volumes, :mod:`pipeline.anatomy` — no one patient's anatomy), ``augmented``
+(training masks deformed by a seeded, label-preserving elastic + affine transform, optionally
+dropping whole structures: a patient's own anatomy, deformed, for research only), ``heldout``
+(the test split's masks, unchanged) or a folder of user masks (NIfTI or PNG, validated against
 the run's label schema). Each candidate ``cand_XXXXX`` depends only on (batch seed, index), so a
 re-run fills in what is missing instead of starting over.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from pipeline.anatomy import (
+    AnatomyConfig,
+    AnatomyModel,
+    fit_anatomy,
+    load_model,
+    planes_picture,
+    sample_anatomy,
+)
+from pipeline.atomic import atomic_write
 from pipeline.augment import affine_coords, elastic_coords, random_affine, warp_labels
 from pipeline.candidates import open_batch, write_batch_json, write_candidate
-from pipeline.catalog import Candidate, Slice, write_session
+from pipeline.catalog import Candidate, Slice, Source, write_session
 from pipeline.errors import PipelineError
 from pipeline.imageio import image_files, read_nifti_slices, read_png
 from pipeline.labels import LabelSchema
 from pipeline.preprocess import resize_image, resize_mask
 from pipeline.progress import Progress
 from pipeline.runs import find_run, load_generator
-from pipeline.slices import SliceStore, slice_spacings, workspace_refs
+from pipeline.slices import SliceRef, SliceStore, load_slices, slice_spacings, workspace_refs
 from pipeline.validate import path_name
 from pipeline.workspace import Workspace
 
-MASK_SOURCES = ("augmented", "heldout")
+MASK_SOURCES = ("synthetic", "augmented", "heldout")
 
 
 @dataclass(frozen=True)
@@ -41,7 +54,7 @@ class GenerateConfig:
 
     run: str = "run"
     count: int = 64
-    masks: str = "augmented"  # augmented | heldout | a folder path
+    masks: str = "synthetic"  # synthetic | augmented | heldout | a folder path
     batch_name: str | None = None
     seed: int = 0
     drop_structures: float = 0.0  # probability of dropping each structure (augmented)
@@ -57,7 +70,7 @@ class MaskSpec:
     """One candidate's mask and where it came from."""
 
     mask: np.ndarray  # (S, S) uint8 class indices
-    source: str  # augmented | heldout | file
+    source: str  # synthetic | augmented | heldout | file
     slice_id: int | None
     file: str | None
     spacing: list[float]
@@ -124,11 +137,123 @@ def deform_mask(
     }
 
 
+#: The anatomy model's in-plane grid at most (a 256² run's samples are drawn at 128² and their
+#: maps resampled, not their labels: the PCA of 256² maps would take gigabytes).
+ANATOMY_GRID = 128
+
+
+def training_volumes(
+    refs: list[SliceRef], masks: np.ndarray, planar: set[str]
+) -> tuple[list[np.ndarray], list[str]]:
+    """Training label maps grouped into volumes (one per cache file, in slice order) with their
+    patients; a 2-D source (``planar`` cache files: PNG slices) gives one 1-slice volume per
+    labelled slice, since its slices need not be neighbours."""
+    rows: dict[str, list[tuple[int, np.ndarray]]] = {}
+    owner: dict[str, str] = {}
+    vols: list[np.ndarray] = []
+    patients: list[str] = []
+    for r, m in zip(refs, masks, strict=True):
+        if r.cache_file in planar:
+            if m.any():
+                vols.append(m[None])
+                patients.append(r.patient)
+            continue
+        rows.setdefault(r.cache_file, []).append((r.row, m))
+        owner[r.cache_file] = r.patient
+    for f, v in rows.items():
+        vol = np.stack([m for _, m in sorted(v, key=lambda t: t[0])])
+        if vol.any():
+            vols.append(vol)
+            patients.append(owner[f])
+    return vols, patients
+
+
+def anatomy_model(
+    ws: Workspace, run: str, schema: LabelSchema, size: int, *, progress: Progress = iter
+) -> tuple[AnatomyModel, Path]:
+    """The shape model of the training split's label volumes, fitted once per training set
+    and kept (content-addressed) in the run's folder: ``anatomy-<key>.npz``. Volumes when the
+    sources are volumes; per slice for PNG sources. One line when there are too few patients."""
+    refs = workspace_refs(ws, ["train"])
+    with Session(ws.engine) as session:
+        planar = set(session.scalars(select(Source.cache_file).where(Source.format == "png")).all())
+    grid = min(size, ANATOMY_GRID)
+    _, masks = load_slices(ws, refs, grid)
+    vols, patients = training_volumes(refs, masks, planar)
+    flat = len(vols) > 0 and all(len(v) == 1 for v in vols)
+    cfg = AnatomyConfig(depth=1 if flat else AnatomyConfig.depth, shell=_shell(schema))
+    key = hashlib.sha256(
+        repr(
+            (cfg, schema.names, sorted(zip(patients, (v.shape for v in vols), strict=True)))
+        ).encode()
+        + b"".join(v.tobytes() for v in vols)
+    ).hexdigest()[:16]
+    path = ws.runs_dir / path_name(run, what="run") / f"anatomy-{key}.npz"
+    if path.exists():
+        return load_model(path), path
+    model = fit_anatomy(vols, patients, len(schema.names), cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_bytes(model.to_bytes()))
+    _write_anatomy_picture(model, schema, path.with_suffix(".png"))
+    return model, path
+
+
+def _write_anatomy_picture(model: AnatomyModel, schema: LabelSchema, path: Path) -> None:
+    """Four training volumes beside four kept samples, three planes each: what the model
+    makes, next to what it learnt from (in the run's folder, beside the model)."""
+    shell = _shell(schema)
+    myo, lv = shell if shell else (None, None)
+    n = min(4, len(model.train))
+    try:
+        samples = [sample_anatomy(model, [0, i, 24], myo=myo, lv=lv).labels for i in range(n)]
+    except PipelineError:
+        samples = []  # the batch will say so, one line, when it draws
+    rows = [("real (training)", list(model.train[:n]))]
+    if samples:
+        rows.append(("synthetic", samples))
+    picture = planes_picture(rows)
+    atomic_write(path, lambda tmp: Image.fromarray(picture).save(tmp))
+
+
+def _shell(schema: LabelSchema) -> tuple[int, int] | None:
+    names = schema.names
+    if "myocardium" in names and "left_ventricle" in names:
+        return names.index("myocardium"), names.index("left_ventricle")
+    return None
+
+
 def source_masks(
-    ws: Workspace, cfg: GenerateConfig, schema: LabelSchema, size: int
+    ws: Workspace,
+    cfg: GenerateConfig,
+    schema: LabelSchema,
+    size: int,
+    anatomy: tuple[AnatomyModel, Path] | None = None,
 ) -> Callable[[int], MaskSpec]:
-    """A function index → MaskSpec for ``cfg.masks`` (augmented / heldout)."""
+    """A function index → MaskSpec for ``cfg.masks`` (synthetic / augmented / heldout);
+    ``anatomy`` is the model for ``synthetic`` (fitted here when not given)."""
     spacing = slice_spacings(ws)
+    if cfg.masks == "synthetic":
+        model, path = anatomy or anatomy_model(ws, cfg.run, schema, size)
+        digest = model.sha256()
+        shell = _shell(schema)
+        myo, lv = shell if shell else (None, None)
+        typical = _typical_spacing(spacing, workspace_refs(ws, ["train"]))
+
+        def synthetic(i: int) -> MaskSpec:
+            sample = sample_anatomy(model, [cfg.seed, i], myo=myo, lv=lv)
+            filled = [z for z in range(len(sample.labels)) if sample.labels[z].any()]
+            z = filled[int(np.random.default_rng([cfg.seed, i, 1]).integers(len(filled)))]
+            mask = model.place(sample.maps[:, z : z + 1], size)[0]
+            record = {
+                "anatomy_model_sha256": digest,
+                "anatomy_model": path.name,
+                "seed": [cfg.seed, i],
+                "slice": z,
+                **sample.record,
+            }
+            return MaskSpec(mask, "synthetic", None, None, typical, record)
+
+        return synthetic
     if cfg.masks == "augmented":
         refs = workspace_refs(ws, ["train"])
         store = SliceStore(ws.cache_dir, refs)
@@ -175,6 +300,15 @@ def source_masks(
 
         return heldout
     raise PipelineError(f"unknown mask source {cfg.masks!r}")
+
+
+def _typical_spacing(spacing: dict[str, list[float]], refs: list[SliceRef]) -> list[float]:
+    """The median spacing of the training volumes: a synthetic slice is no one's, so it gets
+    the spacing a typical training slice has."""
+    rows = [spacing[r.cache_file] for r in refs if r.cache_file in spacing]
+    if not rows:
+        return [1.0, 1.0, 1.0]
+    return [float(v) for v in np.median(np.array(rows, float), axis=0)]
 
 
 def read_user_masks(folder: Path, schema: LabelSchema, size: int) -> list[MaskSpec]:
@@ -225,8 +359,18 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
     name = default if cfg.batch_name is None else cfg.batch_name  # "" is refused, not defaulted
     path_name(name, what="batch")
     folder = ws.candidates_dir / name
+    stored: dict[str, Any] = {}
     if cfg.masks in MASK_SOURCES:
-        spec_of = source_masks(ws, cfg, schema, size)
+        anatomy = None
+        if cfg.masks == "synthetic":
+            anatomy = anatomy_model(ws, cfg.run, schema, size)
+            model = anatomy[0]
+            stored["anatomy_model_sha256"] = model.sha256()
+            notes.append(
+                f"anatomy model: {model.config['patients']} training patients, "
+                f"{model.config['modes']} modes, {anatomy[1].name}"
+            )
+        spec_of = source_masks(ws, cfg, schema, size, anatomy)
         count = cfg.count
         if cfg.masks == "heldout":
             available = len(workspace_refs(ws, ["test"]))
@@ -241,7 +385,7 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
             notes.append(f"{len(specs)} masks in {cfg.masks}: generating {len(specs)}")
         spec_of = specs.__getitem__
         kind = "dir"
-    stored = {**asdict(cfg), "batch_name": name, "count": count}
+    stored = {**asdict(cfg), **stored, "batch_name": name, "count": count}
     with write_session(ws.engine) as session:
         batch = open_batch(
             session,
@@ -251,7 +395,16 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
             kind=kind,
             config=stored,
             units=units,
-            same=("run", "masks", "seed", "drop_structures", "elastic_alpha", "degrees", "scale"),
+            same=(
+                "run",
+                "masks",
+                "seed",
+                "drop_structures",
+                "elastic_alpha",
+                "degrees",
+                "scale",
+                "anatomy_model_sha256",
+            ),
             folder=folder,
         )
         batch.config = {**batch.config, "count": max(count, batch.config["count"])}

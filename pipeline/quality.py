@@ -59,6 +59,9 @@ class GateConfig:
     max_flagged_fraction: float = 0.2  # share of the batch flagged too similar
     # the membership audit's largest AUC (training vs held-out patients; pipeline/membership.py)
     max_membership_auc: float = 0.65
+    # the memorisation audit's share of candidates closer to training than to held-out
+    # patients, for batches whose masks are no training patient's (synthetic, a folder)
+    max_memorisation_share: float = 0.6
     features: str = "encoder"  # encoder | pixel
     encoder_steps: int = 300  # when the workspace has no trained encoder yet
     seed: int = 0
@@ -180,12 +183,15 @@ def apply_gates(
     utility_ratio: float | None = None,
     real_dice: float | None = None,
     membership: tuple[float, float] | None = None,
+    memorisation: tuple[float, float] | None = None,
 ) -> GateVerdict:
     """Judge the figures against ``cfg``'s thresholds (the whole-slice SSIM gate only when set,
     the flagged-fraction gate only for a batch, ``flagged_fraction`` not None; the utility
     ratio (the lower bound of its interval) and the real arm's Dice when the utility study
-    ran; the membership audit's largest AUC when it could run on a batch). Pure: numbers in,
-    verdict out."""
+    ran; the membership audit's largest AUC when it could run on a batch; the memorisation
+    audit's share and binomial p when the batch's masks are no training patient's). Both audit
+    gates fail only beyond chance (p < :data:`MEMBERSHIP_ALPHA`). Pure: numbers in, verdict
+    out."""
     results = [_gate(cfg, "min_heart_ssim", heart_ssim)]
     if cfg.min_heldout_ssim is not None:
         results.append(_gate(cfg, "min_heldout_ssim", heldout_ssim))
@@ -215,7 +221,30 @@ def apply_gates(
         )
         row["passed"] = row["passed"] or joint_p >= MEMBERSHIP_ALPHA
         results.append(row)
+    if memorisation is not None:
+        # masks deformed from training slices put candidates nearer training by construction;
+        # on anatomy that is no patient's, "closer to training" is the generator's doing
+        share, p = memorisation
+        row = _gate(
+            cfg,
+            "max_memorisation_share",
+            share,
+            reads=f"share closer to training; fails beyond chance, binomial p < {MEMBERSHIP_ALPHA}",
+            p_value=p,
+        )
+        row["passed"] = row["passed"] or p >= MEMBERSHIP_ALPHA
+        results.append(row)
     return GateVerdict(results, all(g["passed"] for g in results))
+
+
+def _memorisation(privacy: dict[str, Any] | None) -> tuple[float, float] | None:
+    """The memorisation audit's (share closer to training, p) when it gates: a filtered batch
+    whose masks are no real patient's (synthetic or a folder; held-out masks pull candidates
+    towards the held-out patients by construction, deformed training ones towards training)."""
+    m = (privacy or {}).get("memorisation")
+    if not m or m.get("mask_source") not in ("synthetic", "dir"):
+        return None
+    return float(m["share_closer_to_training"]), float(m["p_value"])
 
 
 def heart_figures(
@@ -388,6 +417,7 @@ def evaluate(
         membership=(membership["max_auc"], membership["joint_p_value"])
         if membership and membership["testable"]
         else None,
+        memorisation=_memorisation(privacy),
     )
     # per-patient scores name patients: they stay in the report folder, never in the catalog's
     # gate record (which a release manifest copies)

@@ -95,9 +95,6 @@ def demo_auto_review(ws: Workspace, batch: str, *, progress: Progress = iter) ->
         batches=(batch,),
         name=DEMO_BUNDLE,
         policy="one",
-        # the demo's masks are deformed training slices of phantom people, not patients; the
-        # datasheet still says the anatomy is derived, as it would for real ones
-        derived_anatomy="demo on phantom people (no real patient)",
     )
     try:
         built = build_bundle(ws, cfg, progress=progress)

@@ -320,7 +320,7 @@ def test_bad_window_and_format(good, ws_path):
 
 @pytest.mark.slow
 def test_demo(tmp_path, monkeypatch):
-    args = ("demo", "-w", tmp_path / "demo", "--volumes", 4, "--size", 32, "--train-steps", 20)
+    args = ("demo", "-w", tmp_path / "demo", "--volumes", 8, "--size", 32, "--train-steps", 20)
     args += ("--candidates", 8, "--encoder-steps", 20, "--utility-steps", 5)
     result = run(*args)
     assert result.exit_code == 0, result.stderr
@@ -346,7 +346,7 @@ def test_demo(tmp_path, monkeypatch):
     w.close()
     assert "resumed from step 20" in again.stdout
     # the candidates of the first demo are reused (the generator was not rewritten)
-    batch = tmp_path / "demo" / "candidates" / "demo-augmented"
+    batch = tmp_path / "demo" / "candidates" / "demo-synthetic"
     assert len(list((batch / "images").glob("*.nii.gz"))) == 8
     assert (batch / "report" / "metrics.json").exists() and "gate max_fd_ratio" in again.stdout
     # 20 training steps fail the quality gates, so the demo export is refused, with the reason

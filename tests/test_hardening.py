@@ -41,6 +41,9 @@ from tests.test_release import PW, fake_workspace
 BAD_NAMES = ["../../x", "/tmp/abs-name", "..", "", "a/b", "x" * 300, ".hidden", "a\nb", "-rf"]
 
 
+AUGMENTED = ("--masks", "augmented")  # 2 training patients: too few for synthetic anatomy
+
+
 def one_line_exit_2(result) -> None:
     """The CLI's promise for bad input: exit 2 and exactly one line on stderr, no traceback."""
     assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
@@ -101,9 +104,25 @@ def test_workspace_is_relocatable(ws, tmp_path, monkeypatch):
     other = tmp_path / "another-cwd"
     other.mkdir()
     monkeypatch.chdir(other)
-    result = run("generate", "-w", moved.resolve(), "--run", "r", "--count", 2)
+    result = run("generate", "-w", moved.resolve(), "--run", "r", "--count", 2, *AUGMENTED)
     assert result.exit_code == 0, result.stderr
     assert len(list((moved / "candidates" / "r-augmented" / "images").iterdir())) == 2
+
+
+def test_synthetic_anatomy_from_too_few_patients_is_one_line(ws):
+    """The default mask source on 2 training patients: one line naming the minimum, exit 2,
+    no batch folder, no catalog row, no model file."""
+    from pipeline.catalog import CandidateBatch
+
+    result = run("generate", "-w", ws, "--run", "r", "--count", 2)
+    one_line_exit_2(result)
+    assert "2 training patient(s): the anatomy model needs at least 4" in result.stderr
+    assert not (ws / "candidates" / "r-synthetic").exists()
+    assert not list((ws / "runs" / "r").glob("anatomy-*"))
+    w = open_workspace(ws, create=False)
+    with read_session(w.engine) as s:
+        assert s.scalar(select(CandidateBatch).where(CandidateBatch.name == "r-synthetic")) is None
+    w.close()
 
 
 def test_generate_masks_bad_files(ws, tmp_path):

@@ -27,7 +27,7 @@ def reviewed_master(tmp_path_factory):
     """A 32² workspace with a filtered batch of 8 candidates (one forced flagged) and two
     accounts."""
     root = tmp_path_factory.mktemp("rev")
-    ws = indexed_workspace(root, volumes=4, seed=2, slices=12)
+    ws = indexed_workspace(root, volumes=8, seed=2, slices=12)
     tiny = ("--preset", "tiny", "--size", 32, "--batch", 8, "--steps", 2)
     assert run("train", "-w", ws, *tiny, "--run", "r").exit_code == 0
     gen = run("generate", "-w", ws, "--run", "r", "--count", 8, "--filter", "--features", "pixel")
