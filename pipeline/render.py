@@ -32,6 +32,21 @@ def describe_privacy(privacy: dict[str, Any]) -> str:
     """A batch's privacy verdict, e.g. ``7 of 64 flagged too similar (SSIM > 0.55 ...)``."""
     rule = Calibration.from_manifest(privacy).describe()
     text = f"{privacy['flagged']} of {privacy['count']} flagged too similar ({rule})"
+    masks = privacy.get("masks")
+    if masks and masks.get("checked"):
+        text += (
+            f"; label maps: {masks['flagged']} near-copies of a source map (centred Dice > "
+            f"{masks['threshold']:.3f}"
+            + (
+                f"; deformed copies told apart from a different person only "
+                f"{masks['copy_recall']:.0%} of the time here"
+                if masks["indistinct"]
+                else ""
+            )
+            + ")"
+        )
+    elif masks:
+        text += f"; label maps not checked: {masks['note']}"
     m = privacy.get("memorisation")
     if m:
         text += (

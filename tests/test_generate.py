@@ -240,6 +240,10 @@ def test_filter_and_gates_pass_trained_and_fail_untrained(ws):
     assert info["gates_passed"] is True
     assert all(r["flagged"] is not None and r["score"] is not None for r in rows)
     assert info["privacy"]["count"] == 24
+    # the label maps are checked too; on the phantom the check says it cannot tell a deformed
+    # copy from a different person (its people are near-identical), rather than pass silently
+    checked = info["privacy"]["masks"]
+    assert checked["checked"] and checked["indistinct"] and "label maps: " in good.stdout
     audit = info["privacy"]["memorisation"]  # reported with the batch, read with its mask source
     assert audit["candidates"] == 24 and audit["masks_from_training"] is True
     assert 0.0 <= audit["share_closer_to_training"] <= 1.0 and 0.0 < audit["p_value"] <= 1.0
