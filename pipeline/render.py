@@ -25,6 +25,15 @@ def describe_index(manifest: dict[str, Any]) -> str:
     if cal.indistinct:
         kinds = ", ".join(f"{k} ({cal.planted_recall[k]:.0%})" for k in cal.indistinct)
         lines.append(f"planted copies not told apart from a different person here: {kinds}")
+    m = manifest.get("mask_check")
+    if m:
+        lines.append(
+            f"label maps: near-copy if centred Dice > {m['threshold']:.3f} (different people "
+            f"median {m['baseline_median']:.2f}, deformed copies {m['copies_median']:.2f}; "
+            f"copies told apart {m['copy_recall']:.0%}"
+            + ("; not told apart here: the check flags only closer maps" if m["indistinct"] else "")
+            + ")"
+        )
     return "\n".join(lines)
 
 
