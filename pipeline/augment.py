@@ -7,6 +7,7 @@ encoder's contrastive training. Every function takes an explicit ``numpy.random.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -199,3 +200,50 @@ def random_view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.5:
         out = add_noise(out, float(rng.uniform(0.0, 0.03)), rng)
     return out.astype(np.float32)
+
+
+def deform_mask(
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    class_names: tuple[str, ...],
+    drop: float,
+    alpha: float,
+    degrees: float,
+    scale: float,
+    shift: float,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """A new, label-preserving variant of a class-index mask and the parameters that made it.
+
+    Elastic field (about ``alpha``·side px, seeded and recorded), then an affine, resampled by
+    label shares (:func:`~pipeline.augment.warp_labels`: no new label, and 2-px vessels keep
+    their width instead of fraying into nearest-neighbour steps); each present structure is
+    dropped with probability ``drop`` (at least one is kept). Returns the mask and a JSON-ready
+    parameter record.
+    """
+    size = mask.shape[0]
+    field_seed = int(rng.integers(0, 2**31 - 1))
+    # a smooth field (24 px at 256², scaled with the side): organs bend, edges do not fray
+    elastic_params = {"alpha_px": alpha * size, "sigma_px": 24.0 * size / 256.0, "seed": field_seed}
+    bend = elastic_coords(
+        mask.shape, np.random.default_rng(field_seed), alpha=alpha * size, sigma=24.0
+    )
+    affine = random_affine(rng, degrees=degrees, scale=scale, shift=shift)
+    # one resampling of the composed map (affine, then the field read where the affine lands);
+    # a point the affine takes off the grid reads a far-off coordinate, hence background
+    at = affine_coords(size, affine)
+    coords = np.stack(
+        [ndimage.map_coordinates(b, at, order=1, mode="constant", cval=-(10**6)) for b in bend]
+    )
+    out = warp_labels(mask, coords)
+    present = [int(c) for c in np.unique(out) if c > 0]
+    dropped = [c for c in present if rng.random() < drop]
+    if dropped and len(dropped) == len(present):
+        dropped = dropped[1:]
+    for c in dropped:
+        out[out == c] = 0
+    return out.astype(np.uint8), {
+        "elastic": elastic_params,
+        "affine": affine,
+        "dropped": [class_names[c] for c in dropped],
+    }

@@ -607,6 +607,13 @@ def _demo_auto_review(workspace: Path, batch: str) -> None:
     help="Explicit SSIM threshold instead of calibration (needed without held-out patients).",
 )
 @click.option(
+    "--mask-threshold",
+    type=FiniteRange(0.0, 1.0),
+    default=None,
+    help="Explicit label-map Dice threshold instead of calibration (recorded as hand-set; 1.0 "
+    "flags no label map: for research batches of deformed real anatomy).",
+)
+@click.option(
     "--max-shift",
     default=4,
     show_default=True,
@@ -632,6 +639,7 @@ def index_cmd(
     k: int,
     quantile: float,
     threshold: float | None,
+    mask_threshold: float | None,
     max_shift: int,
     smooth: float,
     encoder_steps: int,
@@ -650,7 +658,8 @@ def index_cmd(
         smooth=smooth,
         quantile=quantile,
         threshold=threshold,
-        set_by=None if threshold is None else _os_account(),
+        mask_threshold=mask_threshold,
+        set_by=None if threshold is None and mask_threshold is None else _os_account(),
         encoder_steps=encoder_steps,
         seed=seed,
     )

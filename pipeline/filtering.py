@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.atomic import atomic_write
-from pipeline.augment import PLANTED
+from pipeline.augment import PLANTED, deform_mask
 from pipeline.candidates import batch_images, batch_row
 from pipeline.catalog import Candidate, PrivacyCalibration, Source, utcnow, write_session
 from pipeline.embed import EMBEDDERS, Embedder, PixelEmbedder, load_embedder
@@ -142,7 +142,8 @@ class FilterConfig:
     smooth: float = 1.0  # Gaussian sigma (px) before SSIM; 0 compares raw pixels
     quantile: float = DEFAULT_QUANTILE
     threshold: float | None = None  # explicit threshold instead of calibration
-    set_by: str | None = None  # who passed that threshold (recorded with it)
+    mask_threshold: float | None = None  # explicit label-map Dice threshold, likewise
+    set_by: str | None = None  # who passed an explicit threshold (recorded with it)
     calibration_max: int = 2000  # slices sampled for the leave-one-patient-out baseline
     planted: int = 20  # source slices planted per kind of near-copy (the other tail)
     encoder_steps: int = 300
@@ -445,9 +446,19 @@ def calibrate_masks(
     Measured on the 24-patient phantom (64²): different people's best Dice median 0.89 (99th
     percentile 0.95), deformed copies' 0.83 — the phantom's people are more alike than a
     deformed copy is to its source, so the check reports itself indistinct there and flags
-    nothing; on anatomy that differs between people it separates (``tests/test_filter``)."""
-    from pipeline.generate import deform_mask
-
+    nothing; on anatomy that differs between people it separates (``tests/test_filter``).
+    ``cfg.mask_threshold`` replaces the calibration, recorded as hand-set by ``cfg.set_by``."""
+    if cfg.mask_threshold is not None:
+        return {
+            "threshold": cfg.mask_threshold,
+            "explicit": True,
+            "set_by": cfg.set_by,
+            "set_at": utcnow().isoformat(timespec="seconds"),
+            "bound": None,
+            "copy_recall": None,
+            "indistinct": False,
+            "n_classes": 0,
+        }
     every = store.masks([r.slice_id for r in refs])
     labelled = np.flatnonzero(_comparable(every)).tolist()
     patients = np.array([refs[i].patient for i in labelled])
@@ -826,6 +837,7 @@ def check_masks(
     return flags, {
         "checked": True,
         **{k: rule[k] for k in ("threshold", "copy_recall", "indistinct", "bound")},
+        "explicit": bool(rule.get("explicit")),
         "flagged": int(sum(flags)),
         "flagged_names": [n for n, f in zip(names, flags, strict=True) if f],
         "median_score": float(np.median(scores)) if len(scores) else None,

@@ -26,7 +26,12 @@ def describe_index(manifest: dict[str, Any]) -> str:
         kinds = ", ".join(f"{k} ({cal.planted_recall[k]:.0%})" for k in cal.indistinct)
         lines.append(f"planted copies not told apart from a different person here: {kinds}")
     m = manifest.get("mask_check")
-    if m:
+    if m and m.get("explicit"):
+        lines.append(
+            f"label maps: near-copy if centred Dice > {m['threshold']:.3f} (hand-set by "
+            f"{m['set_by']} at {m['set_at']}, not calibrated)"
+        )
+    elif m:
         lines.append(
             f"label maps: near-copy if centred Dice > {m['threshold']:.3f} (different people "
             f"median {m['baseline_median']:.2f}, deformed copies {m['copies_median']:.2f}; "
@@ -46,6 +51,7 @@ def describe_privacy(privacy: dict[str, Any]) -> str:
         text += (
             f"; label maps: {masks['flagged']} near-copies of a source map (centred Dice > "
             f"{masks['threshold']:.3f}"
+            + (", hand-set, not calibrated" if masks.get("explicit") else "")
             + (
                 f"; deformed copies told apart from a different person only "
                 f"{masks['copy_recall']:.0%} of the time here"

@@ -318,8 +318,8 @@ def test_the_mask_check_flags_deformed_copies_where_people_differ():
     person's is not; on the phantom (people near-identical) the check says it cannot tell."""
     from types import SimpleNamespace
 
+    from pipeline.augment import deform_mask
     from pipeline.filtering import FilterConfig, calibrate_masks, check_masks
-    from pipeline.generate import deform_mask
 
     refs, masks = _people(8, 4)
     rule = calibrate_masks(_Store(masks), refs, FilterConfig(seed=0))

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
+from pipeline.augment import deform_mask
 from pipeline.catalog import CandidateBatch, Slice, read_session
-from pipeline.generate import deform_mask
 from pipeline.preprocess import ras_to_display
 from pipeline.workspace import open_workspace
 from tests.conftest import copy_workspace, indexed_workspace, run, thin_vessel

@@ -460,9 +460,10 @@ def test_end_to_end_on_real_ct(tmp_path):
     thresholds sit halfway between (SSIM ≈ 0.44). Two patients cannot bound a new patient's
     flag rate at 1%, and the index says so. A model trained on one patient's 14 slices for 60
     steps makes blurry images of that patient: some land above the threshold, not all (before
-    issue 14 the threshold sat at the top of 11 scores and flagged every one). The chain is then
-    finished with an explicit threshold (0.9, recorded as explicit) and lenient gates, both
-    stored and exported as such."""
+    issue 14 the threshold sat at the top of 11 scores and flagged every one). The `augmented`
+    label maps are the training patient's own, deformed: the label-map check catches them. The
+    chain is then finished with explicit thresholds (0.9, and 1.0 for label maps, recorded as
+    explicit) and lenient gates, all stored and exported as such."""
     from pipeline.decisions import candidate_states
     from tests.conftest import shared_dataset
 
@@ -483,6 +484,14 @@ def test_end_to_end_on_real_ct(tmp_path):
     aug = ("--masks", "augmented")
     gen = run("generate", "-w", ws, "--run", "h", "--count", 12, *aug, "--filter", *lenient)
     assert gen.exit_code == 0, gen.stdout + gen.stderr
+    # the label maps are deformed copies of the one training patient's: the mask check, its
+    # different-person tail the other patient's maps, catches them on real anatomy
+    caught = int(re.search(r"label maps: (\d+) near-copies", gen.stdout).group(1))
+    assert caught >= 6, gen.stdout  # measured: 8 of 12 (deformed copies told apart 96%)
+    # to study the images alone an admin hand-sets the mask rule (recorded as such)
+    assert run("index", "-w", ws, "--mask-threshold", 1.0).exit_code == 0
+    gen = run("filter", "-w", ws, "--batch", "h-augmented", *lenient)
+    assert gen.exit_code == 0 and "hand-set, not calibrated" in gen.stdout, gen.stdout
     flagged = int(re.search(r"privacy: (\d+) of 12 flagged", gen.stdout).group(1))
     assert 0 < flagged < 12
     # usefulness on real patients: a segmenter trained on the unflagged candidates, tested on the
@@ -504,7 +513,8 @@ def test_end_to_end_on_real_ct(tmp_path):
     for arm in utility["arms"].values():
         assert 0.0 <= arm["dice_mean"] <= 1.0 and set(arm["per_structure"]) <= set(json.loads(
             (ws / "runs" / "h" / "config.json").read_text())["label_schema"])  # fmt: skip
-    assert run("index", "-w", ws, "--threshold", 0.9, "--rebuild").exit_code == 0
+    rule = ("--threshold", 0.9, "--mask-threshold", 1.0)
+    assert run("index", "-w", ws, *rule, "--rebuild").exit_code == 0
     refilter = run("filter", "-w", ws, "--batch", "h-augmented", *lenient)
     assert refilter.exit_code == 0, refilter.stdout + refilter.stderr
     # the candidates' own NIfTI files (display units, 0–255) score the same way via --images

@@ -52,7 +52,9 @@ def workspace_256(tmp_path_factory):
     from pipeline.phantom import write_phantom
 
     root = tmp_path_factory.mktemp("browser")
-    write_phantom(root / "src", volumes=4, seed=4, size=256, n_slices=8, workers=1)
+    # 8 patients, 4 trained on: the default (synthetic) anatomy needs 4, and at 256² its
+    # model is drawn at 128² and its maps resampled
+    write_phantom(root / "src", volumes=8, seed=4, size=256, n_slices=8, workers=1)
     ws = root / "ws"
     assert run("ingest", root / "src", "-w", ws, "--size", 256, "--split", "0.5,0.25,0.25")
     assert run("index", "-w", ws).exit_code == 0
