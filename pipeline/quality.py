@@ -212,29 +212,25 @@ def apply_gates(
         # patients: sd 0.12 per AUC; 7 + 3: 0.21), so an AUC over the bound fails the gate only
         # when the joint permutation test says chance does not explain it.
         largest, joint_p = membership
-        row = _gate(
-            cfg,
-            "max_membership_auc",
-            largest,
-            reads=f"largest of 4 AUCs; fails beyond chance, joint p < {MEMBERSHIP_ALPHA}",
-            joint_p=joint_p,
-        )
-        row["passed"] = row["passed"] or joint_p >= MEMBERSHIP_ALPHA
-        results.append(row)
+        what = "largest of 4 AUCs; fails beyond chance, joint p"
+        results.append(_beyond_chance(cfg, "max_membership_auc", largest, joint_p, what, "joint_p"))
     if memorisation is not None:
         # masks deformed from training slices put candidates nearer training by construction;
         # on anatomy that is no patient's, "closer to training" is the generator's doing
         share, p = memorisation
-        row = _gate(
-            cfg,
-            "max_memorisation_share",
-            share,
-            reads=f"share closer to training; fails beyond chance, binomial p < {MEMBERSHIP_ALPHA}",
-            p_value=p,
-        )
-        row["passed"] = row["passed"] or p >= MEMBERSHIP_ALPHA
-        results.append(row)
+        what = "share closer to training; fails beyond chance, binomial p"
+        results.append(_beyond_chance(cfg, "max_memorisation_share", share, p, what, "p_value"))
     return GateVerdict(results, all(g["passed"] for g in results))
+
+
+def _beyond_chance(
+    cfg: GateConfig, name: str, value: float, p: float, what: str, p_key: str
+) -> dict[str, Any]:
+    """A gate row that fails only when ``value`` is over its bound *and* ``p`` <
+    :data:`MEMBERSHIP_ALPHA`: an audit statistic of few patients strays by chance."""
+    row = _gate(cfg, name, value, reads=f"{what} < {MEMBERSHIP_ALPHA}", **{p_key: p})
+    row["passed"] = row["passed"] or p >= MEMBERSHIP_ALPHA
+    return row
 
 
 def _memorisation(privacy: dict[str, Any] | None) -> tuple[float, float] | None:

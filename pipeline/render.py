@@ -209,6 +209,8 @@ def _gate_cells(g: dict[str, Any]) -> tuple[str, str, str, str, str]:
     verdict = "pass" if g["passed"] else "FAIL"
     if "joint_p" in g:
         verdict += f" (joint p {g['joint_p']:.3f})"
+    elif "p_value" in g:
+        verdict += f" (binomial p {g['p_value']:.3g})"
     return f"{g['gate']}{space}", f"{g['value']:.4f}", sign, str(g["threshold"]), verdict
 
 
