@@ -202,6 +202,11 @@ def random_view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out.astype(np.float32)
 
 
+#: How ``generate --masks augmented`` deforms a training mask by default, and so how the
+#: filter's label-map check plants its deformed copies (one recipe, not two sets of numbers).
+DEFORM_DEFAULTS = {"alpha": 0.03, "degrees": 12.0, "scale": 0.1, "shift": 0.05}
+
+
 def deform_mask(
     mask: np.ndarray,
     rng: np.random.Generator,

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.atomic import atomic_write
-from pipeline.augment import PLANTED, deform_mask
+from pipeline.augment import DEFORM_DEFAULTS, PLANTED, deform_mask
 from pipeline.candidates import batch_images, batch_row
 from pipeline.catalog import Candidate, PrivacyCalibration, Source, utcnow, write_session
 from pipeline.embed import EMBEDDERS, Embedder, PixelEmbedder, load_embedder
@@ -419,8 +419,8 @@ def calibrate_index(
     return calibrate(ssim, texture, quantile=cfg.quantile, planted=planted, patients=patients)
 
 
-#: Planted deformed copies of source label maps, the mask check's other tail (the recipe of
-#: ``generate --masks augmented``'s defaults: elastic 3% of the side, ±12°, ±10%, ±5%).
+#: Planted deformed copies of source label maps, the mask check's other tail (deformed by
+#: :data:`pipeline.augment.DEFORM_DEFAULTS`, as ``generate --masks augmented`` deforms).
 MASK_COPIES = 40
 MASK_BASELINE = 500  # labelled slices sampled for the different-person tail
 #: Label maps covering less of the slice than this are not compared: a sliver of one vessel
@@ -482,10 +482,7 @@ def calibrate_masks(
                 np.random.default_rng([cfg.seed, 8, int(j)]),
                 class_names=names,
                 drop=0.0,
-                alpha=0.03,
-                degrees=12.0,
-                scale=0.1,
-                shift=0.05,
+                **DEFORM_DEFAULTS,
             )[0]
             for j in picks
         ]

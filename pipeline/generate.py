@@ -31,7 +31,7 @@ from pipeline.anatomy import (
     sample_anatomy,
 )
 from pipeline.atomic import atomic_write
-from pipeline.augment import deform_mask
+from pipeline.augment import DEFORM_DEFAULTS, deform_mask
 from pipeline.candidates import open_batch, write_batch_json, write_candidate
 from pipeline.catalog import Candidate, Slice, Source, write_session
 from pipeline.errors import PipelineError
@@ -57,10 +57,10 @@ class GenerateConfig:
     batch_name: str | None = None
     seed: int = 0
     drop_structures: float = 0.0  # probability of dropping each structure (augmented)
-    elastic_alpha: float = 0.03  # displacement, as a fraction of the side
-    degrees: float = 12.0
-    scale: float = 0.1
-    shift: float = 0.05
+    elastic_alpha: float = DEFORM_DEFAULTS["alpha"]  # displacement, as a fraction of the side
+    degrees: float = DEFORM_DEFAULTS["degrees"]
+    scale: float = DEFORM_DEFAULTS["scale"]
+    shift: float = DEFORM_DEFAULTS["shift"]
     batch: int = 16  # inference batch
 
 
