@@ -23,6 +23,10 @@ class GanConfig:
     size: int = 256
     num_classes: int = 8  # background + structures
     condition: str = "onehot"  # "onehot" (num_classes channels) or "labelmap" (one channel)
+    # one more input channel, the body outline (``pipeline.preprocess.body_outline``): no label
+    # map describes the body, and a generator left to guess paints one of its training
+    # people's (issue 24). Off in ``seed-code`` (the authors' model) and in runs from before
+    body: bool = True
     g_filters: tuple[int, ...] = (64, 128, 256, 512, 512, 512, 512)  # one per stride-2 step
     skips: bool = True
     up_block: str = "paper"  # "paper": transposed conv + conv; "seed-code": see DESIGN.md
@@ -49,7 +53,7 @@ class GanConfig:
     @property
     def condition_channels(self) -> int:
         """Channels of the generator input."""
-        return self.num_classes if self.condition == "onehot" else 1
+        return (self.num_classes if self.condition == "onehot" else 1) + int(self.body)
 
     @property
     def patch_map(self) -> int:
@@ -74,8 +78,10 @@ class GanConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> GanConfig:
         """The config stored in a run's ``config.json`` (other keys, such as ``data`` or
-        ``train``, are ignored; JSON lists become the tuples they were)."""
+        ``train``, are ignored; JSON lists become the tuples they were; a config without
+        ``body`` is a run from before the body channel, which has none)."""
         fields = {k: config[k] for k in cls.__dataclass_fields__ if k in config}
+        fields.setdefault("body", False)  # a run trained before the body channel existed
         for k in ("g_filters", "d_filters"):
             if k in fields:
                 fields[k] = tuple(fields[k])
@@ -94,6 +100,7 @@ def preset(name: str, **overrides: Any) -> GanConfig:
         cfg = GanConfig(
             preset="seed-code",
             condition="labelmap",
+            body=False,
             skips=False,
             up_block="seed-code",
             d_filters=(64, 128, 256, 512),

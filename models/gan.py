@@ -203,19 +203,38 @@ class ConditionalGAN:
 # ----------------------------------------------------------------------------- inference
 
 
-def encode_condition(masks: Any, num_classes: int, kind: str) -> Any:
-    """Masks → generator input: one-hot channels, or the label map scaled to [0, 1]."""
+def encode_condition(masks: Any, num_classes: int, kind: str, bodies: Any = None) -> Any:
+    """Masks → generator input: one-hot channels, or the label map scaled to [0, 1]; with
+    ``bodies`` (N, S, S) the body outline as one more channel, last."""
     import tensorflow as tf
 
     if kind == "onehot":
-        return tf.one_hot(tf.cast(masks, tf.int32), num_classes, dtype=tf.float32)
-    return tf.cast(masks, tf.float32)[..., None] / float(max(num_classes - 1, 1))
+        cond = tf.one_hot(tf.cast(masks, tf.int32), num_classes, dtype=tf.float32)
+    else:
+        cond = tf.cast(masks, tf.float32)[..., None] / float(max(num_classes - 1, 1))
+    if bodies is None:
+        return cond
+    return tf.concat([cond, tf.cast(bodies, tf.float32)[..., None]], axis=-1)
+
+
+def condition_of(masks: Any, bodies: Any, cfg: GanConfig) -> Any:
+    """The generator input of ``cfg``: a body-conditioned model needs ``bodies``; one without
+    ignores them."""
+    if cfg.body and bodies is None:
+        raise ValueError("this generator is conditioned on the body outline: pass bodies")
+    return encode_condition(masks, cfg.num_classes, cfg.condition, bodies if cfg.body else None)
 
 
 def generate_images(
-    generator: Any, masks: np.ndarray, cfg: GanConfig, *, batch: int = 16
+    generator: Any,
+    masks: np.ndarray,
+    cfg: GanConfig,
+    *,
+    bodies: np.ndarray | None = None,
+    batch: int = 16,
 ) -> np.ndarray:
-    """(N, S, S) float32 images in [0, 1] for (N, S, S) class-index masks, deterministically.
+    """(N, S, S) float32 images in [0, 1] for (N, S, S) class-index masks (and, for a
+    body-conditioned ``cfg``, their (N, S, S) body outlines), deterministically.
 
     Inference mode (batch-norm moving statistics). Every call runs the model on batches of
     exactly ``batch`` masks, padding the last one with empty masks: oneDNN picks its convolution
@@ -224,13 +243,18 @@ def generate_images(
     mask, not on how many others ran beside it or where it sat in the batch (measured on AVX-512
     and on oneDNN limited to AVX2).
     """
+    if cfg.body and bodies is None:
+        raise ValueError("this generator is conditioned on the body outline: pass bodies")
     out = []
     for i in range(0, len(masks), batch):
         chunk = np.asarray(masks[i : i + batch])
+        body = None if not cfg.body else np.asarray(bodies[i : i + batch], dtype=bool)
         n = len(chunk)
         if n < batch:
             chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
-        cond = encode_condition(chunk, cfg.num_classes, cfg.condition)
+            if body is not None:
+                body = np.concatenate([body, np.zeros((batch - n, *body.shape[1:]), bool)])
+        cond = condition_of(chunk, body, cfg)
         out.append(np.asarray(generator(cond, training=False), dtype=np.float32)[:n, ..., 0])
     size = masks.shape[1] if masks.ndim == 3 else 0
     return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)

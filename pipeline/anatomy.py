@@ -81,16 +81,41 @@ def _foreground_extent(labels: np.ndarray) -> tuple[int, int]:
     return int(zs[0]), int(zs[-1]) + 1
 
 
-def align(labels: np.ndarray, depth: int) -> np.ndarray:
+def align(labels: np.ndarray, depth: int, body: np.ndarray | None = None) -> np.ndarray:
     """A label volume (Z, H, W) cut to its labelled slices, centred in-plane on its foreground's
-    centre of mass, resampled (nearest) to ``depth`` slices."""
+    centre of mass, resampled (nearest) to ``depth`` slices. With ``body`` (the same volume's
+    body outline) that outline is returned instead, moved the same way."""
     lo, hi = _foreground_extent(labels)
-    vol = labels[lo:hi]
-    cy, cx = ndimage.center_of_mass(vol > 0)[1:]
+    cy, cx = ndimage.center_of_mass(labels[lo:hi] > 0)[1:]
+    vol = (labels if body is None else body)[lo:hi]
     h, w = vol.shape[1:]
     vol = np.roll(vol, (round(h / 2 - cy), round(w / 2 - cx)), axis=(1, 2))
     z = np.clip(np.round((np.arange(depth) + 0.5) * len(vol) / depth - 0.5), 0, len(vol) - 1)
     return vol[z.astype(int)].astype(np.uint8)
+
+
+def body_distances(body: np.ndarray) -> np.ndarray:
+    """The clipped signed distance of a body outline volume (Z, H, W), slice by slice (a
+    body's outline is drawn per slice): (Z, H, W) float32, negative inside."""
+    out = np.full(body.shape, CLIP, np.float32)
+    for z, plane in enumerate(np.asarray(body, bool)):
+        if plane.any():
+            d = ndimage.distance_transform_edt(~plane) - ndimage.distance_transform_edt(plane)
+            out[z] = np.clip(d, -CLIP, CLIP)
+    return out
+
+
+def decode_body(body_map: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A body outline volume from its signed distance (Z, H, W): inside where negative, each
+    slice's largest piece with its holes filled, and every labelled voxel of ``labels`` (the
+    heart inside its body)."""
+    out = np.zeros(body_map.shape, bool)
+    for z, plane in enumerate(body_map < 0):
+        labelled, n = ndimage.label(plane)
+        if n:
+            plane = labelled == 1 + int(np.argmax(np.bincount(labelled.ravel())[1:]))
+        out[z] = ndimage.binary_fill_holes(plane) | (labels[z] > 0)
+    return out
 
 
 def signed_distances(
@@ -213,11 +238,29 @@ class AnatomyModel:
     # drawn centred, is put back so that the heart sits where hearts sit in the images
     centre: np.ndarray = field(default_factory=lambda: np.zeros(2, np.float32))
     config: dict[str, Any] = field(default_factory=dict)
+    # (n, Z, H, W) uint8: the aligned training body outlines, when the model has a body map
+    # (its last map, after the structures'), else empty
+    bodies: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.uint8))
+    # per training body its best Dice with any other patient's body (as ``bounds``)
+    body_bounds: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+
+    @property
+    def has_body(self) -> bool:
+        """Whether a sample carries a body outline (the last of its maps)."""
+        return bool(self.config.get("body"))
 
     @property
     def n_classes(self) -> int:
         """Classes, background included."""
-        return self.shape[0] + 1
+        return self.shape[0] + 1 - int(self.has_body)
+
+    def labels_of(self, maps: np.ndarray) -> np.ndarray:
+        """A sample's label volume from its maps (the structures' maps; no body)."""
+        return decode(maps[: self.n_classes - 1], self.shell)
+
+    def body_of(self, maps: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+        """A sample's body outline from its maps and its labels (None: the model has none)."""
+        return decode_body(maps[-1], labels) if self.has_body else None
 
     @property
     def shell(self) -> tuple[int, int] | None:
@@ -243,24 +286,36 @@ class AnatomyModel:
 
     def draw(self, rng: np.random.Generator) -> np.ndarray:
         """One label volume (Z, H, W) on the model's grid, centred (no checks)."""
-        return decode(self.draw_maps(rng), self.shell)
+        return self.labels_of(self.draw_maps(rng))
 
-    def place(self, maps: np.ndarray, size: int) -> np.ndarray:
-        """A sample's maps decoded at ``size``² (maps resampled linearly, so edges stay smooth
-        when the model's grid is coarser), moved from the centre to :attr:`centre`."""
+    def place(self, maps: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """A sample's label volume and body outline (None without a body map) decoded at
+        ``size``² (maps resampled linearly, so edges stay smooth when the model's grid is
+        coarser), moved from the centre to :attr:`centre`."""
         grid = self.shape[-1]
         if size != grid:
             maps = ndimage.zoom(maps, (1, 1, size / grid, size / grid), order=1, mode="nearest")
-        labels = decode(maps, self.shell)
-        dy, dx = np.round((self.centre - grid / 2) * size / grid).astype(int)
-        # moved without wrap-around: what would leave the image is cut, not folded back
-        return np.stack([shift(z, int(dy), int(dx)) for z in labels]) if labels.size else labels
+        labels = self.labels_of(maps)
+        body = self.body_of(maps, labels)
+        dy, dx = (int(v) for v in np.round((self.centre - grid / 2) * size / grid))
 
-    def nearest(self, labels: np.ndarray) -> tuple[float, float]:
+        def moved(vol: np.ndarray) -> np.ndarray:
+            # without wrap-around: what would leave the image is cut, not folded back
+            return np.stack([shift(z, dy, dx) for z in vol]) if vol.size else vol
+
+        return moved(labels), None if body is None else moved(body.astype(np.uint8)) > 0
+
+    def nearest(self, labels: np.ndarray, body: np.ndarray | None = None) -> tuple[float, float]:
         """The best Dice of a label volume with any training patient, and the largest margin
-        by which it exceeds that patient's own nearest-other Dice (> 0: too close)."""
+        by which it exceeds that patient's own nearest-other Dice (> 0: too close). With
+        ``body`` (its aligned outline) the body counts too: a body closer to a training
+        person's than that person's nearest other's is too close as well."""
         scores = mask_similarity(labels[None], self.train, self.n_classes)[0]
-        return float(scores.max()), float(np.max(scores - self.bounds))
+        margin = float(np.max(scores - self.bounds))
+        if body is not None and self.has_body:
+            outline = mask_similarity(body[None].astype(np.uint8), self.bodies, 2)[0]
+            margin = max(margin, float(np.max(outline - self.body_bounds)))
+        return float(scores.max()), margin
 
     def to_bytes(self) -> bytes:
         """The model as ``.npz`` bytes (its hash is the model's identity)."""
@@ -277,6 +332,8 @@ class AnatomyModel:
             pieces=self.pieces,
             centre=self.centre,
             config=np.array(repr(sorted(self.config.items()))),
+            bodies=self.bodies,
+            body_bounds=self.body_bounds,
         )
         return buf.getvalue()
 
@@ -301,14 +358,23 @@ def load_model(path: Path) -> AnatomyModel:
             pieces=z["pieces"],
             centre=z["centre"],
             config=dict(ast.literal_eval(str(z["config"]))),
+            bodies=z["bodies"] if "bodies" in z.files else np.zeros((0,), np.uint8),
+            body_bounds=z["body_bounds"] if "body_bounds" in z.files else np.zeros((0,)),
         )
 
 
 def fit_anatomy(
-    volumes: list[np.ndarray], patients: list[str], n_classes: int, cfg: AnatomyConfig
+    volumes: list[np.ndarray],
+    patients: list[str],
+    n_classes: int,
+    cfg: AnatomyConfig,
+    bodies: list[np.ndarray] | None = None,
 ) -> AnatomyModel:
-    """Fit the model to training label volumes (one per patient; (Z, H, W) class indices).
-    Refuses with one line below :data:`MIN_PATIENTS` patients."""
+    """Fit the model to training label volumes (one per patient; (Z, H, W) class indices) and,
+    when given, their body outlines (bool, same shapes): then every sample carries a body of
+    its own, modelled with the structures (one more map, last), so the body a candidate is
+    painted in is no training person's either. Refuses with one line below
+    :data:`MIN_PATIENTS` patients."""
     if len(set(patients)) < MIN_PATIENTS:
         raise PipelineError(
             f"{len(set(patients))} training patient(s): the anatomy model needs at least "
@@ -317,6 +383,14 @@ def fit_anatomy(
     aligned = np.stack([align(v, cfg.depth) for v in volumes])
     centre = np.mean([ndimage.center_of_mass(v > 0)[1:] for v in volumes], axis=0)
     maps = np.stack([signed_distances(a, n_classes, cfg.shell) for a in aligned])
+    body_aligned = np.zeros((0,), np.uint8)
+    if bodies is not None:
+        body_aligned = np.stack(
+            [align(v, cfg.depth, b) for v, b in zip(volumes, bodies, strict=True)]
+        )
+        maps = np.concatenate(
+            [maps, np.stack([body_distances(b) for b in body_aligned])[:, None]], 1
+        )
     x = maps.reshape(len(maps), -1)
     mean = x.mean(0)
     _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
@@ -325,6 +399,8 @@ def fit_anatomy(
     keep = max(1, min(keep, len(s) - 1 if len(s) > 1 else 1))
     sd = (s[:keep] / np.sqrt(max(len(x) - 1, 1))).astype(np.float32)
     sizes = np.array([[np.sum(a == c) for c in range(1, n_classes)] for a in aligned], float)
+    if bodies is not None:  # the body's size is kept in range like a structure's
+        sizes = np.concatenate([sizes, body_aligned.reshape(len(aligned), -1).sum(1)[:, None]], 1)
     counts = np.array(
         [[len(pieces(a == c)[1]) for c in range(1, n_classes)] for a in aligned], float
     )
@@ -335,6 +411,11 @@ def fit_anatomy(
     # a patient unusually close to another (a twin, a re-scan under a second name) must not
     # loosen the rule for both: no bound above the median person's
     nearest_other = np.minimum(nearest_other, np.median(nearest_other))
+    body_bounds = np.zeros((0,), np.float32)
+    if bodies is not None:  # the same rule for the body outlines
+        pairs = mask_similarity(body_aligned, body_aligned, 2)
+        body_bounds = np.where(owners[:, None] == owners[None, :], -np.inf, pairs).max(1)
+        body_bounds = np.minimum(body_bounds, np.median(body_bounds)).astype(np.float32)
     return AnatomyModel(
         mean=mean.astype(np.float32),
         modes=vt[:keep].astype(np.float32),
@@ -356,7 +437,10 @@ def fit_anatomy(
             "patients": len(set(patients)),
             "modes": keep,
             "variance_kept": float(np.cumsum(var)[keep - 1] / var.sum()),
+            "body": bodies is not None,
         },
+        bodies=body_aligned,
+        body_bounds=body_bounds,
     )
 
 
@@ -383,8 +467,9 @@ def plausibility(
             if ring.any() and np.mean(mus[ring]) < 0.5:
                 ring_ok = False
     sizes = np.array([np.sum(labels == c) for c in range(1, n_classes)], float)
-    lo = model.sizes.min(0) * (1 - SIZE_SLACK)
-    hi = model.sizes.max(0) * (1 + SIZE_SLACK)
+    real = model.sizes[:, : n_classes - 1]  # the structures' (not the body's)
+    lo = real.min(0) * (1 - SIZE_SLACK)
+    hi = real.max(0) * (1 + SIZE_SLACK)
     in_range = bool(np.all((sizes >= lo) & (sizes <= hi)))
     return {
         "pieces_as_real": shaped,
@@ -419,11 +504,13 @@ def sample_anatomy(
     rng = np.random.default_rng(list(seed))
     for attempt in range(1, TRIES + 1):
         maps = model.draw_maps(rng)
-        labels = decode(maps, model.shell)
+        labels = model.labels_of(maps)
         verdict = plausibility(labels, model, myo=myo, lv=lv)
         if not verdict["plausible"]:
             continue
-        best, margin = model.nearest(align(labels, len(labels)))
+        body = model.body_of(maps, labels)
+        aligned_body = None if body is None else align(labels, len(labels), body)
+        best, margin = model.nearest(align(labels, len(labels)), aligned_body)
         if margin > 0:
             continue
         record = {"draws": attempt, "nearest_dice": round(best, 4), "margin": round(margin, 4)}
@@ -437,13 +524,17 @@ def sample_anatomy(
 def planes_picture(rows: list[tuple[str, list[np.ndarray]]], tile: int = 96) -> np.ndarray:
     """RGB picture of label volumes in three planes: per row a name and volumes (Z, H, W);
     each volume as its middle axial, coronal and sagittal plane (structures in the preview
-    palette; the slice axis stretched to the tile). Pure: volumes in, pixels out."""
+    palette, :data:`BODY_VALUE` in grey; the slice axis stretched to the tile). Pure: volumes
+    in, pixels out."""
     from PIL import Image, ImageDraw
 
-    from pipeline.preview import PALETTE, grid
+    from pipeline.preview import BODY_GREY, BODY_VALUE, PALETTE, grid
 
     def square(plane: np.ndarray) -> np.ndarray:
-        img = Image.fromarray(PALETTE[plane % len(PALETTE)])
+        colours = np.where(
+            (plane == BODY_VALUE)[..., None], np.uint8(BODY_GREY), PALETTE[plane % len(PALETTE)]
+        )
+        img = Image.fromarray(colours.astype(np.uint8))
         return np.asarray(img.resize((tile, tile), Image.NEAREST))
 
     columns = max(len(v) for _, v in rows) * 3

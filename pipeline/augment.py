@@ -207,6 +207,24 @@ def random_view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 DEFORM_DEFAULTS = {"alpha": 0.03, "degrees": 12.0, "scale": 0.1, "shift": 0.05}
 
 
+def deformation_coords(shape: tuple[int, ...], params: dict[str, Any]) -> np.ndarray:
+    """Where each pixel of a deformed map reads from (2, H, W), rebuilt from the record
+    :func:`deform_mask` returns: the same deformation can move a second map (a body outline)."""
+    size = shape[0]
+    bend = elastic_coords(
+        shape,
+        np.random.default_rng(params["elastic"]["seed"]),
+        alpha=params["elastic"]["alpha_px"],
+        sigma=24.0,
+    )
+    # one resampling of the composed map (affine, then the field read where the affine lands);
+    # a point the affine takes off the grid reads a far-off coordinate, hence background
+    at = affine_coords(size, params["affine"])
+    return np.stack(
+        [ndimage.map_coordinates(b, at, order=1, mode="constant", cval=-(10**6)) for b in bend]
+    )
+
+
 def deform_mask(
     mask: np.ndarray,
     rng: np.random.Generator,
@@ -230,16 +248,8 @@ def deform_mask(
     field_seed = int(rng.integers(0, 2**31 - 1))
     # a smooth field (24 px at 256², scaled with the side): organs bend, edges do not fray
     elastic_params = {"alpha_px": alpha * size, "sigma_px": 24.0 * size / 256.0, "seed": field_seed}
-    bend = elastic_coords(
-        mask.shape, np.random.default_rng(field_seed), alpha=alpha * size, sigma=24.0
-    )
     affine = random_affine(rng, degrees=degrees, scale=scale, shift=shift)
-    # one resampling of the composed map (affine, then the field read where the affine lands);
-    # a point the affine takes off the grid reads a far-off coordinate, hence background
-    at = affine_coords(size, affine)
-    coords = np.stack(
-        [ndimage.map_coordinates(b, at, order=1, mode="constant", cval=-(10**6)) for b in bend]
-    )
+    coords = deformation_coords(mask.shape, {"elastic": elastic_params, "affine": affine})
     out = warp_labels(mask, coords)
     present = [int(c) for c in np.unique(out) if c > 0]
     dropped = [c for c in present if rng.random() < drop]

@@ -31,13 +31,14 @@ from pipeline.anatomy import (
     sample_anatomy,
 )
 from pipeline.atomic import atomic_write
-from pipeline.augment import DEFORM_DEFAULTS, deform_mask
+from pipeline.augment import DEFORM_DEFAULTS, deform_mask, deformation_coords, warp_labels
 from pipeline.candidates import open_batch, write_batch_json, write_candidate
 from pipeline.catalog import Candidate, Slice, Source, write_session
 from pipeline.errors import PipelineError
 from pipeline.imageio import image_files, read_nifti_slices, read_png
 from pipeline.labels import LabelSchema
-from pipeline.preprocess import resize_image, resize_mask
+from pipeline.preprocess import body_outline, body_outlines, resize_image, resize_mask
+from pipeline.preview import BODY_VALUE
 from pipeline.progress import Progress
 from pipeline.runs import find_run, load_generator
 from pipeline.slices import SliceRef, SliceStore, load_slices, slice_spacings, workspace_refs
@@ -74,6 +75,9 @@ class MaskSpec:
     file: str | None
     spacing: list[float]
     transform: dict[str, Any]
+    # the body outline the candidate is painted in (None: the run's generator has no body
+    # channel); never a real person's when the mask is no real person's
+    body: np.ndarray | None = None
 
 
 @dataclass
@@ -95,55 +99,69 @@ ANATOMY_GRID = 128
 
 
 def training_volumes(
-    refs: list[SliceRef], masks: np.ndarray, planar: set[str]
-) -> tuple[list[np.ndarray], list[str]]:
+    refs: list[SliceRef], masks: np.ndarray, planar: set[str], bodies: np.ndarray | None = None
+) -> tuple[list[np.ndarray], list[str], list[np.ndarray]]:
     """Training label maps grouped into volumes (one per cache file, in slice order) with their
-    patients; a 2-D source (``planar`` cache files: PNG slices) gives one 1-slice volume per
+    patients, and ``bodies`` (the slices' body outlines) grouped the same way (empty list when
+    None); a 2-D source (``planar`` cache files: PNG slices) gives one 1-slice volume per
     labelled slice, since its slices need not be neighbours."""
-    rows: dict[str, list[tuple[int, np.ndarray]]] = {}
+    extra = np.zeros(masks.shape, bool) if bodies is None else bodies
+    rows: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
     owner: dict[str, str] = {}
     vols: list[np.ndarray] = []
+    outlines: list[np.ndarray] = []
     patients: list[str] = []
-    for r, m in zip(refs, masks, strict=True):
+    for r, m, b in zip(refs, masks, extra, strict=True):
         if r.cache_file in planar:
             if m.any():
                 vols.append(m[None])
+                outlines.append(b[None])
                 patients.append(r.patient)
             continue
-        rows.setdefault(r.cache_file, []).append((r.row, m))
+        rows.setdefault(r.cache_file, []).append((r.row, m, b))
         owner[r.cache_file] = r.patient
     for f, v in rows.items():
-        vol = np.stack([m for _, m in sorted(v, key=lambda t: t[0])])
+        v = sorted(v, key=lambda t: t[0])
+        vol = np.stack([m for _, m, _ in v])
         if vol.any():
             vols.append(vol)
+            outlines.append(np.stack([b for _, _, b in v]))
             patients.append(owner[f])
-    return vols, patients
+    return vols, patients, outlines if bodies is not None else []
 
 
 def anatomy_model(
-    ws: Workspace, run: str, schema: LabelSchema, size: int, *, progress: Progress = iter
+    ws: Workspace,
+    run: str,
+    schema: LabelSchema,
+    size: int,
+    *,
+    body: bool = True,
+    progress: Progress = iter,
 ) -> tuple[AnatomyModel, Path]:
-    """The shape model of the training split's label volumes, fitted once per training set
-    and kept (content-addressed) in the run's folder: ``anatomy-<key>.npz``. Volumes when the
-    sources are volumes; per slice for PNG sources. One line when there are too few patients."""
+    """The shape model of the training split's label volumes (and, with ``body``, their body
+    outlines), fitted once per training set and kept (content-addressed) in the run's folder:
+    ``anatomy-<key>.npz``. Volumes when the sources are volumes; per slice for PNG sources.
+    One line when there are too few patients."""
     refs = workspace_refs(ws, ["train"])
     with Session(ws.engine) as session:
         planar = set(session.scalars(select(Source.cache_file).where(Source.format == "png")).all())
     grid = min(size, ANATOMY_GRID)
-    _, masks = load_slices(ws, refs, grid)
-    vols, patients = training_volumes(refs, masks, planar)
+    images, masks = load_slices(ws, refs, grid)
+    bodies = body_outlines(images, masks) if body else None
+    vols, patients, outlines = training_volumes(refs, masks, planar, bodies)
     flat = len(vols) > 0 and all(len(v) == 1 for v in vols)
     cfg = AnatomyConfig(depth=1 if flat else AnatomyConfig.depth, shell=_shell(schema))
     key = hashlib.sha256(
         repr(
-            (cfg, schema.names, sorted(zip(patients, (v.shape for v in vols), strict=True)))
+            (cfg, body, schema.names, sorted(zip(patients, (v.shape for v in vols), strict=True)))
         ).encode()
-        + b"".join(v.tobytes() for v in vols)
+        + b"".join(v.tobytes() for v in (*vols, *outlines))
     ).hexdigest()[:16]
     path = ws.runs_dir / path_name(run, what="run") / f"anatomy-{key}.npz"
     if path.exists():
         return load_model(path), path
-    model = fit_anatomy(vols, patients, len(schema.names), cfg)
+    model = fit_anatomy(vols, patients, len(schema.names), cfg, outlines if body else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_bytes(model.to_bytes()))
     _write_anatomy_picture(model, schema, path.with_suffix(".png"))
@@ -156,11 +174,23 @@ def _write_anatomy_picture(model: AnatomyModel, schema: LabelSchema, path: Path)
     shell = _shell(schema)
     myo, lv = shell if shell else (None, None)
     n = min(4, len(model.train))
+
+    def shown(labels: np.ndarray, body: np.ndarray | None) -> np.ndarray:
+        # the body, where it is not a structure, in the picture's body grey
+        return labels if body is None else np.where((labels == 0) & body, BODY_VALUE, labels)
+
     try:
-        samples = [sample_anatomy(model, [0, i, 24], myo=myo, lv=lv).labels for i in range(n)]
+        samples = []
+        for i in range(n):
+            s = sample_anatomy(model, [0, i, 24], myo=myo, lv=lv)
+            samples.append(shown(s.labels, model.body_of(s.maps, s.labels)))
     except PipelineError:
         samples = []  # the batch will say so, one line, when it draws
-    rows = [("real (training)", list(model.train[:n]))]
+    real = [
+        shown(t, model.bodies[j] > 0 if model.has_body else None)
+        for j, t in enumerate(model.train[:n])
+    ]
+    rows = [("real (training)", real)]
     if samples:
         rows.append(("synthetic", samples))
     picture = planes_picture(rows)
@@ -195,15 +225,24 @@ def source_masks(
             sample = sample_anatomy(model, [cfg.seed, i], myo=myo, lv=lv)
             filled = [z for z in range(len(sample.labels)) if sample.labels[z].any()]
             z = filled[int(np.random.default_rng([cfg.seed, i, 1]).integers(len(filled)))]
-            mask = model.place(sample.maps[:, z : z + 1], size)[0]
+            labels, body = model.place(sample.maps[:, z : z + 1], size)
             record = {
                 "anatomy_model_sha256": digest,
                 "anatomy_model": path.name,
                 "seed": [cfg.seed, i],
                 "slice": z,
                 **sample.record,
+                "body": "synthetic" if body is not None else "none",
             }
-            return MaskSpec(mask, "synthetic", None, None, typical, record)
+            return MaskSpec(
+                labels[0],
+                "synthetic",
+                None,
+                None,
+                typical,
+                record,
+                None if body is None else body[0],
+            )
 
         return synthetic
     if cfg.masks == "augmented":
@@ -219,9 +258,9 @@ def source_masks(
             rng = np.random.default_rng([cfg.seed, i])
             for _ in range(20):
                 ref = pool[int(rng.integers(len(pool)))]
-                src = store.masks([ref.slice_id])[0]
+                src, image = store.masks([ref.slice_id])[0], store.images([ref.slice_id])[0]
                 if src.shape[0] != size:
-                    src = resize_mask(src, size)
+                    src, image = resize_mask(src, size), resize_image(image, size)
                 mask, params = deform_mask(
                     src,
                     rng,
@@ -234,7 +273,20 @@ def source_masks(
                 )
                 if mask.any():
                     break
-            return MaskSpec(mask, "augmented", ref.slice_id, None, spacing[ref.cache_file], params)
+            # the source slice's body, deformed as its label map was: its own outline left
+            # unchanged makes near-copies of the source (16 of 24 in a test batch flagged,
+            # 10 with the elastic field alone, 0 deformed fully)
+            coords = deformation_coords(src.shape, params)
+            body = warp_labels(body_outline(image, src).astype(np.uint8), coords) > 0
+            return MaskSpec(
+                mask,
+                "augmented",
+                ref.slice_id,
+                None,
+                spacing[ref.cache_file],
+                {**params, "body": "the source slice's, deformed with its label map"},
+                body | (mask > 0),
+            )
 
         return augmented
     if cfg.masks == "heldout":
@@ -245,13 +297,32 @@ def source_masks(
 
         def heldout(i: int) -> MaskSpec:
             ref = refs[i % len(refs)]
-            mask = store.masks([ref.slice_id])[0]
+            mask, image = store.masks([ref.slice_id])[0], store.images([ref.slice_id])[0]
             if mask.shape[0] != size:
-                mask = resize_mask(mask, size)
-            return MaskSpec(mask, "heldout", ref.slice_id, None, spacing[ref.cache_file], {})
+                mask, image = resize_mask(mask, size), resize_image(image, size)
+            record = {"body": "the slice's own"}
+            return MaskSpec(
+                mask,
+                "heldout",
+                ref.slice_id,
+                None,
+                spacing[ref.cache_file],
+                record,
+                body_outline(image, mask),
+            )
 
         return heldout
     raise PipelineError(f"unknown mask source {cfg.masks!r}")
+
+
+def typical_body(ws: Workspace, size: int) -> np.ndarray:
+    """The body outline of the typical training slice: the pixels inside the body in more than
+    half of the training slices (every person's outline blended: nobody's own). For masks
+    that come without a body (a folder of user masks)."""
+    images, masks = load_slices(ws, workspace_refs(ws, ["train"]), size)
+    if not len(images):
+        raise PipelineError("no training slices to take a typical body from", path=ws.root)
+    return np.mean(body_outlines(images, masks), axis=0) > 0.5
 
 
 def _typical_spacing(spacing: dict[str, list[float]], refs: list[SliceRef]) -> list[float]:
@@ -315,7 +386,7 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
     if cfg.masks in MASK_SOURCES:
         anatomy = None
         if cfg.masks == "synthetic":
-            anatomy = anatomy_model(ws, cfg.run, schema, size)
+            anatomy = anatomy_model(ws, cfg.run, schema, size, body=model_cfg.body)
             model = anatomy[0]
             stored["anatomy_model_sha256"] = model.sha256()
             notes.append(
@@ -366,10 +437,20 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
     if todo:
         generator = load_generator(run.generator_path, run.generator_sha256)
     chunks = [todo[i : i + cfg.batch] for i in range(0, len(todo), cfg.batch)]
+    typical: np.ndarray | None = None
     for chunk in progress(chunks):
         specs_chunk = [spec_of(i) for i in chunk]
         masks = np.stack([s.mask for s in specs_chunk])
-        images = generate_images(generator, masks, model_cfg, batch=cfg.batch)
+        bodies = None
+        if model_cfg.body:
+            for s in specs_chunk:
+                if s.body is None:  # a user's mask comes without a body: the typical one
+                    if typical is None:
+                        typical = typical_body(ws, size)
+                    s.body = typical | (s.mask > 0)
+                    s.transform = {**s.transform, "body": "typical of the training split"}
+            bodies = np.stack([s.body for s in specs_chunk])
+        images = generate_images(generator, masks, model_cfg, bodies=bodies, batch=cfg.batch)
         rows = []
         for i, spec, image in zip(chunk, specs_chunk, images, strict=True):
             cand = f"cand_{i:05d}"

@@ -10,6 +10,10 @@ from scipy import ndimage
 
 from pipeline.atomic import atomic_write
 
+#: In label pictures, a pixel of this value is body outside every structure, drawn in
+#: :data:`BODY_GREY` (the generator's body channel, issue 24).
+BODY_VALUE = 255
+BODY_GREY = 70
 #: One colour per class index (0 = background, unused), chosen to stay distinct on grey.
 PALETTE = np.array(
     [

@@ -34,6 +34,7 @@ from pipeline.metrics import (
 )
 from pipeline.preprocess import (
     PICTURE_WINDOW,
+    body_outlines,
     resize_image,
     unit_scale,
     view_label,
@@ -324,7 +325,8 @@ def evaluate(
     scale = unit_scale(units, window)
     real, masks, patients = _heldout(ws, model_cfg.size)
     generator = load_generator(trained.generator_path, trained.generator_sha256)
-    fake = generate_images(generator, masks, model_cfg)
+    # each held-out slice painted inside its own body: the pairing compares like with like
+    fake = generate_images(generator, masks, model_cfg, bodies=body_outlines(real, masks))
     paired = paired_fidelity(real, fake, masks, class_names=list(schema.names), scale=scale)
     heart = heart_ssim(real, fake, masks)
 

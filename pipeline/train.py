@@ -33,8 +33,8 @@ from pipeline.augment import affine_coords, affine_warp, random_affine, warp_lab
 from pipeline.catalog import PatientSplit, Run, Source, get_meta, utcnow, write_session
 from pipeline.cpu import CpuProfile
 from pipeline.errors import PipelineError
-from pipeline.preprocess import picture_window
-from pipeline.preview import PALETTE, grid, save_png, to_uint8
+from pipeline.preprocess import body_outlines, picture_window
+from pipeline.preview import BODY_GREY, PALETTE, grid, save_png, to_uint8
 from pipeline.privacy import ssim_batch
 from pipeline.progress import Progress
 from pipeline.runs import run_units
@@ -250,7 +250,7 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    from models.gan import encode_condition
+    from models.gan import condition_of
 
     replicas, pipelines, pipeline_id = 1, 1, 0
     if context is not None:
@@ -262,7 +262,7 @@ def make_dataset(
     slots = np.tile(np.arange(pipeline_id * local, (pipeline_id + 1) * local), len(order) - start)
     size, flip = cfg.size, augment == "flip+affine"
 
-    def load(step: np.int64, slot: np.int64) -> tuple[np.ndarray, np.ndarray]:
+    def load(step: np.int64, slot: np.int64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         positions = range(int(slot) * per_replica, (int(slot) + 1) * per_replica)
         idx = order[int(step), int(slot) * per_replica : (int(slot) + 1) * per_replica]
         img, msk = images[idx, ..., 0], masks[idx]
@@ -273,13 +273,18 @@ def make_dataset(
             ]
             img = np.stack([p[0] for p in pairs])
             msk = np.stack([p[1] for p in pairs])
-        return msk, img[..., None]
+        # the body of the image as trained on (after augmentation), so outline and image agree
+        body = body_outlines(img, msk) if cfg.body else np.zeros(msk.shape, bool)
+        return msk, body, img[..., None]
 
     def to_tensors(step: Any, slot: Any) -> tuple[Any, Any]:
-        msk, img = tf.numpy_function(load, [step, slot], [tf.uint8, tf.float32], stateful=False)
+        msk, body, img = tf.numpy_function(
+            load, [step, slot], [tf.uint8, tf.bool, tf.float32], stateful=False
+        )
         msk.set_shape((per_replica, size, size))
+        body.set_shape((per_replica, size, size))
         img.set_shape((per_replica, size, size, 1))
-        return encode_condition(msk, cfg.num_classes, cfg.condition), img
+        return condition_of(msk, body, cfg), img
 
     ds = tf.data.Dataset.from_tensor_slices((steps, slots))
     ds = ds.map(to_tensors, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -291,13 +296,18 @@ def _sample_grid(
     fake: np.ndarray,
     real: np.ndarray,
     view: Callable[[np.ndarray], np.ndarray] = np.asarray,
+    bodies: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rows of condition | generated | original, the slices through ``view`` (a viewing
-    window); small slices enlarged (nearest) to ≥ 128 px."""
+    window; the condition's body outline, if any, in grey); small slices enlarged (nearest)
+    to ≥ 128 px."""
     zoom = max(1, 128 // masks.shape[1])
     tiles = []
-    for m, f, r in zip(masks, fake, real, strict=True):
-        tiles += [PALETTE[m % len(PALETTE)], to_uint8(view(f[..., 0])), to_uint8(view(r[..., 0]))]
+    for i, (m, f, r) in enumerate(zip(masks, fake, real, strict=True)):
+        cond = PALETTE[m % len(PALETTE)]
+        if bodies is not None:
+            cond = np.where(((m == 0) & bodies[i])[..., None], np.uint8(BODY_GREY), cond)
+        tiles += [cond.astype(np.uint8), to_uint8(view(f[..., 0])), to_uint8(view(r[..., 0]))]
     tiles = [np.repeat(np.repeat(t, zoom, axis=0), zoom, axis=1) for t in tiles]
     return grid(tiles, columns=3)
 
@@ -586,14 +596,15 @@ def _evaluate(
     """
     import tensorflow as tf
 
-    from models.gan import encode_condition, generate_images
+    from models.gan import condition_of, generate_images
 
     if len(images) == 0:
         return {"ssim": None, "ssim_batchstats": None, "mae": None}
     pick = np.linspace(0, len(images) - 1, min(16, len(images))).astype(int)
     real = images[pick, ..., 0]
-    fake = generate_images(generator, masks[pick], cfg)
-    cond = encode_condition(masks[pick], cfg.num_classes, cfg.condition)
+    bodies = body_outlines(real, masks[pick])
+    fake = generate_images(generator, masks[pick], cfg, bodies=bodies)
+    cond = condition_of(masks[pick], bodies, cfg)
     batchstats = np.asarray(generator(cond, training=True), dtype=np.float32)[..., 0]
     result = {
         "ssim": float(np.mean(ssim_batch(real, fake))),
@@ -601,7 +612,9 @@ def _evaluate(
         "mae": float(np.mean(np.abs(real - fake))),
     }
     show = pick[:4]
-    picture = _sample_grid(masks[show], fake[: len(show), ..., None], images[show], view)
+    picture = _sample_grid(
+        masks[show], fake[: len(show), ..., None], images[show], view, bodies[: len(show)]
+    )
     save_png(picture, run_dir / "samples" / f"step_{step:06d}.png")
     with writer.as_default(step=step):
         for name, value in result.items():

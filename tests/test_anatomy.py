@@ -27,15 +27,18 @@ from pipeline.anatomy import (
 from pipeline.errors import PipelineError
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.phantom import write_phantom
+from pipeline.preprocess import body_outlines
 from pipeline.slices import load_slices, workspace_refs
 from pipeline.workspace import open_workspace
 
 MYO, LV, AORTA = 1, 3, 6  # class indices of the MM-WHS schema
 
 
-def _volumes(ws, splits):
+def _volumes(ws, splits, body=False):
     refs = workspace_refs(ws, splits)
-    _, masks = load_slices(ws, refs, 64)
+    images, masks = load_slices(ws, refs, 64)
+    if body:
+        masks = body_outlines(images, masks)
     by_file, owner = defaultdict(list), {}
     for r, m in zip(refs, masks, strict=True):
         by_file[r.cache_file].append((r.row, m))
@@ -53,8 +56,12 @@ def phantom_volumes(tmp_path_factory):
     ingest(ws, root / "src", IngestConfig(size=64, seed=0, split=(0.75, 0.125, 0.125)))
     train = _volumes(ws, ["train"])
     held = _volumes(ws, ["val", "test"])
+    BODIES.extend(_volumes(ws, ["train"], body=True)[0])
     ws.close()
     return train, held
+
+
+BODIES: list[np.ndarray] = []  # the training volumes' body outlines, filled by the fixture
 
 
 def test_signed_distances_decode_back_and_specks_go_but_real_pieces_stay():
@@ -141,8 +148,38 @@ def test_samples_are_plausible_and_no_training_patients_own(phantom_volumes):
         w1 = wasserstein_distance(sizes[:, c], model.sizes[:, c])
         assert w1 < 0.2 * model.sizes[:, c].mean(), (c, w1)
     # placed back where hearts sit, at another size, still the same anatomy
-    placed = model.place(kept[0].maps, 32)
+    placed, body = model.place(kept[0].maps, 32)
     assert placed.shape == (16, 32, 32) and set(np.unique(placed)) <= set(range(8))
+    assert body is None  # fitted without bodies
+
+
+def test_samples_carry_a_body_of_their_own(phantom_volumes, tmp_path):
+    """Fitted with the training bodies (issue 24: the generator painted its training people's
+    outlines), every sample carries a body: one piece per slice around every labelled voxel,
+    its size in the real range, and no closer to any training person's body than that
+    person's nearest other's is (the same rule as the structures')."""
+    (train, patients), _ = phantom_volumes
+    cfg = AnatomyConfig(depth=16, shell=(MYO, LV))
+    model = fit_anatomy(train, patients, 8, cfg, BODIES)
+    assert model.has_body and model.n_classes == 8 and model.bodies.shape == (6, 16, 64, 64)
+    real = model.bodies.reshape(6, -1).sum(1)
+    for i in range(8):
+        s = sample_anatomy(model, [3, i], myo=MYO, lv=LV)
+        body = model.body_of(s.maps, s.labels)
+        assert body is not None and body.shape == s.labels.shape
+        assert np.all(body[s.labels > 0])
+        assert all(len(pieces(plane)[1]) == 1 for plane in body if plane.any())
+        assert real.min() * 0.75 <= body.sum() <= real.max() * 1.25
+        aligned = align(s.labels, len(s.labels), body)
+        assert model.nearest(align(s.labels, len(s.labels)), aligned)[1] <= 0
+    # the last sample's anatomy inside a training person's own body: the rule turns it away
+    assert model.nearest(align(s.labels, len(s.labels)), model.bodies[0])[1] > 0
+    placed, body = model.place(s.maps, 32)
+    assert body.shape == placed.shape == (16, 32, 32) and np.all(body[placed > 0])
+    # saved and loaded, the body comes back
+    (tmp_path / "m.npz").write_bytes(model.to_bytes())
+    again = load_model(tmp_path / "m.npz")
+    assert again.has_body and np.array_equal(again.body_bounds, model.body_bounds)
 
 
 def test_a_model_that_cannot_sample_says_so_in_one_line(phantom_volumes):

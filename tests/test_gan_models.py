@@ -49,7 +49,9 @@ def expected_generator_params(cfg):
 def test_paper_shapes_and_counts():
     cfg = preset("paper")
     g, d = build_generator(cfg), build_discriminator(cfg)
-    assert g.output_shape == (None, 256, 256, 1) and g.input_shape == (None, 256, 256, 8)
+    # 8 one-hot classes and the body outline (issue 24: without it the generator paints a
+    # training person's body)
+    assert g.output_shape == (None, 256, 256, 1) and g.input_shape == (None, 256, 256, 9)
     assert d.output_shape == (None, 8, 8, 1)  # each cell judges a 32×32 patch
     names = [layer.name for layer in g.layers]
     assert sum(n.startswith("down") and n[4:].isdigit() for n in names) == 7
@@ -84,7 +86,7 @@ def test_tiny_depth_follows_size(size, depth):
 def test_generation_is_deterministic():
     cfg = preset("tiny", size=32)
     g = build_generator(cfg)
-    x = np.random.default_rng(0).random((2, 32, 32, 8)).astype("float32")
+    x = np.random.default_rng(0).random((2, 32, 32, cfg.condition_channels)).astype("float32")
     a = np.asarray(g(x, training=False))
     b = np.asarray(g(x, training=False))
     assert np.array_equal(a, b) and a.min() >= 0 and a.max() <= 1
@@ -170,7 +172,8 @@ def test_tiny_model_learns_a_toy_mapping():
         m[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(1, 8)
         masks.append(m)
     masks = np.stack(masks)
-    cond = np.eye(8, dtype="float32")[masks]
+    body = np.ones((*masks.shape, 1), "float32")  # the body channel: all body here
+    cond = np.concatenate([np.eye(8, dtype="float32")[masks], body], axis=-1)
     target = (masks / 7.0).astype("float32")[..., None] * 0.8 + 0.1  # intensity per class
     step = tf.function(gan.train_step)
     l1 = []
@@ -210,10 +213,31 @@ def test_mixed_precision_step(precision):
     scaled = isinstance(gan.g_opt, keras.optimizers.LossScaleOptimizer)
     assert scaled == (precision == "mixed_float16")
     rng = np.random.default_rng(0)
-    cond = np.eye(8, dtype="float32")[rng.integers(0, 8, (4, 32, 32))]
+    cond = np.eye(9, dtype="float32")[rng.integers(0, 9, (4, 32, 32))]  # 8 classes and body
     img = rng.random((4, 32, 32, 1)).astype("float32")
     before = [w.copy() for w in gan.generator.get_weights()]
     out = tf.function(gan.train_step)(cond, img)
     assert all(np.isfinite(float(v)) for v in out.values())
     after = gan.generator.get_weights()
     assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_the_body_channel_is_asked_for_and_old_runs_have_none():
+    """Body-conditioned presets need each mask's body outline; the authors' ``seed-code``
+    model and a run saved before the channel existed (no ``body`` in its config) have none."""
+    from models.config import GanConfig
+    from models.gan import generate_images
+
+    cfg = preset("tiny", size=32)
+    assert cfg.body and cfg.condition_channels == cfg.num_classes + 1
+    assert not preset("seed-code").body and preset("seed-code").condition_channels == 1
+    old = {k: v for k, v in cfg.to_dict().items() if k != "body"}
+    assert not GanConfig.from_dict(old).body and GanConfig.from_dict(cfg.to_dict()).body
+    g = build_generator(cfg)
+    masks = np.zeros((2, 32, 32), np.uint8)
+    with pytest.raises(ValueError, match="body outline"):
+        generate_images(g, masks, cfg)
+    body = np.zeros((2, 32, 32), bool)
+    body[1, 8:24, 8:24] = True
+    out = generate_images(g, masks, cfg, bodies=body)
+    assert out.shape == (2, 32, 32) and not np.array_equal(out[0], out[1])

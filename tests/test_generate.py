@@ -231,7 +231,13 @@ def test_generate_from_heldout_and_user_masks(ws, tmp_path):
 @pytest.mark.slow
 def test_filter_and_gates_pass_trained_and_fail_untrained(ws):
     aug = ("--masks", "augmented")
-    good = run("generate", "-w", ws, "--run", "good", "--count", 24, *aug, "--filter", *GATES_FAST)
+    # deformed bodies (issue 24) are turned and scaled with their hearts: 24 of them sit
+    # further from the real held-out slices (Fréchet ratio 2.3) than bodies the generator
+    # copied from its training people did (2.0), and none is flagged (7 before)
+    loose = ("--max-fd-ratio", 2.6)
+    good = run(
+        "generate", "-w", ws, "--run", "good", "--count", 24, *aug, "--filter", *GATES_FAST, *loose
+    )
     assert good.exit_code == 0, good.stdout + good.stderr
     # 4 + 4 patients: the membership audit says it cannot judge, and why (no gate)
     assert "membership audit not testable: 4 training and 4 held-out" in good.stdout

@@ -8,6 +8,7 @@ import pytest
 from models.config import preset
 from pipeline.augment import affine_coords, affine_warp, random_affine, warp_labels
 from pipeline.errors import PipelineError
+from pipeline.preprocess import body_outlines
 from pipeline.train import (
     augment_pair,
     batch_order,
@@ -70,9 +71,12 @@ def test_replicas_split_exactly_the_global_batch(replicas, pipelines):
         local = replicas // pipelines
         assert len(elements) == 3 * local
         for i, (cond, img) in enumerate(elements):
-            assert cond.shape == (8 // replicas, 8, 8, 8) and img.shape == (8 // replicas, 8, 8, 1)
-            seen[2 + i // local] += img[:, 0, 0, 0].astype(int).tolist()
-            np.testing.assert_array_equal(cond.argmax(-1), masks[img[:, 0, 0, 0].astype(int)])
+            # 8 classes, then the body outline of the image trained on
+            assert cond.shape == (8 // replicas, 8, 8, 9) and img.shape == (8 // replicas, 8, 8, 1)
+            ids = img[:, 0, 0, 0].astype(int)
+            seen[2 + i // local] += ids.tolist()
+            np.testing.assert_array_equal(cond[..., :8].argmax(-1), masks[ids])
+            np.testing.assert_array_equal(cond[..., 8], body_outlines(img, masks[ids]))
     for s, ids in seen.items():
         assert sorted(ids) == sorted(order[s].tolist())
 
