@@ -194,25 +194,27 @@ def body_outline(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarra
     """The body of a [0, 1] slice (bool): pixels above :data:`BODY_LEVEL`, closed over gaps of a
     few pixels (thin fat in a narrow window), holes (the lungs) filled, the largest piece only
     (not the table), with every labelled pixel of ``mask`` added (a heart is always inside its
-    body). A side of the image that the body fills for more than a quarter of its length is a
-    cut field of view, not skin: it counts as body when filling holes, so lungs cut by the
-    frame are filled too. No label map describes the body, so the generator is given it:
-    without it, it paints a training person's (issue 24)."""
+    body). Where the body meets a side of the image over more than a quarter of its length,
+    the field of view cut it: that stretch of the frame counts as body when filling holes, so
+    lungs cut by the frame are filled too. No label map describes the body, so the generator
+    is given it: without it, it paints a training person's (issue 24)."""
     image = np.asarray(image)
     above = image > BODY_LEVEL
     r = max(1, image.shape[0] // 64)
     disk = np.hypot(*np.mgrid[-r : r + 1, -r : r + 1]) <= r
     # closed with a margin, so the frame does not stop the closing
     above = ndimage.binary_closing(np.pad(above, r, mode="edge"), disk)[r:-r, r:-r]
-    sides = [above[0], above[-1], above[:, 0], above[:, -1]]
     cut = np.pad(above, 1, constant_values=False)
-    for (rows, cols), side in zip(
-        [(0, slice(None)), (-1, slice(None)), (slice(None), 0), (slice(None), -1)],
-        sides,
-        strict=True,
+    # the frame's four sides, each as (where it lies in the padded array, what touches it)
+    for border, side in (
+        (cut[0, 1:-1], above[0]),
+        (cut[-1, 1:-1], above[-1]),
+        (cut[1:-1, 0], above[:, 0]),
+        (cut[1:-1, -1], above[:, -1]),
     ):
-        if side.mean() > 0.25:
-            cut[rows, cols] = True
+        touch = np.flatnonzero(side)
+        if len(touch) and touch[-1] - touch[0] + 1 > 0.25 * len(side):
+            border[touch[0] : touch[-1] + 1] = True  # a view into ``cut``
     inside = ndimage.binary_fill_holes(cut)[1:-1, 1:-1]
     labelled, n = ndimage.label(inside)
     if n > 1:

@@ -78,3 +78,28 @@ def test_orientation_round_trip():
     np.testing.assert_array_equal(display_to_ras(disp), vol)
     # row 0 of a display slice is the most anterior (largest y), col 0 patient right (largest x)
     assert disp[2, 0, 0] == vol[4, 5, 2]
+
+
+def test_body_outline_fills_the_lungs_keeps_the_largest_piece_and_the_heart():
+    """The body channel (issue 24): a thorax with dark lungs is one filled piece; a table
+    below it is left out; labelled pixels are always inside; a body cut by the frame (a small
+    field of view) still has its lungs filled."""
+    from scipy import ndimage
+
+    from pipeline.preprocess import body_outline
+
+    yy, xx = np.mgrid[:64, :64]
+    image = np.zeros((64, 64), np.float32)
+    body = ((yy - 30) / 20) ** 2 + ((xx - 32) / 28) ** 2 < 1
+    image[body] = 0.35
+    lungs = (((yy - 30) / 12) ** 2 + ((np.abs(xx - 32) - 13) / 8) ** 2) < 1
+    image[lungs] = 0.05
+    image[58:61, 8:56] = 0.5  # the table, apart from the body
+    mask = np.zeros((64, 64), np.uint8)
+    mask[5:8, 30:34] = 2  # a label outside what the threshold finds
+    out = body_outline(image, mask)
+    assert out[lungs].all() and not out[59, 10] and not out[2, 2] and out[6, 31]
+    assert np.array_equal(out & ~(mask > 0), ndimage.binary_fill_holes(body))
+    # the same thorax cut by the frame on the left: its left lung meets the edge
+    cut = body_outline(image[:, 18:])
+    assert cut[30, 0:6].all() and not cut[2, 2]
