@@ -156,8 +156,8 @@ def test_samples_are_plausible_and_no_training_patients_own(phantom_volumes):
 def test_samples_carry_a_body_of_their_own(phantom_volumes, tmp_path):
     """Fitted with the training bodies (issue 24: the generator painted its training people's
     outlines), every sample carries a body: one piece per slice around every labelled voxel,
-    its size in the real range, and no closer to any training person's body than that
-    person's nearest other's is (the same rule as the structures')."""
+    its size in the real range, and no closer to any training person's body than any two
+    different people's bodies are (a near-copy)."""
     (train, patients), _ = phantom_volumes
     cfg = AnatomyConfig(depth=16, shell=(MYO, LV))
     model = fit_anatomy(train, patients, 8, cfg, BODIES)
