@@ -243,12 +243,10 @@ def generate_images(
     mask, not on how many others ran beside it or where it sat in the batch (measured on AVX-512
     and on oneDNN limited to AVX2).
     """
-    if cfg.body and bodies is None:
-        raise ValueError("this generator is conditioned on the body outline: pass bodies")
     out = []
     for i in range(0, len(masks), batch):
         chunk = np.asarray(masks[i : i + batch])
-        body = None if not cfg.body else np.asarray(bodies[i : i + batch], dtype=bool)
+        body = None if bodies is None else np.asarray(bodies[i : i + batch], dtype=bool)
         n = len(chunk)
         if n < batch:
             chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
