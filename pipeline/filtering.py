@@ -779,38 +779,38 @@ def memorisation_audit(
     loaded: LoadedIndex, images: np.ndarray, *, seed: int = 0
 ) -> dict[str, Any] | None:
     """Are candidates closer to the training patients than to patients the generator never
-    saw? In the filter's own scoring space: each candidate's best SSIM against an equal-size,
-    seeded sample of training-split slices and against the held-out (val + test) slices; a
-    generator that does not memorise puts about half closer to either. One-sided binomial test
-    of the share closer to training (the idea of SDMetrics' DCR overfitting protection).
-    None without held-out slices."""
-    from scipy.stats import binomtest
+    saw? In the filter's own scoring space: each candidate's most similar slice (best aligned
+    SSIM) among the same seeded number of slices from every patient, training and held-out
+    (val + test); the patients those slices belong to, tested at the patient level
+    (:func:`pipeline.membership.nearest_share_test`: balanced share closer to training,
+    permutation p over patients; the idea of SDMetrics' DCR overfitting protection, with
+    patients, not candidates, as the unit). None without held-out slices."""
+    from pipeline.membership import nearest_share_test
 
     refs = loaded.refs
-    held = [i for i, r in enumerate(refs) if r.split != "train"]
-    train = [i for i, r in enumerate(refs) if r.split == "train"]
-    if not held or not train or not len(images):
+    if not len(images) or not any(r.split != "train" for r in refs):
         return None
+    if not any(r.split == "train" for r in refs):
+        return None
+    by_patient: dict[str, list[int]] = {}
+    for i, r in enumerate(refs):
+        by_patient.setdefault(r.patient, []).append(i)
+    each = min(len(v) for v in by_patient.values())
     rng = np.random.default_rng([seed, 5])
-    train = sorted(rng.choice(train, size=min(len(held), len(train)), replace=False).tolist())
-    vectors = loaded.embedder.embed(loaded.store.images([refs[i].slice_id for i in held + train]))
-    best = []
-    for rows in (range(len(held)), range(len(held), len(held) + len(train))):
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-        chosen = held + train
-        index.add_with_ids(vectors[list(rows)], np.array([refs[chosen[i]].slice_id for i in rows]))
-        best.append(_score(loaded, images, index=index)[0])
-    closer = int(np.sum(best[1] > best[0]))
-    test = binomtest(closer, len(images), 0.5, alternative="greater")
-    return {
-        "candidates": len(images),
-        "reference_slices_each": len(held),
-        "closer_to_training": closer,
-        "share_closer_to_training": closer / len(images),
-        "p_value": float(test.pvalue),
-        "median_ssim_training": float(np.median(best[1])),
-        "median_ssim_heldout": float(np.median(best[0])),
-    }
+    pool = sorted(
+        int(i)
+        for p in sorted(by_patient)
+        for i in rng.choice(by_patient[p], size=each, replace=False)
+    )
+    vectors = loaded.embedder.embed(loaded.store.images([refs[i].slice_id for i in pool]))
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+    index.add_with_ids(vectors, np.array([refs[i].slice_id for i in pool]))
+    scores, nearest, _, _ = _score(loaded, images, index=index)
+    owner = {refs[i].slice_id: refs[i].patient for i in pool}
+    member = {p: refs[v[0]].split == "train" for p, v in by_patient.items()}
+    found = [owner[int(n)] for n in nearest if int(n) in owner]  # -1: nothing retrieved
+    test = nearest_share_test(found, member, seed=seed)
+    return {**test, "reference_slices_each": each, "median_ssim": float(np.median(scores))}
 
 
 def check_masks(

@@ -64,10 +64,19 @@ def describe_privacy(privacy: dict[str, Any]) -> str:
         text += f"; label maps not checked: {masks['note']}"
     m = privacy.get("memorisation")
     if m:
+        if m.get("p_value") is None:
+            read = m.get("note", "not testable")
+        elif "chance_share" in m:
+            read = (
+                f"balanced share {m['share_closer_to_training']:.0%}, chance "
+                f"{m['chance_share']:.0%} of candidates; patient permutation "
+                f"p = {m['p_value']:.3g}"
+            )
+        else:  # a batch filtered before the patient-level test
+            read = f"{m['share_closer_to_training']:.0%}, binomial p = {m['p_value']:.3g}"
         text += (
-            f"; memorisation audit: {m['closer_to_training']} of {m['candidates']} closer to "
-            f"training than to held-out patients ({m['share_closer_to_training']:.0%}, "
-            f"binomial p = {m['p_value']:.3g}; {m['reference_slices_each']} slices each"
+            f"; memorisation audit: {m['closer_to_training']} of {m['candidates']} nearest a "
+            f"training patient's slice ({read}; {m['reference_slices_each']} slices each"
             + (
                 # not "expected": the anatomy itself then points at the training patients,
                 # which is the leak the membership audit gates (issue 24)
@@ -210,7 +219,7 @@ def _gate_cells(g: dict[str, Any]) -> tuple[str, str, str, str, str]:
     if "joint_p" in g:
         verdict += f" (joint p {g['joint_p']:.3f})"
     elif "p_value" in g:
-        verdict += f" (binomial p {g['p_value']:.3g})"
+        verdict += f" (p {g['p_value']:.3g})"
     return f"{g['gate']}{space}", f"{g['value']:.4f}", sign, str(g["threshold"]), verdict
 
 

@@ -182,6 +182,32 @@ def test_samples_carry_a_body_of_their_own(phantom_volumes, tmp_path):
     assert again.has_body and np.array_equal(again.body_bounds, model.body_bounds)
 
 
+def test_bodies_spread_wider_than_the_training_bodies(phantom_volumes):
+    """Bodies drawn with the training bodies' own spread crowd round their mean, and the images
+    painted in them land nearer the training people (issue 24: 86 of 128 on the 24-patient
+    phantom). A sample's body varies ``body_temperature`` times as much as theirs along the
+    body's own modes, and its size is not pinned to the smallest and largest training body."""
+    (train, patients), _ = phantom_volumes
+
+    def spread(body_temperature: float) -> tuple[float, np.ndarray, np.ndarray]:
+        cfg = AnatomyConfig(depth=16, shell=(MYO, LV), alpha=0.0, body_temperature=body_temperature)
+        model = fit_anatomy(train, patients, 8, cfg, BODIES)
+        rng = np.random.default_rng(5)
+        body_mean = model.mean.reshape(model.shape)[-1].ravel()
+        drawn = [model.draw_maps(rng) for _ in range(24)]
+        var = np.mean(
+            [np.sum((model.body_modes @ (d[-1].ravel() - body_mean)) ** 2) for d in drawn]
+        )
+        sizes = np.array([np.sum(model.body_of(d, model.labels_of(d))) for d in drawn])
+        return float(var / np.sum(model.body_sd**2)), sizes, model.sizes[:, -1]
+
+    plain, _, _ = spread(1.0)
+    wide, sizes, real = spread(AnatomyConfig.body_temperature)
+    assert AnatomyConfig.body_temperature == 2.5 and 0.3 < plain < 2.5 and wide > 3 * plain
+    assert np.any((sizes < real.min()) | (sizes > real.max()))
+    assert np.all((sizes >= real.min() * 0.75) & (sizes <= real.max() * 1.25))
+
+
 def test_a_model_that_cannot_sample_says_so_in_one_line(phantom_volumes):
     """When every draw is too close (here: no warp and temperature 0, so every draw is the
     mean shape, nearer each training patient than their nearest other person), the sampler

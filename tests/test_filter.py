@@ -263,9 +263,9 @@ def test_leave_one_patient_out_on_three_patients(phantom_dir, ws_path):
 
 
 def test_memorisation_audit_sees_copies_of_training_slices(indexed):
-    """Copies of training slices are closer to training than to held-out patients (ties, such as
-    a near-empty slice every phantom patient shares, do not count as closer); held-out slices
-    themselves lean the other way."""
+    """Copies of training slices land nearest training patients' slices (the same number of
+    slices from every patient); held-out slices themselves lean the other way. With 4 + 2
+    patients the patient-level test cannot judge: it says so, with no p-value to gate on."""
     from pipeline.filtering import memorisation_audit
     from pipeline.index import load_index
 
@@ -273,15 +273,16 @@ def test_memorisation_audit_sees_copies_of_training_slices(indexed):
     loaded = load_index(open_workspace(ws_path, create=False))
     _, copies = train_slices(ws_path, n=8)
     audit = memorisation_audit(loaded, copies)
-    from scipy.stats import binomtest
-
     assert audit["candidates"] == 8 and audit["closer_to_training"] >= 7
-    expected = binomtest(audit["closer_to_training"], 8, 0.5, alternative="greater").pvalue
-    assert audit["p_value"] == pytest.approx(expected) and audit["p_value"] < 0.05
+    assert audit["chance_share"] == pytest.approx(4 / 6)
+    assert audit["share_closer_to_training"] > 0.8 and audit["p_value"] is None
+    assert "memorisation test not testable: 4 training and 2 held-out" in audit["note"]
+    per_patient = {r.patient for r in loaded.refs}
+    counts = [sum(r.patient == p for r in loaded.refs) for p in per_patient]
+    assert audit["reference_slices_each"] == min(counts)
     held = [r for r in loaded.refs if r.split != "train"][:8]
     other = memorisation_audit(loaded, loaded.store.images([r.slice_id for r in held]))
     assert other["share_closer_to_training"] < 0.5
-    assert audit["reference_slices_each"] == len([r for r in loaded.refs if r.split != "train"])
 
 
 def _people(n_patients: int, slices: int, size: int = 48) -> tuple[list, np.ndarray]:

@@ -252,7 +252,8 @@ def test_filter_and_gates_pass_trained_and_fail_untrained(ws):
     assert checked["checked"] and checked["indistinct"] and "label maps: " in good.stdout
     audit = info["privacy"]["memorisation"]  # reported with the batch, read with its mask source
     assert audit["candidates"] == 24 and audit["masks_from_training"] is True
-    assert 0.0 <= audit["share_closer_to_training"] <= 1.0 and 0.0 < audit["p_value"] <= 1.0
+    assert 0.0 <= audit["share_closer_to_training"] <= 1.0 and audit["p_value"] is None
+    assert "memorisation test not testable: 4 training and 4 held-out" in audit["note"]
     report = Path(ws) / "candidates" / "good-augmented" / "report"
     for f in ("metrics.json", "ssim_hist.png", "privacy_hist.png", "examples.png"):
         assert (report / f).stat().st_size > 0
@@ -267,18 +268,14 @@ def test_filter_and_gates_pass_trained_and_fail_untrained(ws):
     assert "95% bootstrap interval over images" in good.stdout
 
     # the default source on 4 training patients: the anatomy is a blend of those four, and
-    # the images land nearer them than the held-out people (measured: 22 of 24); the
-    # memorisation audit gates batches whose masks are no patient's, and fails this one
+    # the images land nearer them than the held-out people (measured: 22 of 24), but 4 + 4
+    # patients are too few for the patient-level memorisation test: said, not gated
     synth = run("generate", "-w", ws, "--run", "good", "--count", 24, "--filter", *GATES_FAST)
     _, info, _ = _rows(ws, "good-synthetic")
     gates = {g["gate"]: g for g in info["gates"]["results"]}
     audit = info["privacy"]["memorisation"]
-    assert audit["mask_source"] == "synthetic" and "max_memorisation_share" in gates
-    assert gates["max_memorisation_share"]["passed"] == (
-        audit["share_closer_to_training"] <= 0.6 or audit["p_value"] >= 0.05
-    )
-    if not gates["max_memorisation_share"]["passed"]:
-        assert synth.exit_code == 1 and "max_memorisation_share" in synth.stderr
+    assert audit["mask_source"] == "synthetic" and "max_memorisation_share" not in gates
+    assert audit["p_value"] is None and "memorisation test not testable" in synth.stdout
 
     bad = run(
         "generate", "-w", ws, "--run", "untrained", "--count", 24, *aug, "--filter", *GATES_FAST

@@ -20,6 +20,7 @@ from pipeline.membership import (
     image_similarity,
     mask_similarity,
     membership_audit,
+    nearest_share_test,
 )
 from pipeline.phantom import write_phantom
 from pipeline.slices import load_slices, workspace_refs
@@ -55,6 +56,43 @@ def test_too_few_patients_is_one_line_with_the_number_needed():
     )
     assert out["testable"] is False and f"at least {MIN_PER_GROUP}" in out["note"]
     assert "\n" not in out["note"] and "7 training and 3 held-out" in out["note"]
+
+
+def test_the_memorisation_test_is_calibrated_over_patients_not_candidates():
+    """Issue 24: candidates from one model share its traits, so they are not independent draws.
+    Here nobody was trained on: every candidate's nearest patient is drawn by how typical the
+    patients are, whatever their group. A binomial test over the 128 candidates (the audit's
+    test before) called that memorisation in about half of random splits; the patient-level
+    permutation test keeps near its 5% (6 of 60). A batch that does point at its training
+    patients still fails it."""
+    from scipy.stats import binomtest
+
+    rng = np.random.default_rng(3)
+    names = [f"p{i:02d}" for i in range(24)]
+    typical = rng.lognormal(0.0, 0.8, len(names))  # some people are nearer the middle
+    alarms_binomial = alarms = 0
+    for _ in range(60):
+        members = set(rng.choice(names, 12, replace=False).tolist())
+        member = {p: p in members for p in names}
+        nearest = rng.choice(names, 128, p=typical / typical.sum()).tolist()
+        out = nearest_share_test(nearest, member)
+        k = out["closer_to_training"]
+        alarms_binomial += binomtest(k, 128, 0.5, alternative="greater").pvalue < 0.05
+        alarms += out["p_value"] < 0.05
+    assert alarms_binomial >= 20 and alarms <= 8  # measured: 29 and 6 of 60
+    # pointing at the members: every candidate nearest a training patient, one twice as often
+    member = {p: i < 12 for i, p in enumerate(names)}
+    nearest = [names[i % 12] for i in range(128)]
+    out = nearest_share_test(nearest, member)
+    assert out["share_closer_to_training"] == 1.0 and out["p_value"] < 0.01
+    # unequal groups: chance is the members' share of patients, and the balanced share is ½
+    member = {p: i < 16 for i, p in enumerate(names)}
+    out = nearest_share_test([names[i % 24] for i in range(240)], member)
+    assert out["chance_share"] == pytest.approx(16 / 24)
+    assert out["share_closer_to_training"] == pytest.approx(0.5) and out["p_value"] > 0.3
+    # too few in a group: said in one line, no p-value to gate on
+    out = nearest_share_test(names[:8], {p: i < 4 for i, p in enumerate(names[:8])})
+    assert out["p_value"] is None and "memorisation test not testable" in out["note"]
 
 
 def test_similarities_are_dice_and_correlation():
@@ -204,3 +242,31 @@ def test_derived_anatomy_needs_a_reason_and_says_so(tmp_path):
     sheet = (bundle / "DATASHEET.md").read_text()
     assert "anatomy derived from real patients" in sheet and "a study" in sheet
     assert run("verify", bundle).exit_code == 0
+
+
+def test_the_memorisation_gate_reads_the_patient_level_test():
+    """The gate fails a synthetic batch only when the balanced share is over its bound and the
+    patient-level test says chance does not explain it; a test that could not run (too few
+    patients) and batches on real patients' anatomy are reported, not gated."""
+    from pipeline.quality import GateConfig, _memorisation, apply_gates
+
+    def failed(memo: dict) -> list[str] | None:
+        m = _memorisation({"memorisation": memo})
+        if m is None:
+            return None
+        verdict = apply_gates(
+            GateConfig(),
+            heart_ssim=1.0,
+            heldout_ssim=1.0,
+            fd_ratio=1.0,
+            feature_space="x",
+            memorisation=m,
+        )
+        return verdict.failed
+
+    synth = {"mask_source": "synthetic", "share_closer_to_training": 0.8, "p_value": 0.01}
+    assert failed(synth) == ["max_memorisation_share"]
+    assert failed({**synth, "p_value": 0.2}) == []  # over the bound, within chance
+    assert failed({**synth, "share_closer_to_training": 0.55}) == []
+    assert failed({**synth, "p_value": None, "note": "not testable"}) is None
+    assert failed({**synth, "mask_source": "augmented"}) is None
