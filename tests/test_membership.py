@@ -130,18 +130,17 @@ def twelve(tmp_path_factory):
     ws.close()
 
 
-def _gate(audit):
+def _failed_gates(**audits) -> list[str]:
+    """The gates a batch with perfect figures fails, given only its audits."""
     from pipeline.quality import GateConfig, apply_gates
 
-    verdict = apply_gates(
-        GateConfig(),
-        heart_ssim=1.0,
-        heldout_ssim=1.0,
-        fd_ratio=1.0,
-        feature_space="x",
-        membership=(audit["max_auc"], audit["joint_p_value"]),
-    )
-    return verdict.failed == ["max_membership_auc"]
+    figures = dict(heart_ssim=1.0, heldout_ssim=1.0, fd_ratio=1.0, feature_space="x")
+    return apply_gates(GateConfig(), **figures, **audits).failed
+
+
+def _gate(audit):
+    membership = (audit["max_auc"], audit["joint_p_value"])
+    return _failed_gates(membership=membership) == ["max_membership_auc"]
 
 
 def test_a_memorising_batch_fails_the_gate(twelve, tmp_path):
@@ -248,21 +247,11 @@ def test_the_memorisation_gate_reads_the_patient_level_test():
     """The gate fails a synthetic batch only when the balanced share is over its bound and the
     patient-level test says chance does not explain it; a test that could not run (too few
     patients) and batches on real patients' anatomy are reported, not gated."""
-    from pipeline.quality import GateConfig, _memorisation, apply_gates
+    from pipeline.quality import _memorisation
 
     def failed(memo: dict) -> list[str] | None:
         m = _memorisation({"memorisation": memo})
-        if m is None:
-            return None
-        verdict = apply_gates(
-            GateConfig(),
-            heart_ssim=1.0,
-            heldout_ssim=1.0,
-            fd_ratio=1.0,
-            feature_space="x",
-            memorisation=m,
-        )
-        return verdict.failed
+        return None if m is None else _failed_gates(memorisation=m)
 
     synth = {"mask_source": "synthetic", "share_closer_to_training": 0.8, "p_value": 0.01}
     assert failed(synth) == ["max_memorisation_share"]
