@@ -400,6 +400,19 @@ def load_model(path: Path) -> AnatomyModel:
         )
 
 
+def _pca(x: np.ndarray, variance: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Mean, modes (orthonormal rows), their sd and the variance share kept, of rows ``x``:
+    the fewest modes that explain ``variance`` of it, at least one, fewer than the rows."""
+    mean = x.mean(0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    var = s**2
+    share = np.cumsum(var) / max(float(var.sum()), 1e-12)
+    keep = int(np.searchsorted(share, variance) + 1)
+    keep = max(1, min(keep, len(s) - 1 if len(s) > 1 else 1))
+    sd = (s[:keep] / np.sqrt(max(len(x) - 1, 1))).astype(np.float32)
+    return mean, vt[:keep].astype(np.float32), sd, float(share[keep - 1])
+
+
 def fit_anatomy(
     volumes: list[np.ndarray],
     patients: list[str],
@@ -429,13 +442,7 @@ def fit_anatomy(
         maps = np.concatenate(
             [maps, np.stack([body_distances(b) for b in body_aligned])[:, None]], 1
         )
-    x = maps.reshape(len(maps), -1)
-    mean = x.mean(0)
-    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
-    var = s**2
-    keep = int(np.searchsorted(np.cumsum(var) / var.sum(), cfg.variance) + 1)
-    keep = max(1, min(keep, len(s) - 1 if len(s) > 1 else 1))
-    sd = (s[:keep] / np.sqrt(max(len(x) - 1, 1))).astype(np.float32)
+    mean, modes, sd, kept = _pca(maps.reshape(len(maps), -1), cfg.variance)
     sizes = np.array([[np.sum(a == c) for c in range(1, n_classes)] for a in aligned], float)
     if bodies is not None:  # the body's size is kept in range like a structure's
         sizes = np.concatenate([sizes, body_aligned.reshape(len(aligned), -1).sum(1)[:, None]], 1)
@@ -458,15 +465,10 @@ def fit_anatomy(
         pairs = mask_similarity(body_aligned, body_aligned, 2)
         closest = np.where(owners[:, None] == owners[None, :], -np.inf, pairs).max()
         body_bounds = np.full(len(body_aligned), closest, np.float32)
-        xb = maps[:, -1].reshape(len(maps), -1)
-        _, sb, body_vt = np.linalg.svd(xb - xb.mean(0), full_matrices=False)
-        kb = int(np.searchsorted(np.cumsum(sb**2) / max((sb**2).sum(), 1e-12), cfg.variance) + 1)
-        kb = max(1, min(kb, len(sb) - 1 if len(sb) > 1 else 1))
-        body_modes = body_vt[:kb].astype(np.float32)
-        body_sd = (sb[:kb] / np.sqrt(max(len(xb) - 1, 1))).astype(np.float32)
+        _, body_modes, body_sd, _ = _pca(maps[:, -1].reshape(len(maps), -1), cfg.variance)
     return AnatomyModel(
         mean=mean.astype(np.float32),
-        modes=vt[:keep].astype(np.float32),
+        modes=modes,
         sd=sd,
         shape=maps.shape[1:],
         train=aligned,
@@ -484,8 +486,8 @@ def fit_anatomy(
             "scale": cfg.scale,
             "shell": list(cfg.shell) if cfg.shell else None,
             "patients": len(set(patients)),
-            "modes": keep,
-            "variance_kept": float(np.cumsum(var)[keep - 1] / var.sum()),
+            "modes": len(sd),
+            "variance_kept": kept,
             "body": bodies is not None,
         },
         bodies=body_aligned,

@@ -788,10 +788,8 @@ def memorisation_audit(
     from pipeline.membership import nearest_share_test
 
     refs = loaded.refs
-    if not len(images) or not any(r.split != "train" for r in refs):
-        return None
-    if not any(r.split == "train" for r in refs):
-        return None
+    if not len(images) or len({r.split == "train" for r in refs}) < 2:
+        return None  # no candidates, or no held-out (or no training) slices to compare
     by_patient: dict[str, list[int]] = {}
     for i, r in enumerate(refs):
         by_patient.setdefault(r.patient, []).append(i)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +141,8 @@ def nearest_share_test(
     names = sorted(member)
     is_member = np.array([member[p] for p in names])
     m, h = int(is_member.sum()), int((~is_member).sum())
-    counts = np.array([sum(n == p for n in nearest) for p in names], float)
+    tally = Counter(nearest)
+    counts = np.array([tally[p] for p in names], float)
     total = max(len(nearest), 1)
     share = float(counts[is_member].sum() / total)
     rate_m, rate_h = share / max(m, 1), (1 - share) / max(h, 1)
