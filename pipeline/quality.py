@@ -524,7 +524,13 @@ def write_membership(out: Path, audit: dict[str, Any], per_patient: dict[str, An
         )
     fig.suptitle(
         f"Membership audit: does the batch point at its training patients? "
-        f"(joint p {audit['joint_p_value']:.3f})",
+        f"(joint p {audit['joint_p_value']:.3f}"
+        + (
+            f"; chance alone takes the largest AUC to {audit['max_auc_chance_q95']:.2f}"
+            " one time in 20)"
+            if "max_auc_chance_q95" in audit
+            else ")"
+        ),
         fontsize=10,
     )
     fig.tight_layout()

@@ -162,7 +162,8 @@ def _interval(ci: list[float] | None, fmt: str = ".2f") -> str:
 
 def membership_line(m: dict[str, Any]) -> str:
     """The membership audit in one line: each statistic's AUC (95% interval, permutation p),
-    and the joint p of the largest; or why it could not run."""
+    the joint p of the largest and how large chance alone makes it (one time in 20); or why
+    it could not run."""
     if not m.get("testable"):
         return m["note"]
     per = "; ".join(
@@ -175,6 +176,11 @@ def membership_line(m: dict[str, Any]) -> str:
         f"membership audit ({pts['training']} training vs {pts['held_out']} held-out patients, "
         f"{m['candidates']} unflagged candidates; AUC, 95% interval, permutation p): {per}; "
         f"largest {m['max_auc']:.2f}, joint p {m['joint_p_value']:.3f}"
+        + (
+            f" (chance alone reaches {m['max_auc_chance_q95']:.2f} one time in 20)"
+            if "max_auc_chance_q95" in m
+            else ""
+        )
     )
 
 
