@@ -1,4 +1,5 @@
-"""Pure quality metrics: paired fidelity, Fréchet distance, precision/recall/density/coverage.
+"""Pure quality metrics: paired fidelity, Fréchet distance, KID, precision/recall/density/coverage,
+and their size-matched real-vs-real baselines.
 
 Arrays in, numbers out: no files, no database, no models. Features come from a ``feature_fn``
 chosen by the caller (the project encoder by default), and every distribution number is named
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import linalg
@@ -147,6 +149,117 @@ def prdc(real: np.ndarray, fake: np.ndarray, *, k: int = 5) -> PRDC:
     return PRDC(precision, recall, density, coverage)
 
 
+def kid(a: np.ndarray, b: np.ndarray) -> float:
+    """Kernel inception distance of two feature matrices: the unbiased estimate of the squared
+    maximum mean discrepancy under the cubic kernel k(x, y) = (x·y / d + 1)³. Unbiased, so
+    two samples of one distribution average 0 at any size (single estimates can be negative),
+    unlike Fréchet distance, which grows as the samples shrink.
+
+    References
+    ----------
+    Bińkowski, Sutherland, Arbel & Gretton (2018), Demystifying MMD GANs. ICLR.
+    """
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or len(x) < 2 or len(y) < 2:
+        raise ValueError(f"KID needs at least two rows on each side, got {x.shape} and {y.shape}")
+    d = x.shape[1]
+    kxx = (x @ x.T / d + 1.0) ** 3
+    kyy = (y @ y.T / d + 1.0) ** 3
+    kxy = (x @ y.T / d + 1.0) ** 3
+    m, n = len(x), len(y)
+    within_x = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+    within_y = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+    return float(within_x + within_y - 2.0 * kxy.mean())
+
+
+def patient_halves(patients: list[str], seed: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Two halves of the real slices: by patient when there are two or more (different people
+    against different people, as candidates against real), balanced by slice count; by seeded
+    random slices otherwise."""
+    rng = np.random.default_rng(seed)
+    names = sorted(set(patients))
+    idx = np.arange(len(patients))
+    if len(names) < 2:
+        order = rng.permutation(idx)
+        return np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :])
+    counts = {n: patients.count(n) for n in names}
+    groups: tuple[list[str], list[str]] = ([], [])
+    sizes = [0, 0]
+    for n in sorted(rng.permutation(names).tolist(), key=lambda n: -counts[n]):
+        g = int(sizes[1] < sizes[0])
+        groups[g].append(n)
+        sizes[g] += counts[n]
+    first = np.array([p in groups[0] for p in patients])
+    return idx[first], idx[~first]
+
+
+def _spread(values: list[float]) -> list[float]:
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def matched_distribution(
+    candidates: np.ndarray,
+    real: np.ndarray,
+    patients: list[str],
+    *,
+    repeats: int = 20,
+    seed: int = 0,
+    k: int = 5,
+) -> dict[str, Any]:
+    """Fréchet distance, KID and PRDC of candidate features against real ones, each beside a
+    real-vs-real baseline of the same size. Per repeat the real slices split into a reference
+    half and a comparison half by patient (:func:`patient_halves`, seeded anew), then n
+    candidates and n comparison slices (n the smaller count, drawn without replacement) are
+    each compared with the reference: the two figures differ only in what is compared, not in
+    sample size. Reported: means over repeats, and 2.5–97.5% intervals over repeats (which
+    patients form the reference, which slices are drawn). The Fréchet ratio is of the means;
+    KID has no ratio (its baseline is near 0 by design), read it against its baseline."""
+    cand, feats = np.asarray(candidates, np.float64), np.asarray(real, np.float64)
+    fd, fd_base, ratio, kd, kd_base = [], [], [], [], []
+    pr: list[PRDC] = []
+    pr_base: list[PRDC] = []
+    n = 0
+    for r in range(repeats):
+        ref, cmp_ = patient_halves(patients, [seed, r])
+        rng = np.random.default_rng([seed, r, 1])
+        n = min(len(cand), len(cmp_))
+        c = cand[np.sort(rng.choice(len(cand), n, replace=False))]
+        q = feats[np.sort(rng.choice(cmp_, n, replace=False))]
+        base = feats[ref]
+        fd.append(frechet_of_features(c, base))
+        fd_base.append(frechet_of_features(q, base))
+        ratio.append(fd[-1] / fd_base[-1] if fd_base[-1] > 0 else float("inf"))
+        kd.append(kid(c, base))
+        kd_base.append(kid(q, base))
+        if n > k and len(base) > k:
+            pr.append(prdc(base, c, k=k))
+            pr_base.append(prdc(base, q, k=k))
+
+    def mean_prdc(ms: list[PRDC]) -> dict[str, float] | None:
+        if not ms:
+            return None
+        return {f: float(np.mean([getattr(m, f) for m in ms])) for f in PRDC.__annotations__}
+
+    base_fd = float(np.mean(fd_base))
+    return {
+        "n_matched": n,
+        "repeats": repeats,
+        "baseline_split": "by patient" if len(set(patients)) > 1 else "random slices",
+        "frechet_distance": float(np.mean(fd)),
+        "frechet_ci95": _spread(fd),
+        "frechet_baseline": base_fd,
+        "frechet_baseline_ci95": _spread(fd_base),
+        "frechet_ratio": float(np.mean(fd)) / base_fd if base_fd > 0 else float("inf"),
+        "frechet_ratio_ci95": _spread(ratio),
+        "kid": float(np.mean(kd)),
+        "kid_ci95": _spread(kd),
+        "kid_baseline": float(np.mean(kd_base)),
+        "kid_baseline_ci95": _spread(kd_base),
+        "prdc_k5": mean_prdc(pr),
+        "prdc_k5_baseline": mean_prdc(pr_base),
+    }
+
+
 # ------------------------------------------------------------------------ the heart itself
 
 
@@ -251,14 +364,16 @@ def contrast_ratio_interval(
     draws: int = 2000,
     seed: int = 0,
     level: float = 0.95,
-) -> dict[str, tuple[float, float]]:
+) -> dict[str, tuple[float, float] | None]:
     """Percentile-bootstrap interval of each structure's synthetic / real contrast over
     ``reference`` (the ratio :func:`contrast_over` gives), resampling whole candidates and whole
     real slices independently, with replacement.
 
     A batch of 64 candidates holds a small vessel in about twenty of them, so which masks were
     drawn moves its ratio by ±0.1 (measured on the demo): the interval says how far a figure can
-    be read. Structures without a finite interval are left out.
+    be read. Structures without a finite interval are left out; a structure whose *real*
+    contrast has an interval reaching 0 maps to None: a ratio over a denominator that may be 0
+    has no interval worth printing (a small real set read −520%–498%).
     """
     classes, ref = len(class_names), class_names.index(reference)
     rng = np.random.default_rng(seed)
@@ -276,6 +391,10 @@ def contrast_ratio_interval(
     for c, name in enumerate(class_names):
         finite = ratio[:, c][np.isfinite(ratio[:, c])]
         if c > 0 and c != ref and len(finite) == draws:
+            real_lo, real_hi = np.percentile(contrast[0][:, c], [tail, 100 - tail])
+            if real_lo <= 0 <= real_hi:
+                out[name] = None
+                continue
             lo, hi = np.percentile(finite, [tail, 100 - tail])
             out[name] = (float(lo), float(hi))
     return out

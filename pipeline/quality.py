@@ -27,8 +27,8 @@ from pipeline.metrics import (
     contrast_ratio_interval,
     frechet_of_features,
     heart_ssim,
+    matched_distribution,
     paired_fidelity,
-    prdc,
     structure_intensities,
     wasserstein_1,
 )
@@ -56,7 +56,8 @@ class GateConfig:
 
     min_heart_ssim: float = 0.5  # mean paired SSIM inside the heart region, held-out masks
     min_heldout_ssim: float | None = None  # the same on whole slices (off: air dominates it)
-    max_fd_ratio: float = 2.0  # FD(candidates, held-out) / FD(held-out half, other half)
+    # FD(n candidates, real reference) / FD(n real slices of other patients, same reference)
+    max_fd_ratio: float = 2.0
     max_flagged_fraction: float = 0.2  # share of the batch flagged too similar
     # the membership audit's largest AUC (training vs held-out patients; pipeline/membership.py)
     max_membership_auc: float = 0.65
@@ -109,27 +110,6 @@ def feature_extractor(
     emb = EncoderEmbedder.load(folder)
     digest = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()[:12]
     return emb.embed, f"encoder-{emb.dim}d-{digest}"
-
-
-def real_halves(patients: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two halves of the held-out slices for the real-vs-real baseline: by patient when there
-    are two or more (different people against different people, as candidates against real),
-    balanced by slice count; by seeded random slices otherwise."""
-    rng = np.random.default_rng(seed)
-    names = sorted(set(patients))
-    idx = np.arange(len(patients))
-    if len(names) < 2:
-        order = rng.permutation(idx)
-        return np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :])
-    counts = {n: patients.count(n) for n in names}
-    groups: tuple[list[str], list[str]] = ([], [])
-    sizes = [0, 0]
-    for n in sorted(rng.permutation(names).tolist(), key=lambda n: -counts[n]):
-        g = int(sizes[1] < sizes[0])
-        groups[g].append(n)
-        sizes[g] += counts[n]
-    first = np.array([p in groups[0] for p in patients])
-    return idx[first], idx[~first]
 
 
 def _heldout(ws: Workspace, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -294,7 +274,10 @@ def heart_figures(
             "synthetic": fake_c,
             "ratio": ratio,
             # percentile bootstrap over whole candidates and real slices (2000 draws, seed 0)
-            "ratio_ci95": {k: list(v) for k, v in interval.items() if k in ratio},
+            # (None: the real contrast's own interval reaches 0, so the ratio has none)
+            "ratio_ci95": {
+                k: None if v is None else list(v) for k, v in interval.items() if k in ratio
+            },
         },
         "intensities": {"real": real_v, "synthetic": fake_v},  # for the figure, not stored
     }
@@ -313,9 +296,9 @@ def evaluate(
     """Quality report of a run (and of a candidate batch, whose gates it stores).
 
     Paired fidelity: every held-out (val + test) slice's mask through the generator, compared
-    with the real slice. Distribution: Fréchet distance and PRDC between the candidates (the
-    batch, else the paired generations) and the real held-out slices in the named feature space,
-    against a real-vs-real baseline (two seeded halves of the held-out slices).
+    with the real slice. Distribution: Fréchet distance, KID and PRDC of the candidates (the
+    batch, else the paired generations) in the named feature space, each beside a real-vs-real
+    baseline of the same size (:func:`~pipeline.metrics.matched_distribution`).
     """
     from models.gan import generate_images
 
@@ -349,23 +332,12 @@ def evaluate(
     else:
         cand, cand_masks = fake, masks
     f_cand = features(cand)
-    half_a, half_b = real_halves(patients, cfg.seed)
-    baseline = frechet_of_features(f_real[half_a], f_real[half_b])
-    fd = frechet_of_features(f_cand, f_real)
     distribution: dict[str, Any] = {
         "feature_space": space,
-        "frechet_distance": fd,
-        "frechet_baseline_real_halves": baseline,
-        "baseline_halves": "by patient" if len(set(patients)) > 1 else "random slices",
-        "frechet_ratio": fd / baseline if baseline > 0 else float("inf"),
+        **matched_distribution(f_cand, f_real, patients, seed=cfg.seed),
         "n_candidates": len(f_cand),
         "n_real": len(f_real),
     }
-    try:
-        distribution["prdc_k5"] = asdict(prdc(f_real, f_cand, k=5))
-    except ValueError as exc:
-        distribution["prdc_k5"] = None
-        distribution["prdc_note"] = str(exc)
     if inception_weights is not None:
         distribution["fid_inception_v3"] = inception_fid(real, cand, inception_weights)
 

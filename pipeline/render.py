@@ -112,7 +112,7 @@ def metrics_lines(
             ci = c.get("ratio_ci95", {})
             per = ", ".join(
                 f"{k} {c['synthetic'][k]:.0f} vs {c['real'][k]:.0f} ({v:.0%}"
-                + (f", {ci[k][0]:.0%}–{ci[k][1]:.0%}" if k in ci else "")
+                + (f", {ratio_interval_text(ci[k])}" if k in ci else "")
                 + ")"
                 for k, v in c["ratio"].items()
             )
@@ -137,19 +137,46 @@ def metrics_lines(
         unit = "HU" if key.endswith("hu") else "display units"
         per = ", ".join(f"{k} {v:.0f}" for k, v in p[key].items() if v is not None)
         lines.append(f"mean |error| inside structures ({unit}): {per}")
-    lines.append(
-        f"[{d['feature_space']}] Fréchet distance {d['frechet_distance']:.4g} vs real-vs-real "
-        f"{d['frechet_baseline_real_halves']:.4g} (ratio {d['frechet_ratio']:.2f}; "
-        f"{d['n_candidates']} candidates, {d['n_real']} real)"
-    )
-    if d.get("prdc_k5"):
-        m = d["prdc_k5"]
-        lines.append(
-            f"[{d['feature_space']}] precision {m['precision']:.3f} recall {m['recall']:.3f} "
-            f"density {m['density']:.3f} coverage {m['coverage']:.3f} (k=5)"
-        )
+    lines.extend(distribution_lines(d))
     if "fid_inception_v3" in d:
         lines.append(f"[InceptionV3 pool3] FID {d['fid_inception_v3']:.2f}")
+    return lines
+
+
+def ratio_interval_text(ci: tuple[float, float] | list[float] | None) -> str:
+    """A contrast ratio's interval as "lo%–hi%", or why it has none."""
+    if ci is None:
+        return "no interval: the real contrast's own interval reaches 0"
+    return f"{ci[0]:.0%}–{ci[1]:.0%}"
+
+
+def distribution_lines(d: dict[str, Any]) -> list[str]:
+    """The distribution figures, each beside its real-vs-real baseline of the same size (old
+    reports, from before the size-matched baseline: as they were printed then)."""
+    space = d["feature_space"]
+    if "frechet_baseline_real_halves" in d:  # before the size-matched baseline
+        return [
+            f"[{space}] Fréchet distance {d['frechet_distance']:.4g} vs real-vs-real "
+            f"{d['frechet_baseline_real_halves']:.4g} (ratio {d['frechet_ratio']:.2f}; "
+            f"{d['n_candidates']} candidates, {d['n_real']} real; not size-matched)"
+        ]
+    n, reps = d["n_matched"], d["repeats"]
+    lines = [
+        f"[{space}] {n} candidates vs {n} real held-out slices of other patients, each against "
+        f"the same real reference ({d['baseline_split']}; means over {reps} splits, 95% ranges):",
+        f"  Fréchet distance {d['frechet_distance']:.4g} ({_interval(d['frechet_ci95'], '.4g')})"
+        f" vs real {d['frechet_baseline']:.4g} ({_interval(d['frechet_baseline_ci95'], '.4g')}):"
+        f" ratio {d['frechet_ratio']:.2f} ({_interval(d['frechet_ratio_ci95'])})",
+        f"  KID {d['kid']:.4g} ({_interval(d['kid_ci95'], '.4g')}) vs real "
+        f"{d['kid_baseline']:.4g} ({_interval(d['kid_baseline_ci95'], '.4g')}) (unbiased: "
+        "0 when alike; no ratio, its baseline is near 0)",
+    ]
+    m, b = d.get("prdc_k5"), d.get("prdc_k5_baseline")
+    if m and b:
+        lines.append(
+            "  PRDC (k=5) synthetic vs real: "
+            + ", ".join(f"{f} {m[f]:.3f} vs {b[f]:.3f}" for f in m)
+        )
     return lines
 
 
@@ -220,12 +247,16 @@ def _gate_cells(g: dict[str, Any]) -> tuple[str, str, str, str, str]:
     """(gate, value, comparison, threshold, verdict) of one gate result."""
     space = f" [{g['feature_space']}]" if "feature_space" in g else ""
     space += f" ({g['reads']})" if "reads" in g else ""
-    sign = "≥" if g["gate"].startswith("min") else "≤"
+    low = g["gate"].startswith("min")
+    holds = g["value"] >= g["threshold"] if low else g["value"] <= g["threshold"]
+    sign = ("≥" if low else "≤") if holds else ("<" if low else ">")
     verdict = "pass" if g["passed"] else "FAIL"
+    # a bound crossed by no more than chance explains passes: the line says so
+    chance = ": within chance" if g["passed"] and not holds else ""
     if "joint_p" in g:
-        verdict += f" (joint p {g['joint_p']:.3f})"
+        verdict += f" (joint p {g['joint_p']:.3f}{chance})"
     elif "p_value" in g:
-        verdict += f" (p {g['p_value']:.3g})"
+        verdict += f" (p {g['p_value']:.3g}{chance})"
     return f"{g['gate']}{space}", f"{g['value']:.4f}", sign, str(g["threshold"]), verdict
 
 

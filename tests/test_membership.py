@@ -283,8 +283,10 @@ def test_the_largest_auc_is_read_against_what_chance_reaches():
         row[draws.choice(len(names), int(is_member.sum()), replace=False)] = True
         largest.append(
             max(
-                auc(np.array([per[p][s] for p in np.array(names)[row]]),
-                    np.array([per[p][s] for p in np.array(names)[~row]]))
+                auc(
+                    np.array([per[p][s] for p in np.array(names)[row]]),
+                    np.array([per[p][s] for p in np.array(names)[~row]]),
+                )
                 for s in ("mask_best", "mask_share", "image_best", "image_share")
             )
         )
@@ -293,3 +295,20 @@ def test_the_largest_auc_is_read_against_what_chance_reaches():
     from pipeline.render import membership_line
 
     assert f"chance alone reaches {out['max_auc_chance_q95']:.2f}" in membership_line(out)
+
+
+def test_a_bound_passed_only_by_chance_reads_so():
+    """'0.6875 ≤ 0.65 → pass' read as arithmetic gone wrong: the line says the bound is
+    crossed and why the gate still passes."""
+    from pipeline.render import gate_table
+
+    over = {"gate": "max_membership_auc", "value": 0.6875, "threshold": 0.65, "passed": True,
+            "joint_p": 0.362}  # fmt: skip
+    within = {**over, "value": 0.6}
+    fail = {**over, "passed": False, "joint_p": 0.01}
+    lines = gate_table({"b": [over, within, fail]}, markdown=False)
+    assert lines[0] == (
+        "gate max_membership_auc: 0.6875 > 0.65 → pass (joint p 0.362: within chance)"
+    )
+    assert lines[1] == "gate max_membership_auc: 0.6000 ≤ 0.65 → pass (joint p 0.362)"
+    assert lines[2] == "gate max_membership_auc: 0.6875 > 0.65 → FAIL (joint p 0.010)"

@@ -9,6 +9,8 @@ from pipeline.metrics import (
     feature_stats,
     frechet_distance,
     frechet_of_features,
+    kid,
+    matched_distribution,
     paired_fidelity,
     prdc,
     psnr_batch,
@@ -211,3 +213,56 @@ def test_contrast_ratio_interval_is_a_percentile_bootstrap_over_images():
         real[:1].repeat(5, 0), rm[:1].repeat(5, 0), real[:1].repeat(5, 0), rm[:1].repeat(5, 0), **kw
     )
     assert same["vessel"] == pytest.approx((1.0, 1.0))
+    # a real contrast whose own interval reaches 0 (a small real set: "pulmonary_artery 39 vs
+    # 101 (39%, −520%–498%)"): no interval, and the reason, instead of a meaningless one
+    faint, fm2 = stack(10, 0.3)  # the vessel as bright as the myocardium, ±0.08 per image
+    none = contrast_ratio_interval(faint, fm2, fake, fm, draws=2000, **kw)
+    assert none == {"vessel": None}
+    from pipeline.render import ratio_interval_text
+
+    assert ratio_interval_text(None) == "no interval: the real contrast's own interval reaches 0"
+    assert ratio_interval_text((0.82, 0.98)) == "82%–98%"
+
+
+def test_kid_is_unbiased_and_matches_the_cubic_kernels_closed_form():
+    """KID (Bińkowski et al. 2018): the unbiased MMD² under k(x, y) = (x·y / d + 1)³. In one
+    dimension k = x³y³ + 3x²y² + 3xy + 1, so MMD² = (Δm₃)² + 3 (Δm₂)² + 3 (Δm₁)² in the raw
+    moments: N(0, 1) against N(½, 1) gives (⅛ + 3/2)² + 3 (¼)² + 3 (½)² = 3.578125."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4000, 1)), rng.normal(0.5, 1.0, size=(4000, 1))
+    assert kid(a, b) == pytest.approx(3.578125, rel=0.1)
+    # unbiased: equal distributions average to 0 even at 20 rows (a biased estimate would not)
+    small = [kid(rng.normal(size=(20, 4)), rng.normal(size=(20, 4))) for _ in range(400)]
+    assert abs(np.mean(small)) < 3 * np.std(small) / np.sqrt(len(small))
+    assert min(small) < 0 < max(small)
+    with pytest.raises(ValueError, match="two rows"):
+        kid(a[:1], b)
+
+
+def test_distribution_figures_are_read_against_a_size_matched_real_baseline():
+    """The finding (issue 25): the Fréchet ratio compared 64 candidates against all held-out
+    slices with two halves of those slices against each other; Fréchet distance grows as the
+    samples shrink, so a batch drawn from the real distribution itself scored far from 1. Now
+    both sides have the same size and the same reference: such a batch reads about 1."""
+    rng = np.random.default_rng(3)
+    d, per_patient = 16, 24
+    patients = [f"p{i}" for i in range(16) for _ in range(per_patient)]
+    real = rng.normal(size=(len(patients), d))
+    same = rng.normal(size=(64, d))  # a batch from the real distribution itself
+    a, b = np.arange(len(real)) < len(real) // 2, np.arange(len(real)) >= len(real) // 2
+    old = frechet_of_features(same, real) / frechet_of_features(real[a], real[b])
+    assert old > 1.5  # the old figure: a perfect batch ~2× as far from real as real is (1.97)
+    out = matched_distribution(same, real, patients, repeats=20, seed=0)
+    assert out["n_matched"] == 64 and out["repeats"] == 20
+    assert 0.8 < out["frechet_ratio"] < 1.25, out["frechet_ratio"]
+    lo, hi = out["frechet_ratio_ci95"]
+    assert lo < 1.0 < hi
+    assert out["kid_ci95"][0] < out["kid_baseline"] < out["kid_ci95"][1]
+    for name in ("precision", "recall", "density", "coverage"):
+        assert abs(out["prdc_k5"][name] - out["prdc_k5_baseline"][name]) < 0.15, name
+    shifted = matched_distribution(same + 1.0, real, patients, repeats=20, seed=0)
+    assert shifted["frechet_ratio"] > 3 and shifted["frechet_ratio_ci95"][0] > 2
+    assert shifted["kid_ci95"][0] > shifted["kid_baseline_ci95"][1]
+    # one held-out patient: the halves are random slices of that patient, and it says so
+    alone = matched_distribution(same, real[:per_patient], patients[:per_patient], repeats=5)
+    assert alone["baseline_split"] == "random slices" and alone["n_matched"] == per_patient // 2
