@@ -226,8 +226,9 @@ def matched_distribution(
         c = cand[np.sort(rng.choice(len(cand), n, replace=False))]
         q = feats[np.sort(rng.choice(cmp_, n, replace=False))]
         base = feats[ref]
-        fd.append(frechet_of_features(c, base))
-        fd_base.append(frechet_of_features(q, base))
+        base_stats = feature_stats(base)  # the reference's Gaussian, once for both sides
+        fd.append(frechet_distance(*feature_stats(c), *base_stats))
+        fd_base.append(frechet_distance(*feature_stats(q), *base_stats))
         ratio.append(fd[-1] / fd_base[-1] if fd_base[-1] > 0 else float("inf"))
         kd.append(kid(c, base))
         kd_base.append(kid(q, base))

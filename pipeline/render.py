@@ -145,9 +145,7 @@ def metrics_lines(
 
 def ratio_interval_text(ci: tuple[float, float] | list[float] | None) -> str:
     """A contrast ratio's interval as "lo%–hi%", or why it has none."""
-    if ci is None:
-        return "no interval: the real contrast's own interval reaches 0"
-    return f"{ci[0]:.0%}–{ci[1]:.0%}"
+    return _interval(ci, ".0%", missing="the real contrast's own interval reaches 0")
 
 
 def distribution_lines(d: dict[str, Any]) -> list[str]:
@@ -180,10 +178,15 @@ def distribution_lines(d: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _interval(ci: list[float] | None, fmt: str = ".2f") -> str:
-    """``[lo, hi]`` as "lo–hi", or why there is none (a denominator near zero in many draws)."""
+def _interval(
+    ci: tuple[float, float] | list[float] | None,
+    fmt: str = ".2f",
+    *,
+    missing: str = "the real arm is at zero too often",
+) -> str:
+    """``[lo, hi]`` as "lo–hi", or why there is none (``missing``: a denominator near zero)."""
     if ci is None:
-        return "no interval: the real arm is at zero too often"
+        return f"no interval: {missing}"
     return f"{ci[0]:{fmt}}–{ci[1]:{fmt}}"
 
 
