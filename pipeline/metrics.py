@@ -425,3 +425,196 @@ def dice(pred: np.ndarray, truth: np.ndarray, *, classes: int) -> np.ndarray:
     has = counts[:, 1] > 0
     out[has] = 2.0 * counts[has, 0] / counts[has, 1]
     return out
+
+
+# ------------------------------------------------------------------------ through the plane
+
+#: The three orthogonal planes of a volume (Z, H, W) stored feet → head, in display order.
+PLANES = ("axial", "coronal", "sagittal")
+
+
+def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov–Smirnov statistic: the largest gap between the two empirical CDFs
+    (0 same, 1 disjoint). Equal to ``scipy.stats.ks_2samp(a, b).statistic``."""
+    a = np.sort(np.asarray(a, np.float64).ravel())
+    b = np.sort(np.asarray(b, np.float64).ravel())
+    if not len(a) or not len(b):
+        return float("nan")
+    grid = np.concatenate([a, b])
+    cdf_a = np.searchsorted(a, grid, side="right") / len(a)
+    cdf_b = np.searchsorted(b, grid, side="right") / len(b)
+    return float(np.max(np.abs(cdf_a - cdf_b)))
+
+
+def adjacent_differences(
+    volume: np.ndarray, labels: np.ndarray, body: np.ndarray, *, class_names: list[str]
+) -> dict[str, np.ndarray]:
+    """How much a volume (Z, S, S) changes from one slice to the next: |v[z+1] − v[z]| at the
+    pixels inside the body in both slices (key ``body``) and, per structure, at the pixels that
+    carry that structure in both (structures never present in two neighbouring slices are left
+    out). A volume painted slice by slice without regard to its neighbours flickers, and its
+    differences run larger than a real scan's."""
+    v = np.asarray(volume, np.float32)
+    lab = np.asarray(labels)
+    diff = np.abs(v[1:] - v[:-1])
+    both = np.asarray(body, bool)
+    out = {"body": diff[both[1:] & both[:-1]]}
+    for c, name in enumerate(class_names):
+        if c == 0:
+            continue
+        inside = (lab[1:] == c) & (lab[:-1] == c)
+        if inside.any():
+            out[name] = diff[inside]
+    return out
+
+
+def matched_agreement(
+    synthetic: list[dict[str, np.ndarray]],
+    real: list[dict[str, np.ndarray]],
+    patients: list[str],
+    *,
+    scale: float = 1.0,
+    repeats: int = 20,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Adjacent-slice agreement of synthetic volumes against real ones, beside a size-matched
+    real-vs-real baseline (:func:`matched_distribution`'s scheme, one volume per row): per
+    repeat the real volumes split by patient into a reference half and a comparison half, then
+    n synthetic and n comparison volumes (n the smaller count) have their pooled differences
+    (:func:`adjacent_differences`) compared with the reference's — KS statistic and W1 (times
+    ``scale``: source units, e.g. HU). Per region (``body`` and each structure present on both
+    sides): means over repeats and 2.5–97.5% ranges, and the median difference of each side."""
+    # body first, then structures in class order, where both sides have them
+    regions = [
+        k for k in dict.fromkeys(k for r in real for k in r) if any(k in s for s in synthetic)
+    ]
+    acc: dict[str, dict[str, list[float]]] = {
+        r: {k: [] for k in ("ks", "ks_base", "w1", "w1_base")} for r in regions
+    }
+    n = 0
+    for rep in range(repeats):
+        ref, cmp_ = patient_halves(patients, [seed, rep])
+        rng = np.random.default_rng([seed, rep, 2])
+        n = min(len(synthetic), len(cmp_))
+        syn = [synthetic[i] for i in np.sort(rng.choice(len(synthetic), n, replace=False))]
+        cmp_vols = [real[i] for i in np.sort(rng.choice(cmp_, n, replace=False))]
+        ref_vols = [real[i] for i in ref]
+        for r in regions:
+            pooled = [
+                np.concatenate([v.get(r, np.zeros(0, np.float32)) for v in vs])
+                for vs in (syn, cmp_vols, ref_vols)
+            ]
+            s, q, base = pooled
+            if not len(base) or not len(s) or not len(q):
+                continue
+            acc[r]["ks"].append(ks_statistic(s, base))
+            acc[r]["ks_base"].append(ks_statistic(q, base))
+            acc[r]["w1"].append(wasserstein_1(s, base) * scale)
+            acc[r]["w1_base"].append(wasserstein_1(q, base) * scale)
+    out: dict[str, Any] = {
+        "n_matched": n,
+        "repeats": repeats,
+        "baseline_split": "by patient" if len(set(patients)) > 1 else "random volumes",
+        "regions": {},
+    }
+    for r in regions:
+        a = acc[r]
+        if not a["ks"]:
+            continue
+        syn_all = np.concatenate([v[r] for v in synthetic if r in v])
+        real_all = np.concatenate([v[r] for v in real if r in v])
+        out["regions"][r] = {
+            **{k: float(np.mean(vals)) for k, vals in a.items()},
+            **{f"{k}_ci95": _spread(vals) for k, vals in a.items()},
+            "median_synthetic": float(np.median(syn_all)) * scale,
+            "median_real": float(np.median(real_all)) * scale,
+        }
+    return out
+
+
+def plane_slices(
+    volume: np.ndarray,
+    labels: np.ndarray,
+    plane: str,
+    *,
+    size: int,
+    min_foreground: float = 0.001,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A volume's (Z, H, W) slices in one of :data:`PLANES`, each resampled to ``size``²
+    (image linearly, labels by nearest neighbour; coronal and sagittal with the head up), kept
+    where their labels cover at least ``min_foreground`` of the slice — the rule ingest keeps
+    axial slices by, so every plane is cut through the heart alike. The slice axis is stretched
+    to the side: a volume's planes are compared with real planes stretched the same way."""
+    from scipy import ndimage
+
+    vol = np.asarray(volume, np.float32)
+    lab = np.asarray(labels)
+    if plane == "axial":
+        stack, lstack = vol, lab
+    elif plane == "coronal":
+        stack, lstack = vol.transpose(1, 0, 2)[:, ::-1], lab.transpose(1, 0, 2)[:, ::-1]
+    elif plane == "sagittal":
+        stack, lstack = vol.transpose(2, 0, 1)[:, ::-1], lab.transpose(2, 0, 1)[:, ::-1]
+    else:
+        raise ValueError(f"unknown plane {plane!r}; choose one of {', '.join(PLANES)}")
+    keep = (lstack > 0).reshape(len(lstack), -1).mean(1) >= max(min_foreground, 1e-12)
+    stack, lstack = stack[keep], lstack[keep]
+    if not len(stack):
+        return np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.uint8)
+    zoom = (1.0, size / stack.shape[1], size / stack.shape[2])
+    images = ndimage.zoom(stack, zoom, order=1, mode="nearest", grid_mode=True)
+    masks = ndimage.zoom(lstack, zoom, order=0, mode="nearest", grid_mode=True)
+    return np.clip(images, 0.0, 1.0).astype(np.float32), masks.astype(np.uint8)
+
+
+def plane_distribution(
+    synthetic: list[tuple[np.ndarray, np.ndarray]],
+    real: list[tuple[np.ndarray, np.ndarray]],
+    patients: list[str],
+    feature_fn: Any,
+    *,
+    size: int,
+    repeats: int = 20,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Distribution distances of synthetic volumes' slices against real volumes' in each of
+    :data:`PLANES` (:func:`plane_slices`, then ``feature_fn`` and
+    :func:`matched_distribution`, each plane beside its own size-matched real-vs-real
+    baseline; ``patients`` names each real volume's patient). Off-plane/axial ratios two ways:
+    ``raw`` divides the coronal (sagittal) Fréchet distance by the axial one, as MAISI reports
+    it; ``vs_baseline`` divides the planes' Fréchet *ratios* (each distance over its own
+    real-vs-real baseline), which also removes how far apart real people are in each plane."""
+    planes: dict[str, Any] = {}
+    for plane in PLANES:
+        feats = []
+        for vols in (synthetic, real):
+            rows, owners = [], []
+            for i, (vol, lab) in enumerate(vols):
+                imgs, _ = plane_slices(vol, lab, plane, size=size)
+                rows.append(imgs)
+                owners += [i] * len(imgs)
+            feats.append((np.concatenate(rows) if rows else np.zeros((0, size, size)), owners))
+        (syn_imgs, _), (real_imgs, owner) = feats
+        slice_patients = [patients[i] for i in owner]
+        planes[plane] = {
+            "slices_synthetic": len(syn_imgs),
+            "slices_real": len(real_imgs),
+            **matched_distribution(
+                feature_fn(syn_imgs),
+                feature_fn(real_imgs),
+                slice_patients,
+                repeats=repeats,
+                seed=seed,
+            ),
+        }
+    axial = planes["axial"]
+    ratios: dict[str, Any] = {"raw": {}, "vs_baseline": {}}
+    for plane in PLANES[1:]:
+        p = planes[plane]
+        ratios["raw"][plane] = _safe_ratio(p["frechet_distance"], axial["frechet_distance"])
+        ratios["vs_baseline"][plane] = _safe_ratio(p["frechet_ratio"], axial["frechet_ratio"])
+    return {"planes": planes, "off_plane_over_axial": ratios}
+
+
+def _safe_ratio(a: float, b: float) -> float:
+    return float(a / b) if b > 0 else float("inf")
