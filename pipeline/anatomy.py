@@ -321,13 +321,19 @@ class AnatomyModel:
         """One label volume (Z, H, W) on the model's grid, centred (no checks)."""
         return self.labels_of(self.draw_maps(rng))
 
-    def place(self, maps: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def place(
+        self, maps: np.ndarray, size: int, *, depth: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """A sample's label volume and body outline (None without a body map) decoded at
         ``size``² (maps resampled linearly, so edges stay smooth when the model's grid is
-        coarser), moved from the centre to :attr:`centre`."""
+        coarser), moved from the centre to :attr:`centre`. ``depth``: that many slices instead
+        of the maps' own (the model grid's depth stands for each person's own labelled extent;
+        a volume at a real slice spacing needs as many slices as a real extent has)."""
         grid = self.shape[-1]
-        if size != grid:
-            maps = ndimage.zoom(maps, (1, 1, size / grid, size / grid), order=1, mode="nearest")
+        zf = 1.0 if depth is None else depth / maps.shape[1]
+        if size != grid or zf != 1.0:
+            zoom = (1, zf, size / grid, size / grid)
+            maps = ndimage.zoom(maps, zoom, order=1, mode="nearest")
         labels = self.labels_of(maps)
         body = self.body_of(maps, labels)
         dy, dx = (int(v) for v in np.round((self.centre - grid / 2) * size / grid))

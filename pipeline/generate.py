@@ -41,7 +41,14 @@ from pipeline.preprocess import body_outline, body_outlines, resize_image, resiz
 from pipeline.preview import BODY_VALUE
 from pipeline.progress import Progress
 from pipeline.runs import find_run, load_generator
-from pipeline.slices import SliceRef, SliceStore, load_slices, slice_spacings, workspace_refs
+from pipeline.slices import (
+    SliceRef,
+    SliceStore,
+    load_slices,
+    slice_spacings,
+    volume_rows,
+    workspace_refs,
+)
 from pipeline.validate import path_name
 from pipeline.workspace import Workspace
 
@@ -106,27 +113,15 @@ def training_volumes(
     None); a 2-D source (``planar`` cache files: PNG slices) gives one 1-slice volume per
     labelled slice, since its slices need not be neighbours."""
     extra = np.zeros(masks.shape, bool) if bodies is None else bodies
-    rows: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
-    owner: dict[str, str] = {}
     vols: list[np.ndarray] = []
     outlines: list[np.ndarray] = []
     patients: list[str] = []
-    for r, m, b in zip(refs, masks, extra, strict=True):
-        if r.cache_file in planar:
-            if m.any():
-                vols.append(m[None])
-                outlines.append(b[None])
-                patients.append(r.patient)
-            continue
-        rows.setdefault(r.cache_file, []).append((r.row, m, b))
-        owner[r.cache_file] = r.patient
-    for f, v in rows.items():
-        v = sorted(v, key=lambda t: t[0])
-        vol = np.stack([m for _, m, _ in v])
+    for rows in volume_rows(refs, planar):
+        vol = masks[rows]
         if vol.any():
             vols.append(vol)
-            outlines.append(np.stack([b for _, _, b in v]))
-            patients.append(owner[f])
+            outlines.append(extra[rows])
+            patients.append(refs[rows[0]].patient)
     return vols, patients, outlines if bodies is not None else []
 
 
@@ -151,7 +146,7 @@ def anatomy_model(
     bodies = body_outlines(images, masks) if body else None
     vols, patients, outlines = training_volumes(refs, masks, planar, bodies)
     flat = len(vols) > 0 and all(len(v) == 1 for v in vols)
-    cfg = AnatomyConfig(depth=1 if flat else AnatomyConfig.depth, shell=_shell(schema))
+    cfg = AnatomyConfig(depth=1 if flat else AnatomyConfig.depth, shell=shell_classes(schema))
     key = hashlib.sha256(
         repr(
             (cfg, body, schema.names, sorted(zip(patients, (v.shape for v in vols), strict=True)))
@@ -171,7 +166,7 @@ def anatomy_model(
 def _write_anatomy_picture(model: AnatomyModel, schema: LabelSchema, path: Path) -> None:
     """Four training volumes beside four kept samples, three planes each: what the model
     makes, next to what it learnt from (in the run's folder, beside the model)."""
-    shell = _shell(schema)
+    shell = shell_classes(schema)
     myo, lv = shell if shell else (None, None)
     n = min(4, len(model.train))
 
@@ -197,7 +192,9 @@ def _write_anatomy_picture(model: AnatomyModel, schema: LabelSchema, path: Path)
     atomic_write(path, lambda tmp: Image.fromarray(picture).save(tmp))
 
 
-def _shell(schema: LabelSchema) -> tuple[int, int] | None:
+def shell_classes(schema: LabelSchema) -> tuple[int, int] | None:
+    """(myocardium, left ventricle) class indices, the anatomy model's wall around a cavity,
+    when the schema has both."""
     names = schema.names
     if "myocardium" in names and "left_ventricle" in names:
         return names.index("myocardium"), names.index("left_ventricle")
@@ -217,7 +214,7 @@ def source_masks(
     if cfg.masks == "synthetic":
         model, path = anatomy or anatomy_model(ws, cfg.run, schema, size)
         digest = model.sha256()
-        shell = _shell(schema)
+        shell = shell_classes(schema)
         myo, lv = shell if shell else (None, None)
         typical = _typical_spacing(spacing, workspace_refs(ws, ["train"]))
 

@@ -80,6 +80,22 @@ class SliceStore:
         return np.stack(out)
 
 
+def volume_rows(refs: Sequence[SliceRef], planar: set[str] | None = None) -> list[list[int]]:
+    """Positions in ``refs`` grouped into volumes: one group per cache file, in slice order
+    (ingest caches a volume's kept slices in order, rows follow z); each slice of a ``planar``
+    cache file (PNG slices, which need not be neighbours) a group of its own."""
+    planar = planar or set()
+    groups: dict[str, list[int]] = {}
+    alone: list[list[int]] = []
+    for i, r in enumerate(refs):
+        if r.cache_file in planar:
+            alone.append([i])
+        else:
+            groups.setdefault(r.cache_file, []).append(i)
+    ordered = [sorted(g, key=lambda i: refs[i].row) for g in groups.values()]
+    return alone + ordered
+
+
 def load_slices(
     ws: Workspace, refs: Sequence[SliceRef], size: int
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -176,6 +176,12 @@ def test_samples_carry_a_body_of_their_own(phantom_volumes, tmp_path):
     assert model.nearest(align(s.labels, len(s.labels)), model.bodies[0])[1] > 0
     placed, body = model.place(s.maps, 32)
     assert body.shape == placed.shape == (16, 32, 32) and np.all(body[placed > 0])
+    # at a real extent's slice count (a volume at real spacing): same anatomy, more slices
+    deep, deep_body = model.place(s.maps, 32, depth=24)
+    assert deep.shape == deep_body.shape == (24, 32, 32) and np.all(deep_body[deep > 0])
+    assert set(np.unique(deep)) == set(np.unique(placed))
+    assert np.array_equal(deep[0], placed[0]) and np.array_equal(deep[-1], placed[-1])
+    assert np.array_equal(model.place(s.maps, 32, depth=16)[0], placed)
     # saved and loaded, the body comes back
     (tmp_path / "m.npz").write_bytes(model.to_bytes())
     again = load_model(tmp_path / "m.npz")
