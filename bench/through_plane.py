@@ -42,8 +42,38 @@ def painted(generator: Any, cfg: Any, labels: np.ndarray, body: np.ndarray | Non
     return generate_images(generator, labels, cfg, bodies=body)
 
 
-def measure(ws_root: Path, run_name: str, volumes: int, seed: int) -> dict[str, Any]:
-    """Every figure for one run, as a JSON-ready dict."""
+def planes_strip(
+    rows: list[tuple[str, np.ndarray, np.ndarray]], window: tuple[float, float], tile: int = 128
+) -> np.ndarray:
+    """RGB picture: per row (name, image volume in [0, 1], labels) the axial, coronal and
+    sagittal planes through the heart's centre, in the pictures' CT window (the same for every
+    tile), the slice axis stretched to the tile and the head up."""
+    from PIL import Image, ImageDraw
+    from scipy import ndimage
+
+    from pipeline.preprocess import picture_window
+    from pipeline.preview import grid
+
+    tiles = []
+    for name, vol, lab in rows:
+        z, y, x = (round(c) for c in ndimage.center_of_mass(lab > 0))
+        planes = [vol[z], vol[::-1, y, :], vol[::-1, :, x]]
+        for i, plane in enumerate(planes):
+            grey = picture_window(plane, storage=window, units="HU")
+            img = Image.fromarray((np.clip(grey, 0, 1) * 255).astype(np.uint8))
+            img = img.resize((tile, tile), Image.BILINEAR).convert("RGB")
+            if i == 0:
+                ImageDraw.Draw(img).text((2, 2), name, fill=(255, 255, 0))
+            tiles.append(np.asarray(img))
+    return grid(tiles, columns=3)
+
+
+def measure(
+    ws_root: Path, run_name: str, volumes: int, seed: int, picture: Path | None = None
+) -> dict[str, Any]:
+    """Every figure for one run, as a JSON-ready dict (and, with ``picture``, a PNG of one
+    real held-out volume, its anatomy painted, and a painted synthetic volume, three planes
+    each)."""
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
@@ -91,6 +121,15 @@ def measure(ws_root: Path, run_name: str, volumes: int, seed: int) -> dict[str, 
     repainted = [(painted(generator, cfg, lab, b), lab, b) for _, lab, b in real]
     t_real = time.perf_counter() - t0
 
+    if picture is not None:
+        from pipeline.preview import save_png
+
+        rows = [
+            ("real", real[0][0], real[0][1]),
+            ("its anatomy, painted 2-D", repainted[0][0], repainted[0][1]),
+            ("synthetic, painted 2-D", synthetic[0][0], synthetic[0][1]),
+        ]
+        save_png(planes_strip(rows, (lo, hi)), picture)
     feature_fn, space = feature_extractor(ws, GateConfig(seed=seed))
 
     def figures(vols: list[tuple[np.ndarray, ...]]) -> dict[str, Any]:
@@ -165,11 +204,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "through_plane.json")
     args = ap.parse_args()
-    result = measure(args.workspace, args.run, args.volumes, args.seed)
+    picture = args.out.with_suffix(".png")
+    picture.parent.mkdir(parents=True, exist_ok=True)
+    result = measure(args.workspace, args.run, args.volumes, args.seed, picture)
     print(table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nJSON: {args.out}")
+    print(f"\nJSON: {args.out}\nthree planes: {picture}")
 
 
 if __name__ == "__main__":
