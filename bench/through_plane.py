@@ -35,13 +35,6 @@ sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).parent / "results"
 
 
-def painted(generator: Any, cfg: Any, labels: np.ndarray, body: np.ndarray | None) -> np.ndarray:
-    """A label volume painted one axial slice at a time, as ``generate`` paints a slice."""
-    from models.gan import generate_images
-
-    return generate_images(generator, labels, cfg, bodies=body)
-
-
 def planes_strip(
     rows: list[tuple[str, np.ndarray, np.ndarray]], window: tuple[float, float], tile: int = 128
 ) -> np.ndarray:
@@ -77,6 +70,7 @@ def measure(
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
+    from models.gan import generate_images
     from pipeline.anatomy import sample_anatomy
     from pipeline.catalog import Source
     from pipeline.generate import anatomy_model, shell_classes
@@ -115,10 +109,10 @@ def measure(
         s = sample_anatomy(model, [seed, i, 25], myo=myo, lv=lv)
         labels, body = model.place(s.maps, size, depth=depth)
         body = body if body is not None else body_outlines(np.zeros(labels.shape), labels)
-        synthetic.append((painted(generator, cfg, labels, body), labels, body))
+        synthetic.append((generate_images(generator, labels, cfg, bodies=body), labels, body))
     t_syn = time.perf_counter() - t0
     t0 = time.perf_counter()
-    repainted = [(painted(generator, cfg, lab, b), lab, b) for _, lab, b in real]
+    repainted = [(generate_images(generator, lab, cfg, bodies=b), lab, b) for _, lab, b in real]
     t_real = time.perf_counter() - t0
 
     if picture is not None:

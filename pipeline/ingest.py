@@ -41,6 +41,7 @@ from pipeline.imageio import check_nifti_header, read_png, short_reason
 from pipeline.labels import LabelSchema
 from pipeline.preprocess import (
     DEFAULT_WINDOW,
+    MIN_FOREGROUND,
     foreground_fraction,
     resize_image,
     resize_mask,
@@ -63,7 +64,7 @@ class IngestConfig:
     size: int = 256
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 0
-    min_foreground: float = 0.001
+    min_foreground: float = MIN_FOREGROUND
     window: tuple[float, float] = DEFAULT_WINDOW
     labels_file: str | None = None
     ignore_unknown_labels: bool = False

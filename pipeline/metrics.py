@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import linalg
 
+from pipeline.preprocess import MIN_FOREGROUND, foreground_fraction
 from pipeline.privacy import ssim_batch
 
 
@@ -229,7 +230,7 @@ def matched_distribution(
         base_stats = feature_stats(base)  # the reference's Gaussian, once for both sides
         fd.append(frechet_distance(*feature_stats(c), *base_stats))
         fd_base.append(frechet_distance(*feature_stats(q), *base_stats))
-        ratio.append(fd[-1] / fd_base[-1] if fd_base[-1] > 0 else float("inf"))
+        ratio.append(_safe_ratio(fd[-1], fd_base[-1]))
         kd.append(kid(c, base))
         kd_base.append(kid(q, base))
         if n > k and len(base) > k:
@@ -302,11 +303,14 @@ def _widen(s: slice, size: int, n: int) -> slice:
     return slice(start, min(n, max(s.stop, start + size)))
 
 
+def _sorted(values: np.ndarray) -> np.ndarray:
+    return np.sort(np.asarray(values, np.float64).ravel())
+
+
 def wasserstein_1(a: np.ndarray, b: np.ndarray) -> float:
     """Earth mover's distance between two 1-D samples (same units as the values): the area
     between their empirical CDFs. Equal to ``scipy.stats.wasserstein_distance(a, b)``."""
-    a = np.sort(np.asarray(a, np.float64).ravel())
-    b = np.sort(np.asarray(b, np.float64).ravel())
+    a, b = _sorted(a), _sorted(b)
     if not len(a) or not len(b):
         return float("nan")
     grid = np.concatenate([a, b])
@@ -436,8 +440,7 @@ PLANES = ("axial", "coronal", "sagittal")
 def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
     """Two-sample Kolmogorov–Smirnov statistic: the largest gap between the two empirical CDFs
     (0 same, 1 disjoint). Equal to ``scipy.stats.ks_2samp(a, b).statistic``."""
-    a = np.sort(np.asarray(a, np.float64).ravel())
-    b = np.sort(np.asarray(b, np.float64).ravel())
+    a, b = _sorted(a), _sorted(b)
     if not len(a) or not len(b):
         return float("nan")
     grid = np.concatenate([a, b])
@@ -538,7 +541,7 @@ def plane_slices(
     plane: str,
     *,
     size: int,
-    min_foreground: float = 0.001,
+    min_foreground: float = MIN_FOREGROUND,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A volume's (Z, H, W) slices in one of :data:`PLANES`, each resampled to ``size``²
     (image linearly, labels by nearest neighbour; coronal and sagittal with the head up), kept
@@ -557,7 +560,7 @@ def plane_slices(
         stack, lstack = vol.transpose(2, 0, 1)[:, ::-1], lab.transpose(2, 0, 1)[:, ::-1]
     else:
         raise ValueError(f"unknown plane {plane!r}; choose one of {', '.join(PLANES)}")
-    keep = (lstack > 0).reshape(len(lstack), -1).mean(1) >= max(min_foreground, 1e-12)
+    keep = np.array([foreground_fraction(m) >= max(min_foreground, 1e-12) for m in lstack], bool)
     stack, lstack = stack[keep], lstack[keep]
     if not len(stack):
         return np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.uint8)

@@ -164,6 +164,11 @@ def resized_spacing(
     return float(max(shape[0] * spacing[0], shape[1] * spacing[1]) / size)
 
 
+#: The least share of labelled pixels a slice needs to count as cutting through the heart (ingest
+#: keeps axial slices by it; the through-plane measures cut the other planes by it too).
+MIN_FOREGROUND = 0.001
+
+
 def foreground_fraction(mask: np.ndarray) -> float:
     """Share of pixels that are not background."""
     return float(np.count_nonzero(mask)) / float(mask.size)
