@@ -67,18 +67,22 @@ def measure(
     """Every figure for one run, as a JSON-ready dict (and, with ``picture``, a PNG of one
     real held-out volume, its anatomy painted, and a painted synthetic volume, three planes
     each)."""
-    from sqlalchemy import select
-    from sqlalchemy.orm import Session
 
     from models.gan import generate_images
     from pipeline.anatomy import sample_anatomy
-    from pipeline.catalog import Source
     from pipeline.generate import anatomy_model, shell_classes
     from pipeline.metrics import adjacent_differences, matched_agreement, plane_distribution
     from pipeline.preprocess import body_outlines
     from pipeline.quality import GateConfig, feature_extractor
     from pipeline.runs import find_run, load_generator
-    from pipeline.slices import HELDOUT, load_slices, volume_rows, workspace_refs
+    from pipeline.slices import (
+        HELDOUT,
+        load_slices,
+        planar_files,
+        volume_neighbours,
+        volume_rows,
+        workspace_refs,
+    )
     from pipeline.workspace import open_workspace
 
     ws = open_workspace(ws_root)
@@ -88,8 +92,7 @@ def measure(
     lo, hi = run.units[1]
     scale = float(hi - lo)  # [0, 1] → HU
     generator = load_generator(run.generator_path, run.generator_sha256)
-    with Session(ws.engine) as session:
-        planar = set(session.scalars(select(Source.cache_file).where(Source.format == "png")))
+    planar = planar_files(ws)
 
     refs = workspace_refs(ws, HELDOUT)
     images, masks = load_slices(ws, refs, size)
@@ -100,6 +103,11 @@ def measure(
     train_refs = workspace_refs(ws, ["train"])
     depth = int(np.median([len(g) for g in volume_rows(train_refs, planar) if len(g) > 1]))
 
+    def paint(labels: np.ndarray, body: np.ndarray) -> np.ndarray:
+        # a 2.5-D run sees each slice's neighbours in its own volume
+        near = volume_neighbours(labels, cfg.neighbours) if cfg.neighbours else None
+        return generate_images(generator, labels, cfg, bodies=body, neighbours=near)
+
     t0 = time.perf_counter()
     model, _ = anatomy_model(ws, run.name, schema, size, body=cfg.body)
     shell = shell_classes(schema)
@@ -109,19 +117,21 @@ def measure(
         s = sample_anatomy(model, [seed, i, 25], myo=myo, lv=lv)
         labels, body = model.place(s.maps, size, depth=depth)
         body = body if body is not None else body_outlines(np.zeros(labels.shape), labels)
-        synthetic.append((generate_images(generator, labels, cfg, bodies=body), labels, body))
+        synthetic.append((paint(labels, body), labels, body))
     t_syn = time.perf_counter() - t0
     t0 = time.perf_counter()
-    repainted = [(generate_images(generator, lab, cfg, bodies=b), lab, b) for _, lab, b in real]
+    repainted = [(paint(lab, b), lab, b) for _, lab, b in real]
     t_real = time.perf_counter() - t0
 
     if picture is not None:
         from pipeline.preview import save_png
 
+        dims = "2.5-D" if cfg.neighbours else "2-D"
+
         rows = [
             ("real", real[0][0], real[0][1]),
-            ("its anatomy, painted 2-D", repainted[0][0], repainted[0][1]),
-            ("synthetic, painted 2-D", synthetic[0][0], synthetic[0][1]),
+            (f"its anatomy, painted {dims}", repainted[0][0], repainted[0][1]),
+            (f"synthetic, painted {dims}", synthetic[0][0], synthetic[0][1]),
         ]
         save_png(planes_strip(rows, (lo, hi)), picture)
     feature_fn, space = feature_extractor(ws, GateConfig(seed=seed))
@@ -149,6 +159,7 @@ def measure(
         "real_volumes": len(real),
         "real_patients": len(set(patients)),
         "slices_per_synthetic_volume": depth,
+        "neighbours": cfg.neighbours,
         "seconds": {"synthetic_volumes": t_syn, "repaint_real": t_real},
         "sets": {
             f"synthetic ({volumes} volumes)": figures(synthetic),

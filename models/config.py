@@ -27,6 +27,10 @@ class GanConfig:
     # map describes the body, and a generator left to guess paints one of its training
     # people's (issue 24). Off in ``seed-code`` (the authors' model) and in runs from before
     body: bool = True
+    # 2.5-D conditioning (issue 25): the label maps of the k slices above and below as more
+    # input channels, so that neighbouring slices of one volume are painted alike. 0: the
+    # paper's 2-D model (``paper``, ``seed-code``, and runs from before)
+    neighbours: int = 0
     g_filters: tuple[int, ...] = (64, 128, 256, 512, 512, 512, 512)  # one per stride-2 step
     skips: bool = True
     up_block: str = "paper"  # "paper": transposed conv + conv; "seed-code": see DESIGN.md
@@ -53,7 +57,8 @@ class GanConfig:
     @property
     def condition_channels(self) -> int:
         """Channels of the generator input."""
-        return (self.num_classes if self.condition == "onehot" else 1) + int(self.body)
+        per_map = self.num_classes if self.condition == "onehot" else 1
+        return per_map * (1 + 2 * self.neighbours) + int(self.body)
 
     @property
     def patch_map(self) -> int:
@@ -79,9 +84,11 @@ class GanConfig:
     def from_dict(cls, config: dict[str, Any]) -> GanConfig:
         """The config stored in a run's ``config.json`` (other keys, such as ``data`` or
         ``train``, are ignored; JSON lists become the tuples they were; a config without
-        ``body`` is a run from before the body channel, which has none)."""
+        ``body`` is a run from before the body channel, which has none; one without
+        ``neighbours`` is a 2-D run)."""
         fields = {k: config[k] for k in cls.__dataclass_fields__ if k in config}
         fields.setdefault("body", False)  # a run trained before the body channel existed
+        fields.setdefault("neighbours", 0)
         for k in ("g_filters", "d_filters"):
             if k in fields:
                 fields[k] = tuple(fields[k])
@@ -121,6 +128,7 @@ def preset(name: str, **overrides: Any) -> GanConfig:
             g_lr=1e-3,
             d_lr=1e-3,
             lr_decay=0.5,
+            neighbours=1,
         )
     else:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -132,6 +140,8 @@ def preset(name: str, **overrides: Any) -> GanConfig:
     # "mixed" / "auto" are requests that the training code resolves for the machine
     if cfg.precision not in (*PRECISIONS, "mixed", "auto"):
         raise ValueError(f"precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if not 0 <= cfg.neighbours <= 4:
+        raise ValueError(f"neighbours {cfg.neighbours} must lie in 0–4 (slices each side)")
     if not 0.0 <= cfg.lr_decay <= 1.0:
         raise ValueError(f"lr_decay {cfg.lr_decay} must lie in [0, 1]")
     if cfg.size // 2 ** len(cfg.d_filters) < 1:

@@ -203,26 +203,50 @@ class ConditionalGAN:
 # ----------------------------------------------------------------------------- inference
 
 
-def encode_condition(masks: Any, num_classes: int, kind: str, bodies: Any = None) -> Any:
+def encode_condition(
+    masks: Any, num_classes: int, kind: str, bodies: Any = None, neighbours: Any = None
+) -> Any:
     """Masks → generator input: one-hot channels, or the label map scaled to [0, 1]; with
-    ``bodies`` (N, S, S) the body outline as one more channel, last."""
+    ``neighbours`` (N, 2k, S, S) the neighbouring slices' maps encoded alike, in slice order
+    (z−k … z−1, z+1 … z+k), after the slice's own; with ``bodies`` (N, S, S) the body outline
+    as one more channel, last."""
     import tensorflow as tf
 
-    if kind == "onehot":
-        cond = tf.one_hot(tf.cast(masks, tf.int32), num_classes, dtype=tf.float32)
-    else:
-        cond = tf.cast(masks, tf.float32)[..., None] / float(max(num_classes - 1, 1))
-    if bodies is None:
-        return cond
-    return tf.concat([cond, tf.cast(bodies, tf.float32)[..., None]], axis=-1)
+    def encode(maps: Any) -> Any:
+        if kind == "onehot":
+            return tf.one_hot(tf.cast(maps, tf.int32), num_classes, dtype=tf.float32)
+        return tf.cast(maps, tf.float32)[..., None] / float(max(num_classes - 1, 1))
+
+    parts = [encode(masks)]
+    if neighbours is not None:
+        stack = tf.convert_to_tensor(neighbours)
+        parts += [encode(stack[:, j]) for j in range(stack.shape[1])]
+    if bodies is not None:
+        parts.append(tf.cast(bodies, tf.float32)[..., None])
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
 
 
-def condition_of(masks: Any, bodies: Any, cfg: GanConfig) -> Any:
-    """The generator input of ``cfg``: a body-conditioned model needs ``bodies``; one without
+def condition_of(masks: Any, bodies: Any, cfg: GanConfig, neighbours: Any = None) -> Any:
+    """The generator input of ``cfg``: a body-conditioned model needs ``bodies``, a 2.5-D one
+    (``cfg.neighbours`` = k > 0) the (N, 2k, S, S) ``neighbours``; a model without either
     ignores them."""
     if cfg.body and bodies is None:
         raise ValueError("this generator is conditioned on the body outline: pass bodies")
-    return encode_condition(masks, cfg.num_classes, cfg.condition, bodies if cfg.body else None)
+    if cfg.neighbours:
+        if neighbours is None:
+            raise ValueError("this generator is conditioned on neighbouring slices: pass them")
+        if tuple(neighbours.shape[:2]) != (masks.shape[0], 2 * cfg.neighbours):
+            raise ValueError(
+                f"neighbours of shape {tuple(neighbours.shape)}: expected "
+                f"({masks.shape[0]}, {2 * cfg.neighbours}, S, S)"
+            )
+    return encode_condition(
+        masks,
+        cfg.num_classes,
+        cfg.condition,
+        bodies if cfg.body else None,
+        neighbours if cfg.neighbours else None,
+    )
 
 
 def generate_images(
@@ -231,10 +255,12 @@ def generate_images(
     cfg: GanConfig,
     *,
     bodies: np.ndarray | None = None,
+    neighbours: np.ndarray | None = None,
     batch: int = 16,
 ) -> np.ndarray:
     """(N, S, S) float32 images in [0, 1] for (N, S, S) class-index masks (and, for a
-    body-conditioned ``cfg``, their (N, S, S) body outlines), deterministically.
+    body-conditioned ``cfg``, their (N, S, S) body outlines; for a 2.5-D one, the
+    (N, 2k, S, S) maps of their neighbouring slices), deterministically.
 
     Inference mode (batch-norm moving statistics). Every call runs the model on batches of
     exactly ``batch`` masks, padding the last one with empty masks: oneDNN picks its convolution
@@ -247,12 +273,16 @@ def generate_images(
     for i in range(0, len(masks), batch):
         chunk = np.asarray(masks[i : i + batch])
         body = None if bodies is None else np.asarray(bodies[i : i + batch], dtype=bool)
+        near = None if neighbours is None else np.asarray(neighbours[i : i + batch])
         n = len(chunk)
         if n < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
-            if body is not None:
-                body = np.concatenate([body, np.zeros((batch - n, *body.shape[1:]), bool)])
-        cond = condition_of(chunk, body, cfg)
+            chunk, body, near = (
+                None
+                if a is None
+                else np.concatenate([a, np.zeros((batch - n, *a.shape[1:]), a.dtype)])
+                for a in (chunk, body, near)
+            )
+        cond = condition_of(chunk, body, cfg, near)
         out.append(np.asarray(generator(cond, training=False), dtype=np.float32)[:n, ..., 0])
     size = masks.shape[1] if masks.ndim == 3 else 0
     return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)

@@ -919,6 +919,13 @@ def filter_cmd(
     help="augmented: probability of removing each structure from a mask.",
 )
 @click.option(
+    "--volumes",
+    is_flag=True,
+    help="Whole cases: --count volumes (synthetic, heldout or a folder of NIfTI label "
+    "volumes), each painted slice by slice with its neighbours' maps; every slice is a "
+    "candidate of its case.",
+)
+@click.option(
     "--filter",
     "run_filter",
     is_flag=True,
@@ -934,6 +941,7 @@ def generate_cmd(
     batch_name: str | None,
     seed: int,
     drop_structures: float,
+    volumes: bool,
     run_filter: bool,
     as_json: bool,
     **gates: Any,
@@ -948,6 +956,7 @@ def generate_cmd(
         batch_name=batch_name,
         seed=seed,
         drop_structures=drop_structures,
+        volumes=volumes,
     )
     with opened_workspace(workspace, create=False) as ws:
         report = generate(ws, cfg, progress=progress_bar("generate", "batch"))
@@ -957,9 +966,10 @@ def generate_cmd(
     else:
         for note in report.notes:
             click.echo(f"note: {note}", err=True)
+        cases = "" if report.cases is None else f"{report.cases} volumes, "
         click.echo(
-            f"batch {report.batch}: {report.count} candidates ({report.generated} generated, "
-            f"{report.reused} already there; {report.units}) in {report.folder}"
+            f"batch {report.batch}: {cases}{report.count} candidates ({report.generated} "
+            f"generated, {report.reused} already there; {report.units}) in {report.folder}"
         )
     if judged is not None:
         if not as_json:

@@ -33,7 +33,7 @@ from pipeline.anatomy import (
 from pipeline.atomic import atomic_write
 from pipeline.augment import DEFORM_DEFAULTS, deform_mask, deformation_coords, warp_labels
 from pipeline.candidates import open_batch, write_batch_json, write_candidate
-from pipeline.catalog import Candidate, Slice, Source, write_session
+from pipeline.catalog import Candidate, Slice, write_session
 from pipeline.errors import PipelineError
 from pipeline.imageio import image_files, read_nifti_slices, read_png
 from pipeline.labels import LabelSchema
@@ -45,7 +45,10 @@ from pipeline.slices import (
     SliceRef,
     SliceStore,
     load_slices,
+    neighbour_rows,
+    planar_files,
     slice_spacings,
+    volume_neighbours,
     volume_rows,
     workspace_refs,
 )
@@ -70,6 +73,10 @@ class GenerateConfig:
     scale: float = DEFORM_DEFAULTS["scale"]
     shift: float = DEFORM_DEFAULTS["shift"]
     batch: int = 16  # inference batch
+    # whole cases instead of loose slices: ``count`` is then a number of volumes, each painted
+    # slice by slice with its neighbours' maps (a 2.5-D run), every slice a candidate that
+    # records its case and z (synthetic, heldout, or a folder of NIfTI label volumes)
+    volumes: bool = False
 
 
 @dataclass
@@ -85,6 +92,8 @@ class MaskSpec:
     # the body outline the candidate is painted in (None: the run's generator has no body
     # channel); never a real person's when the mask is no real person's
     body: np.ndarray | None = None
+    # (2k, S, S) label maps of the slices z−k … z−1, z+1 … z+k of the same volume (2.5-D runs)
+    neighbours: np.ndarray | None = None
 
 
 @dataclass
@@ -98,6 +107,7 @@ class GenerateReport:
     reused: int
     units: str
     notes: list[str]
+    cases: int | None = None  # whole volumes (``volumes``), each ``count`` slices in all
 
 
 #: The anatomy model's in-plane grid at most (a 256² run's samples are drawn at 128² and their
@@ -139,8 +149,7 @@ def anatomy_model(
     ``anatomy-<key>.npz``. Volumes when the sources are volumes; per slice for PNG sources.
     One line when there are too few patients."""
     refs = workspace_refs(ws, ["train"])
-    with Session(ws.engine) as session:
-        planar = set(session.scalars(select(Source.cache_file).where(Source.format == "png")).all())
+    planar = planar_files(ws)
     grid = min(size, ANATOMY_GRID)
     images, masks = load_slices(ws, refs, grid)
     bodies = body_outlines(images, masks) if body else None
@@ -201,15 +210,42 @@ def shell_classes(schema: LabelSchema) -> tuple[int, int] | None:
     return None
 
 
-def source_masks(
+def typical_depth(ws: Workspace) -> int:
+    """Slices in a typical training volume (the median count of kept slices): how many a
+    synthetic volume has, at the typical slice spacing; 1 for 2-D (PNG) sources."""
+    refs, planar = workspace_refs(ws, ["train"]), planar_files(ws)
+    counts = [len(g) for g in volume_rows(refs, planar) if refs[g[0]].cache_file not in planar]
+    return int(np.median(counts)) if counts else 1
+
+
+def _stacked(labels: np.ndarray, k: int, planar: bool) -> np.ndarray:
+    """(Z, 2k, S, S) neighbours of a label volume's slices; a 2-D source's slices stand for
+    their own neighbours (as in training, :func:`~pipeline.slices.neighbour_rows`)."""
+    if planar:
+        return np.repeat(labels[:, None], 2 * k, axis=1)
+    return volume_neighbours(labels, k)
+
+
+@dataclass
+class CaseSource:
+    """A mask source read as whole cases: ``case(c)`` is case c's slices in z order."""
+
+    case: Callable[[int], list[MaskSpec]]
+    depth: Callable[[int], int]  # slices of case c, known without painting it
+    available: int | None  # cases there are (None: as many as asked)
+
+
+def source_cases(
     ws: Workspace,
     cfg: GenerateConfig,
     schema: LabelSchema,
     size: int,
     anatomy: tuple[AnatomyModel, Path] | None = None,
-) -> Callable[[int], MaskSpec]:
-    """A function index → MaskSpec for ``cfg.masks`` (synthetic / augmented / heldout);
-    ``anatomy`` is the model for ``synthetic`` (fitted here when not given)."""
+    k: int = 0,
+) -> CaseSource:
+    """``cfg.masks`` (synthetic or heldout) as whole label volumes, each slice a MaskSpec
+    with its case, z and (k > 0) its neighbours' maps; ``anatomy`` is the model for
+    ``synthetic`` (fitted here when not given)."""
     spacing = slice_spacings(ws)
     if cfg.masks == "synthetic":
         model, path = anatomy or anatomy_model(ws, cfg.run, schema, size)
@@ -217,34 +253,118 @@ def source_masks(
         shell = shell_classes(schema)
         myo, lv = shell if shell else (None, None)
         typical = _typical_spacing(spacing, workspace_refs(ws, ["train"]))
+        flat = model.shape[1] == 1  # fitted on 2-D slices: a sample is one slice
+        depth = 1 if flat else typical_depth(ws)
 
-        def synthetic(i: int) -> MaskSpec:
-            sample = sample_anatomy(model, [cfg.seed, i], myo=myo, lv=lv)
-            filled = [z for z in range(len(sample.labels)) if sample.labels[z].any()]
-            z = filled[int(np.random.default_rng([cfg.seed, i, 1]).integers(len(filled)))]
-            labels, body = model.place(sample.maps[:, z : z + 1], size)
+        def synthetic(c: int) -> list[MaskSpec]:
+            sample = sample_anatomy(model, [cfg.seed, c], myo=myo, lv=lv)
+            labels, body = model.place(sample.maps, size, depth=depth)
+            near = _stacked(labels, k, flat) if k else None
             record = {
                 "anatomy_model_sha256": digest,
                 "anatomy_model": path.name,
-                "seed": [cfg.seed, i],
-                "slice": z,
+                "seed": [cfg.seed, c],
                 **sample.record,
                 "body": "synthetic" if body is not None else "none",
+                "case": c,
+                "depth": depth,
             }
-            return MaskSpec(
-                labels[0],
-                "synthetic",
-                None,
-                None,
-                typical,
-                record,
-                None if body is None else body[0],
-            )
+            return [
+                MaskSpec(
+                    labels[z],
+                    "synthetic",
+                    None,
+                    None,
+                    typical,
+                    {**record, "z": z},
+                    None if body is None else body[z],
+                    None if near is None else near[z],
+                )
+                for z in range(depth)
+            ]
+
+        return CaseSource(synthetic, lambda _c: depth, None)
+    if cfg.masks == "heldout":
+        refs = workspace_refs(ws, ["test"])
+        if not refs:
+            raise PipelineError("the test split is empty: no held-out masks", path=ws.root)
+        planar = planar_files(ws)
+        groups = volume_rows(refs, planar)
+        near_rows = neighbour_rows(refs, k, planar) if k else None
+        store = SliceStore(ws.cache_dir, refs)
+
+        def mask_of(j: int) -> np.ndarray:
+            if j < 0:
+                return np.zeros((size, size), np.uint8)
+            mask = store.masks([refs[j].slice_id])[0]
+            return mask if mask.shape[0] == size else resize_mask(mask, size)
+
+        def heldout(c: int) -> list[MaskSpec]:
+            out = []
+            for z, j in enumerate(groups[c]):
+                ref = refs[j]
+                mask, image = mask_of(j), store.images([ref.slice_id])[0]
+                if image.shape[0] != size:
+                    image = resize_image(image, size)
+                near = None
+                if near_rows is not None:
+                    near = np.stack([mask_of(int(r)) for r in near_rows[j]])
+                record = {"body": "the slice's own", "case": c, "z": z}
+                out.append(
+                    MaskSpec(
+                        mask,
+                        "heldout",
+                        ref.slice_id,
+                        None,
+                        spacing[ref.cache_file],
+                        record,
+                        body_outline(image, mask),
+                        near,
+                    )
+                )
+            return out
+
+        return CaseSource(heldout, lambda c: len(groups[c]), len(groups))
+    if cfg.masks == "augmented":
+        raise PipelineError(
+            "--volumes: augmented masks are single deformed training slices, not volumes; "
+            "use synthetic or heldout masks"
+        )
+    raise PipelineError(f"unknown mask source {cfg.masks!r}")
+
+
+def source_masks(
+    ws: Workspace,
+    cfg: GenerateConfig,
+    schema: LabelSchema,
+    size: int,
+    anatomy: tuple[AnatomyModel, Path] | None = None,
+    k: int = 0,
+) -> Callable[[int], MaskSpec]:
+    """A function index → MaskSpec for ``cfg.masks`` (synthetic / augmented / heldout), with
+    (k > 0) the maps of its neighbouring slices; ``anatomy`` is the model for ``synthetic``
+    (fitted here when not given). A synthetic or held-out slice is a slice of its volume."""
+    if cfg.masks == "synthetic":
+        cases = source_cases(ws, cfg, schema, size, anatomy, k)
+
+        def synthetic(i: int) -> MaskSpec:
+            slices = cases.case(i)
+            filled = [z for z, spec in enumerate(slices) if spec.mask.any()]
+            z = filled[int(np.random.default_rng([cfg.seed, i, 1]).integers(len(filled)))]
+            spec = slices[z]
+            spec.transform = {
+                **{k: v for k, v in spec.transform.items() if k not in ("case", "z")},
+                "slice": z,
+            }
+            return spec
 
         return synthetic
     if cfg.masks == "augmented":
+        spacing = slice_spacings(ws)
         refs = workspace_refs(ws, ["train"])
         store = SliceStore(ws.cache_dir, refs)
+        near_rows = neighbour_rows(refs, k, planar_files(ws)) if k else None
+        position = {r.slice_id: j for j, r in enumerate(refs)}
         with Session(ws.engine) as session:
             fg = dict(session.execute(select(Slice.id, Slice.foreground)).all())
         pool = [r for r in refs if fg.get(r.slice_id, 0) > 0]
@@ -275,6 +395,16 @@ def source_masks(
             # 10 with the elastic field alone, 0 deformed fully)
             coords = deformation_coords(src.shape, params)
             body = warp_labels(body_outline(image, src).astype(np.uint8), coords) > 0
+            near = None
+            if near_rows is not None:
+                # the neighbours under the same field, without the structures it dropped
+                dropped = [schema.names.index(n) for n in params.get("dropped", [])]
+                near = []
+                for r in near_rows[position[ref.slice_id]]:
+                    m = np.zeros_like(src) if r < 0 else store.masks([refs[r].slice_id])[0]
+                    m = m if m.shape[0] == size else resize_mask(m, size)
+                    near.append(warp_labels(np.where(np.isin(m, dropped), 0, m), coords))
+                near = np.stack(near).astype(np.uint8)
             return MaskSpec(
                 mask,
                 "augmented",
@@ -283,30 +413,23 @@ def source_masks(
                 spacing[ref.cache_file],
                 {**params, "body": "the source slice's, deformed with its label map"},
                 body | (mask > 0),
+                near,
             )
 
         return augmented
     if cfg.masks == "heldout":
-        refs = workspace_refs(ws, ["test"])
-        if not refs:
-            raise PipelineError("the test split is empty: no held-out masks", path=ws.root)
-        store = SliceStore(ws.cache_dir, refs)
+        cases = source_cases(ws, cfg, schema, size, anatomy, k)
+        flat = [(c, z) for c in range(cases.available or 0) for z in range(cases.depth(c))]
+        last: dict[int, list[MaskSpec]] = {}
 
         def heldout(i: int) -> MaskSpec:
-            ref = refs[i % len(refs)]
-            mask, image = store.masks([ref.slice_id])[0], store.images([ref.slice_id])[0]
-            if mask.shape[0] != size:
-                mask, image = resize_mask(mask, size), resize_image(image, size)
-            record = {"body": "the slice's own"}
-            return MaskSpec(
-                mask,
-                "heldout",
-                ref.slice_id,
-                None,
-                spacing[ref.cache_file],
-                record,
-                body_outline(image, mask),
-            )
+            c, z = flat[i % len(flat)]
+            if c not in last:  # slices are asked for in order: keep the one case read
+                last.clear()
+                last[c] = cases.case(c)
+            spec = last[c][z]
+            spec.transform = {"body": "the slice's own"}
+            return spec
 
         return heldout
     raise PipelineError(f"unknown mask source {cfg.masks!r}")
@@ -331,34 +454,64 @@ def _typical_spacing(spacing: dict[str, list[float]], refs: list[SliceRef]) -> l
     return [float(v) for v in np.median(np.array(rows, float), axis=0)]
 
 
-def read_user_masks(folder: Path, schema: LabelSchema, size: int) -> list[MaskSpec]:
-    """Masks from a folder: PNG (label values per the run's schema) or NIfTI (each axial
-    slice with a structure, in radiological view). Any value outside the schema is an error
-    naming the file; other sizes are resized by nearest neighbour."""
+def read_user_cases(
+    folder: Path, schema: LabelSchema, size: int, k: int = 0
+) -> list[list[MaskSpec]]:
+    """Masks from a folder, one case per file: PNG (one slice, label values per the run's
+    schema) or NIfTI (its axial slices from the first to the last with a structure, in
+    radiological view). Any value outside the schema is an error naming the file; other sizes
+    are resized by nearest neighbour. With k > 0 each slice carries its neighbours' maps (the
+    file's own slices, empty beyond its ends; a PNG slice stands for its own)."""
     files = image_files(folder, what="masks")
-    out: list[MaskSpec] = []
+    cases: list[list[MaskSpec]] = []
     for f in files:
-        if f.name.lower().endswith(".png"):
-            planes = [(read_png(f, mask=True), [1.0, 1.0, 1.0], f.name)]
+        png = f.name.lower().endswith(".png")
+        if png:
+            planes, zooms = read_png(f, mask=True)[None], [1.0, 1.0, 1.0]
         else:
-            disp, zooms = read_nifti_slices(f, what="mask")
-            planes = [(disp[z], zooms, f"{f.name}#{z}") for z in range(len(disp))]
-        for plane, zooms, name in planes:
-            try:
-                classes = schema.to_classes(plane)
-            except ValueError as exc:
-                # generate has no label options: the masks must use the run's own label codes
-                advice = " (masks must use the label codes the run was trained on)"
-                raise PipelineError(f"{exc}{advice}", path=f) from None
-            if not classes.any():
-                continue
-            factor = max(classes.shape) / size
-            if classes.shape != (size, size):
-                classes = resize_mask(classes, size)
-            spacing = [zooms[0] * factor, zooms[1] * factor, zooms[2]]
-            out.append(MaskSpec(classes, "file", None, name, spacing, {}))
-    if not out:
+            planes, zooms = read_nifti_slices(f, what="mask")
+        try:
+            classes = np.stack([schema.to_classes(p) for p in planes])
+        except ValueError as exc:
+            # generate has no label options: the masks must use the run's own label codes
+            advice = " (masks must use the label codes the run was trained on)"
+            raise PipelineError(f"{exc}{advice}", path=f) from None
+        filled = np.flatnonzero(classes.reshape(len(classes), -1).any(axis=1))
+        if not len(filled):
+            continue
+        factor = max(classes.shape[1:]) / size
+        if classes.shape[1:] != (size, size):
+            classes = np.stack([resize_mask(c, size) for c in classes])
+        spacing = [zooms[0] * factor, zooms[1] * factor, zooms[2]]
+        near = _stacked(classes, k, png) if k else None
+        cases.append(
+            [
+                MaskSpec(
+                    classes[z],
+                    "file",
+                    None,
+                    f.name if png else f"{f.name}#{z}",
+                    spacing,
+                    {"case": len(cases), "z": int(z - filled[0])},
+                    None,
+                    None if near is None else near[z],
+                )
+                for z in range(filled[0], filled[-1] + 1)
+            ]
+        )
+    if not cases:
         raise PipelineError("no mask in this folder has a labelled structure", path=folder)
+    return cases
+
+
+def read_user_masks(folder: Path, schema: LabelSchema, size: int, k: int = 0) -> list[MaskSpec]:
+    """Every slice with a structure of :func:`read_user_cases`, as loose slices."""
+    out = []
+    for case in read_user_cases(folder, schema, size, k):
+        for spec in case:
+            if spec.mask.any():
+                spec.transform = {}
+                out.append(spec)
     return out
 
 
@@ -380,8 +533,9 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
     path_name(name, what="batch")
     folder = ws.candidates_dir / name
     stored: dict[str, Any] = {}
+    anatomy = None
+    kind = "dir"
     if cfg.masks in MASK_SOURCES:
-        anatomy = None
         if cfg.masks == "synthetic":
             anatomy = anatomy_model(ws, cfg.run, schema, size, body=model_cfg.body)
             model = anatomy[0]
@@ -390,22 +544,45 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
                 f"anatomy model: {model.config['patients']} training patients, "
                 f"{model.config['modes']} modes, {anatomy[1].name}"
             )
-        spec_of = source_masks(ws, cfg, schema, size, anatomy)
+        kind = cfg.masks
+    k = model_cfg.neighbours
+    cases: CaseSource | None = None
+    if cfg.volumes:
+        if cfg.masks in MASK_SOURCES:
+            cases = source_cases(ws, cfg, schema, size, anatomy, k)
+        else:
+            user = read_user_cases(Path(cfg.masks), schema, size, k)
+            if any((s.file or "").lower().endswith(".png") for c in user for s in c):
+                raise PipelineError(
+                    "--volumes needs NIfTI label volumes; PNG masks are single slices",
+                    path=Path(cfg.masks),
+                )
+            cases = CaseSource(user.__getitem__, lambda c: len(user[c]), len(user))
+            kind = "dir"
         count = cfg.count
+        if cases.available is not None and count > cases.available:
+            notes.append(f"only {cases.available} volumes: generating {cases.available}")
+            count = cases.available
+        spec_of = _case_slices(cases, count)
+        slices = sum(cases.depth(c) for c in range(count))
+    elif cfg.masks in MASK_SOURCES:
+        spec_of = source_masks(ws, cfg, schema, size, anatomy, k)
+        count = slices = cfg.count
         if cfg.masks == "heldout":
             available = len(workspace_refs(ws, ["test"]))
             if count > available:
                 notes.append(f"only {available} held-out masks: generating {available}")
-                count = available
-        kind = cfg.masks
+                count = slices = available
     else:
-        specs = read_user_masks(Path(cfg.masks), schema, size)
-        count = min(cfg.count, len(specs))
+        specs = read_user_masks(Path(cfg.masks), schema, size, k)
+        count = slices = min(cfg.count, len(specs))
         if cfg.count > len(specs):
             notes.append(f"{len(specs)} masks in {cfg.masks}: generating {len(specs)}")
         spec_of = specs.__getitem__
         kind = "dir"
     stored = {**asdict(cfg), **stored, "batch_name": name, "count": count}
+    if not cfg.volumes:  # a slice batch's config reads as it did before volumes existed
+        stored.pop("volumes")
     with write_session(ws.engine) as session:
         batch = open_batch(
             session,
@@ -424,13 +601,14 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
                 "degrees",
                 "scale",
                 "anatomy_model_sha256",
+                "volumes",
             ),
             folder=folder,
         )
         batch.config = {**batch.config, "count": max(count, batch.config["count"])}
         batch_id = batch.id
         done = {c.index for c in batch.candidates}
-    todo = [i for i in range(count) if i not in done]
+    todo = [i for i in range(slices) if i not in done]
     if todo:
         generator = load_generator(run.generator_path, run.generator_sha256)
     chunks = [todo[i : i + cfg.batch] for i in range(0, len(todo), cfg.batch)]
@@ -447,7 +625,10 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
                     s.body = typical | (s.mask > 0)
                     s.transform = {**s.transform, "body": "typical of the training split"}
             bodies = np.stack([s.body for s in specs_chunk])
-        images = generate_images(generator, masks, model_cfg, bodies=bodies, batch=cfg.batch)
+        near = np.stack([s.neighbours for s in specs_chunk]) if k else None
+        images = generate_images(
+            generator, masks, model_cfg, bodies=bodies, neighbours=near, batch=cfg.batch
+        )
         rows = []
         for i, spec, image in zip(chunk, specs_chunk, images, strict=True):
             cand = f"cand_{i:05d}"
@@ -479,7 +660,32 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
         label_schema=run.config["label_schema"],
         config=stored,
     )
-    return GenerateReport(name, str(folder), count, len(todo), count - len(todo), units, notes)
+    return GenerateReport(
+        name,
+        str(folder),
+        slices,
+        len(todo),
+        slices - len(todo),
+        units,
+        notes,
+        count if cfg.volumes else None,
+    )
+
+
+def _case_slices(cases: CaseSource, count: int) -> Callable[[int], MaskSpec]:
+    """Candidate index → MaskSpec over the first ``count`` cases, slice after slice (case c
+    starts where case c − 1 ends; a case is read once while its slices are asked for)."""
+    starts = np.cumsum([0] + [cases.depth(c) for c in range(count)])
+    held: dict[int, list[MaskSpec]] = {}
+
+    def spec_of(i: int) -> MaskSpec:
+        c = int(np.searchsorted(starts, i, side="right")) - 1
+        if c not in held:
+            held.clear()
+            held[c] = cases.case(c)
+        return held[c][i - int(starts[c])]
+
+    return spec_of
 
 
 def add_honeypots(

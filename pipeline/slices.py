@@ -32,12 +32,15 @@ class SliceRef:
     row: int
     patient: str
     split: str
+    z: int = -1  # position in the source volume (-1: unknown)
 
 
 def slice_refs(session: Session, splits: Sequence[str] | None = None) -> list[SliceRef]:
     """Source slices of ``splits`` (every split when None), in id order."""
     stmt = (
-        select(Slice.id, Source.cache_file, Slice.index, Source.patient, PatientSplit.split)
+        select(
+            Slice.id, Source.cache_file, Slice.index, Source.patient, PatientSplit.split, Slice.z
+        )
         .join(Source, Slice.source_id == Source.id)
         .join(PatientSplit, PatientSplit.patient == Source.patient)
         .order_by(Slice.id)
@@ -96,6 +99,42 @@ def volume_rows(refs: Sequence[SliceRef], planar: set[str] | None = None) -> lis
     return alone + ordered
 
 
+def neighbour_rows(refs: Sequence[SliceRef], k: int, planar: set[str] | None = None) -> np.ndarray:
+    """(N, 2k) positions in ``refs`` of each slice's neighbours z−k … z−1, z+1 … z+k in its own
+    volume; −1 where that slice was not kept (it had too little foreground: an empty map is
+    what it nearly is). A slice of a ``planar`` source (PNG slices, which need not be
+    neighbours) stands for its own neighbours: a 2-D map's best guess at the next slice is
+    itself, and generating from a folder of 2-D masks does the same."""
+    planar = planar or set()
+    where = {(r.cache_file, r.z): i for i, r in enumerate(refs)}
+    offsets = [d for d in range(-k, k + 1) if d]
+    out = np.full((len(refs), len(offsets)), -1, np.int64)
+    for i, r in enumerate(refs):
+        if r.cache_file in planar:
+            out[i] = i
+            continue
+        for j, d in enumerate(offsets):
+            out[i, j] = where.get((r.cache_file, r.z + d), -1)
+    return out
+
+
+def gather_neighbours(masks: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(N, 2k, S, S) label maps at ``rows`` (from :func:`neighbour_rows`), empty where −1."""
+    out = masks[np.maximum(rows, 0)]
+    out[rows < 0] = 0
+    return out
+
+
+def volume_neighbours(labels: np.ndarray, k: int) -> np.ndarray:
+    """(Z, 2k, S, S): each slice's neighbours z−k … z−1, z+1 … z+k in a (Z, S, S) label
+    volume, empty beyond its ends (as a training slice's unkept neighbours are)."""
+    z = len(labels)
+    padded = np.concatenate([np.zeros((k, *labels.shape[1:]), labels.dtype), labels])
+    padded = np.concatenate([padded, np.zeros((k, *labels.shape[1:]), labels.dtype)])
+    offsets = [d for d in range(-k, k + 1) if d]
+    return np.stack([padded[k + d : k + d + z] for d in offsets], axis=1)
+
+
 def load_slices(
     ws: Workspace, refs: Sequence[SliceRef], size: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +155,17 @@ def load_split(ws: Workspace, split: str, size: int) -> tuple[np.ndarray, np.nda
     """All slices of one split: images (N, size, size, 1) float32, masks (N, size, size) uint8."""
     images, masks = load_slices(ws, workspace_refs(ws, [split]), size)
     return images[..., None], masks
+
+
+def planar_files(ws: Workspace) -> set[str]:
+    """Cache files of 2-D sources (PNG slices): their slices are not a volume's neighbours."""
+    with Session(ws.engine) as session:
+        return set(session.scalars(select(Source.cache_file).where(Source.format == "png")))
+
+
+def split_neighbours(ws: Workspace, split: str, k: int) -> np.ndarray:
+    """:func:`neighbour_rows` of one split, row for row with :func:`load_split`."""
+    return neighbour_rows(workspace_refs(ws, [split]), k, planar_files(ws))
 
 
 def slice_spacings(ws: Workspace) -> dict[str, list[float]]:

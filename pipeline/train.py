@@ -38,7 +38,7 @@ from pipeline.preview import BODY_GREY, PALETTE, grid, save_png, to_uint8
 from pipeline.privacy import ssim_batch
 from pipeline.progress import Progress
 from pipeline.runs import run_units
-from pipeline.slices import load_split
+from pipeline.slices import gather_neighbours, load_split, split_neighbours
 from pipeline.validate import path_name
 from pipeline.workspace import Workspace
 
@@ -51,6 +51,8 @@ ARCHITECTURE_KEYS = (
     "size",
     "num_classes",
     "condition",
+    "body",
+    "neighbours",
     "g_filters",
     "skips",
     "up_block",
@@ -108,7 +110,8 @@ def batch_order(n: int, batch: int, steps: int, seed: int) -> np.ndarray:
 def augment_pair(
     image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, flip: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One joint random affine (±10°, scale 0.9–1.1, shift ±6%) of a (S, S) image and mask.
+    """One joint random affine (±10°, scale 0.9–1.1, shift ±6%) of a (S, S) image and mask
+    (or a (C, S, S) stack of masks — a slice's own and its neighbours' — moved alike).
 
     The image is resampled by cubic spline, clipped to its own range, and the mask by label
     shares (:func:`~pipeline.augment.warp_labels`, never a new label): bilinear images under
@@ -120,7 +123,12 @@ def augment_pair(
     params = random_affine(rng, flip=flip)
     low, high = float(image.min()), float(image.max())
     out_image = np.clip(affine_warp(image, params, order=3, cval=low), low, high)
-    out_mask = warp_labels(mask, affine_coords(mask.shape[0], params))
+    coords = affine_coords(image.shape[0], params)
+    out_mask = (
+        warp_labels(mask, coords)
+        if mask.ndim == 2
+        else np.stack([warp_labels(m, coords) for m in mask])
+    )
     return out_image.astype(np.float32), out_mask.astype(np.uint8)
 
 
@@ -241,16 +249,24 @@ def make_dataset(
     seed: int,
     augment: str,
     context: Any = None,
+    neighbours: np.ndarray | None = None,
 ) -> Any:
     """tf.data of this input pipeline's per-replica batches from step ``start`` on.
 
     For each step the pipeline yields, in replica order, its replicas' consecutive slices of
     the global batch ``order[step]``, so the union over replicas and workers is exactly that
-    batch. ``context`` is a ``tf.distribute.InputContext`` (None: one replica).
+    batch. ``context`` is a ``tf.distribute.InputContext`` (None: one replica). A 2.5-D ``cfg``
+    needs ``neighbours``, (N, 2k) rows of each slice's neighbours (−1: an empty map), from
+    :func:`~pipeline.slices.neighbour_rows`; they are augmented with their slice.
     """
     import tensorflow as tf
 
     from models.gan import condition_of
+    from pipeline.slices import gather_neighbours
+
+    k = cfg.neighbours
+    if k and (neighbours is None or neighbours.shape != (len(masks), 2 * k)):
+        raise ValueError(f"a 2.5-D model (neighbours={k}) needs ({len(masks)}, {2 * k}) rows")
 
     replicas, pipelines, pipeline_id = 1, 1, 0
     if context is not None:
@@ -262,29 +278,37 @@ def make_dataset(
     slots = np.tile(np.arange(pipeline_id * local, (pipeline_id + 1) * local), len(order) - start)
     size, flip = cfg.size, augment == "flip+affine"
 
-    def load(step: np.int64, slot: np.int64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def load(
+        step: np.int64, slot: np.int64
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         positions = range(int(slot) * per_replica, (int(slot) + 1) * per_replica)
         idx = order[int(step), int(slot) * per_replica : (int(slot) + 1) * per_replica]
         img, msk = images[idx, ..., 0], masks[idx]
+        near = gather_neighbours(masks, neighbours[idx]) if k else msk[:, :0]
         if augment != "none":
+            stacks = np.concatenate([msk[:, None], near], axis=1)
             pairs = [
-                augment_pair(img[j], msk[j], np.random.default_rng([seed, int(step), p]), flip=flip)
+                augment_pair(
+                    img[j], stacks[j], np.random.default_rng([seed, int(step), p]), flip=flip
+                )
                 for j, p in enumerate(positions)
             ]
             img = np.stack([p[0] for p in pairs])
-            msk = np.stack([p[1] for p in pairs])
+            msk = np.stack([p[1][0] for p in pairs])
+            near = np.stack([p[1][1:] for p in pairs])
         # the body of the image as trained on (after augmentation), so outline and image agree
         body = body_outlines(img, msk) if cfg.body else np.zeros(msk.shape, bool)
-        return msk, body, img[..., None]
+        return msk, body, near.astype(np.uint8), img[..., None]
 
     def to_tensors(step: Any, slot: Any) -> tuple[Any, Any]:
-        msk, body, img = tf.numpy_function(
-            load, [step, slot], [tf.uint8, tf.bool, tf.float32], stateful=False
+        msk, body, near, img = tf.numpy_function(
+            load, [step, slot], [tf.uint8, tf.bool, tf.uint8, tf.float32], stateful=False
         )
         msk.set_shape((per_replica, size, size))
         body.set_shape((per_replica, size, size))
+        near.set_shape((per_replica, 2 * k, size, size))
         img.set_shape((per_replica, size, size, 1))
-        return condition_of(msk, body, cfg), img
+        return condition_of(msk, body, cfg, near if k else None), img
 
     ds = tf.data.Dataset.from_tensor_slices((steps, slots))
     ds = ds.map(to_tensors, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -322,8 +346,10 @@ def _check_resume(run_dir: Path, config: dict[str, Any], opts: TrainOptions, chi
     if not exists:
         raise PipelineError("nothing to resume", path=run_dir)
     saved = json.loads((run_dir / "config.json").read_text())
+    # a field the saved run predates takes the value it had then (no body, no neighbours)
+    model = json.loads(json.dumps(GanConfig.from_dict(saved).to_dict()))
     now = json.loads(json.dumps(config))  # tuples → lists, as stored
-    changed = [k for k in ARCHITECTURE_KEYS if saved.get(k) != now.get(k)]
+    changed = [k for k in ARCHITECTURE_KEYS if model.get(k) != now.get(k)]
     if changed:
         raise PipelineError(
             f"--resume with an incompatible config ({', '.join(changed)} differ)", path=run_dir
@@ -415,6 +441,9 @@ def _train(
             path=ws.root,
         )
     val_images, val_masks = load_split(ws, "val", cfg.size)
+    k = cfg.neighbours
+    near = split_neighbours(ws, "train", k) if k else None
+    val_near = gather_neighbours(val_masks, split_neighbours(ws, "val", k)) if k else None
 
     run_dir = ws.runs_dir / opts.run
     ckpt_dir = run_dir / "checkpoints"
@@ -480,6 +509,7 @@ def _train(
             seed=opts.seed,
             augment=opts.augment,
             context=context,
+            neighbours=near,
         )
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
@@ -525,7 +555,7 @@ def _train(
             if chief and (step % opts.eval_every == 0 or step == cfg.steps):
                 twin.set_weights(gan.generator.get_weights())
                 heldout = _evaluate(
-                    twin, cfg, val_images, val_masks, run_dir, step, writer, picture_view
+                    twin, cfg, val_images, val_masks, run_dir, step, writer, picture_view, val_near
                 )
             if step % opts.checkpoint_every == 0:
                 manager.save(checkpoint_number=step)
@@ -587,10 +617,11 @@ def _evaluate(
     step: int,
     writer: Any,
     view: Callable[[np.ndarray], np.ndarray] = np.asarray,
+    neighbours: np.ndarray | None = None,
 ) -> dict[str, float | None]:
     """Held-out SSIM and MAE in inference mode (moving BN statistics: how generation runs)
     and SSIM with batch statistics for comparison; a sample grid PNG (slices through
-    ``view``).
+    ``view``). ``neighbours``: the (N, 2k, S, S) neighbour maps of a 2.5-D ``cfg``.
 
     ``generator`` is a scratch copy: batch-statistics mode updates its moving averages.
     """
@@ -603,8 +634,9 @@ def _evaluate(
     pick = np.linspace(0, len(images) - 1, min(16, len(images))).astype(int)
     real = images[pick, ..., 0]
     bodies = body_outlines(real, masks[pick])
-    fake = generate_images(generator, masks[pick], cfg, bodies=bodies)
-    cond = condition_of(masks[pick], bodies, cfg)
+    near = None if neighbours is None else neighbours[pick]
+    fake = generate_images(generator, masks[pick], cfg, bodies=bodies, neighbours=near)
+    cond = condition_of(masks[pick], bodies, cfg, near)
     batchstats = np.asarray(generator(cond, training=True), dtype=np.float32)[..., 0]
     result = {
         "ssim": float(np.mean(ssim_batch(real, fake))),

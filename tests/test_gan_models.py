@@ -161,7 +161,7 @@ def test_tiny_model_learns_a_toy_mapping():
     from models.gan import ConditionalGAN
 
     keras.utils.set_random_seed(0)
-    cfg = preset("tiny", size=32, batch=8, g_lr=2e-3, d_lr=2e-4)
+    cfg = preset("tiny", size=32, batch=8, g_lr=2e-3, d_lr=2e-4, neighbours=0)
     gan = ConditionalGAN(cfg)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:32, :32]
@@ -205,7 +205,7 @@ def test_mixed_precision_step(precision):
         )
 
     keras.utils.set_random_seed(0)
-    cfg = preset("tiny", size=32, batch=4, precision=precision)
+    cfg = preset("tiny", size=32, batch=4, precision=precision, neighbours=0)
     gan = ConditionalGAN(cfg)
     assert all(v.dtype == "float32" for v in gan.generator.weights)
     assert gan.generator.get_layer("down1").compute_dtype == precision.split("_")[1]
@@ -228,7 +228,7 @@ def test_the_body_channel_is_asked_for_and_old_runs_have_none():
     from models.config import GanConfig
     from models.gan import generate_images
 
-    cfg = preset("tiny", size=32)
+    cfg = preset("tiny", size=32, neighbours=0)
     assert cfg.body and cfg.condition_channels == cfg.num_classes + 1
     assert not preset("seed-code").body and preset("seed-code").condition_channels == 1
     old = {k: v for k, v in cfg.to_dict().items() if k != "body"}
@@ -241,3 +241,33 @@ def test_the_body_channel_is_asked_for_and_old_runs_have_none():
     body[1, 8:24, 8:24] = True
     out = generate_images(g, masks, cfg, bodies=body)
     assert out.shape == (2, 32, 32) and not np.array_equal(out[0], out[1])
+
+
+def test_neighbour_channels_are_asked_for_and_matter():
+    """``tiny`` is 2.5-D (the maps of the slices above and below as more channels); the paper's
+    model and a run saved before the field existed are 2-D."""
+    from models.config import GanConfig
+    from models.gan import generate_images
+
+    cfg = preset("tiny", size=32)
+    assert cfg.neighbours == 1 and cfg.condition_channels == 3 * cfg.num_classes + 1
+    assert preset("paper").neighbours == 0
+    old = {k: v for k, v in cfg.to_dict().items() if k != "neighbours"}
+    assert GanConfig.from_dict(old).neighbours == 0
+    with pytest.raises(ValueError, match="neighbours"):
+        preset("tiny", neighbours=9)
+    g = build_generator(cfg)
+    masks = np.zeros((2, 32, 32), np.uint8)
+    masks[:, 10:20, 10:20] = 3
+    body = np.ones((2, 32, 32), bool)
+    with pytest.raises(ValueError, match="neighbouring slices"):
+        generate_images(g, masks, cfg, bodies=body)
+    with pytest.raises(ValueError, match="expected"):
+        generate_images(g, masks, cfg, bodies=body, neighbours=np.zeros((2, 4, 32, 32), np.uint8))
+    same = np.stack([masks, masks], axis=1)
+    other = same.copy()
+    other[1] = 0  # the second slice's neighbours are empty
+    a = generate_images(g, masks, cfg, bodies=body, neighbours=same)
+    b = generate_images(g, masks, cfg, bodies=body, neighbours=other)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[1], b[1])

@@ -1,6 +1,7 @@
 """`pipeline generate`, `filter --batch` and `evaluate`: provenance, resumability, gates."""
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -226,6 +227,107 @@ def test_generate_from_heldout_and_user_masks(ws, tmp_path):
     assert not (Path(ws) / "candidates" / "x").exists()
     missing = run("generate", "-w", ws, "--run", "nope")
     assert missing.exit_code == 2 and "no trained run 'nope'" in missing.stderr
+
+
+def _case_volumes(ws, batch):
+    """{case: (images, masks, spacing, zs)} of a volume batch, slices in z order (HU and
+    class indices, in display orientation)."""
+    rows, _, spacing = _rows(ws, batch)
+    folder = Path(ws) / "candidates" / batch
+    cases = {}
+    for r in sorted(rows, key=lambda r: (r["transform"]["case"], r["transform"]["z"])):
+        c = r["transform"]["case"]
+        img, msk = (
+            ras_to_display(np.asanyarray(nib.load(folder / d / f"{r['name']}.nii.gz").dataobj))[0]
+            for d in ("images", "masks")
+        )
+        cases.setdefault(c, []).append((r["transform"]["z"], img, msk, spacing[r["name"]]))
+    return {
+        c: (np.stack([v[1] for v in s]), np.stack([v[2] for v in s]), s[0][3], [v[0] for v in s])
+        for c, s in cases.items()
+    }
+
+
+def test_generate_volumes_paints_whole_cases_with_their_neighbours(ws, tmp_path):
+    """--volumes: --count cases, each every slice of one label volume in z order, painted with
+    its neighbours' maps (the run is 2.5-D); resumable by case; held-out cases are the test
+    volumes; augmented masks and PNG folders are refused."""
+    from models.gan import generate_images
+    from pipeline.anatomy import load_model, sample_anatomy
+    from pipeline.generate import shell_classes, typical_depth
+    from pipeline.runs import find_run, load_generator
+    from pipeline.slices import load_slices, volume_neighbours, volume_rows, workspace_refs
+
+    out = run("generate", "-w", ws, "--run", "good", "--volumes", "--count", 2, "--batch-name", "v")
+    assert out.exit_code == 0, out.stderr
+    w = open_workspace(ws, create=False)
+    depth = typical_depth(w)
+    assert f"batch v: 2 volumes, {2 * depth} candidates" in out.stdout
+    cases = _case_volumes(ws, "v")
+    assert sorted(cases) == [0, 1]
+    trained = find_run(w, "good")
+    cfg = trained.model
+    assert cfg.neighbours == 1
+    generator = load_generator(trained.generator_path, trained.generator_sha256)
+    for _, masks, spacing, zs in cases.values():
+        assert zs == list(range(depth)) and masks.any()
+        # neighbouring label maps overlap: a volume, not loose slices
+        both = [(a > 0) & (b > 0) for a, b in itertools.pairwise(masks)]
+        assert np.mean([x.sum() > 0 for x in both]) > 0.8
+        assert spacing[2] > 0
+    # the written slices are what the generator paints from the volume's own neighbours
+    images, masks, _, _ = cases[0]
+    lo, hi = trained.units[1]
+    rows, _, _ = _rows(ws, "v")
+    (model_file,) = (Path(ws) / "runs" / "good").glob("anatomy-*.npz")
+    bodies = [r for r in rows if r["transform"]["case"] == 0]
+    assert all(b["transform"]["body"] == "synthetic" for b in bodies)
+    model = load_model(model_file)
+    myo, lv = shell_classes(trained.schema)
+    sample = sample_anatomy(model, [0, 0], myo=myo, lv=lv)
+    labels, body = model.place(sample.maps, cfg.size, depth=depth)
+    np.testing.assert_array_equal(labels, masks)
+    painted = generate_images(
+        generator, labels, cfg, bodies=body, neighbours=volume_neighbours(labels, 1)
+    )
+    assert np.abs(painted * (hi - lo) + lo - images).max() <= 1.0
+    blind = generate_images(
+        generator,
+        labels,
+        cfg,
+        bodies=body,
+        neighbours=np.zeros((depth, 2, *labels.shape[1:]), np.uint8),
+    )
+    assert np.abs(blind * (hi - lo) + lo - images).max() > 1.0  # the neighbours were used
+
+    more = run(
+        "generate", "-w", ws, "--run", "good", "--volumes", "--count", 3, "--batch-name", "v"
+    )
+    assert more.exit_code == 0 and f"{depth} generated, {2 * depth} already there" in more.stdout
+    clash = run("generate", "-w", ws, "--run", "good", "--count", 3, "--batch-name", "v")
+    assert clash.exit_code == 2 and "volumes" in clash.stderr
+
+    held = run("generate", "-w", ws, "--run", "good", "--masks", "heldout", "--volumes")
+    assert held.exit_code == 0, held.stderr
+    refs = workspace_refs(w, ["test"])
+    groups = volume_rows(refs, set())
+    assert f"only {len(groups)} volumes" in held.stderr
+    cases = _case_volumes(ws, "good-heldout")
+    for c, g in enumerate(groups):
+        _, real_masks = load_slices(w, [refs[j] for j in g], cfg.size)
+        np.testing.assert_array_equal(cases[c][1], real_masks)
+    w.close()
+
+    aug = run("generate", "-w", ws, "--run", "good", "--masks", "augmented", "--volumes")
+    assert aug.exit_code == 2 and "not volumes" in aug.stderr
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    m = np.zeros((32, 32), np.uint8)
+    m[8:20, 8:20] = 205
+    Image.fromarray(m).save(pngs / "a.png")
+    flat = run("generate", "-w", ws, "--run", "good", "--masks", pngs, "--volumes")
+    assert flat.exit_code == 2 and "NIfTI label volumes" in flat.stderr
+    assert not (Path(ws) / "candidates" / "good-dir").exists()
 
 
 @pytest.mark.slow

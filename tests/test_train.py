@@ -204,24 +204,30 @@ def test_generation_from_saved_generator_is_deterministic(ws32):
     from models.config import preset
     from models.gan import generate_images
     from pipeline.preprocess import body_outlines
-    from pipeline.slices import load_split
+    from pipeline.slices import gather_neighbours, load_split, split_neighbours
 
     report = _train(ws32, steps=4, run="det")
     ws = open_workspace(ws32, create=False)
     images, masks = load_split(ws, "val", 32)
+    near = gather_neighbours(masks, split_neighbours(ws, "val", 1))
     ws.close()
     bodies = body_outlines(images, masks)
     cfg = preset("tiny", size=32)
-    one = generate_images(keras.models.load_model(report.generator), masks, cfg, bodies=bodies)
-    two = generate_images(keras.models.load_model(report.generator), masks, cfg, bodies=bodies)
+
+    def paint(model, rows):
+        return generate_images(model, masks[rows], cfg, bodies=bodies[rows], neighbours=near[rows])
+
+    every = slice(None)
+    one = paint(keras.models.load_model(report.generator), every)
+    two = paint(keras.models.load_model(report.generator), every)
     assert one.shape == (len(masks), 32, 32) and one.dtype == np.float32
     assert one.tobytes() == two.tobytes()
     # neither the batch an image ran in nor its position there changes its bytes
     model = keras.models.load_model(report.generator)
-    alone = generate_images(model, masks[:1], cfg, bodies=bodies[:1])
+    alone = paint(model, slice(0, 1))
     assert alone[0].tobytes() == one[0].tobytes()
     # every image at another batch position
-    shifted = generate_images(model, masks[3:], cfg, bodies=bodies[3:])
+    shifted = paint(model, slice(3, None))
     assert shifted.tobytes() == one[3:].tobytes()
 
 

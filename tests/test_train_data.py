@@ -55,7 +55,7 @@ def test_augment_pair_is_seeded_and_never_invents_labels():
 @pytest.mark.parametrize(("replicas", "pipelines"), [(1, 1), (2, 1), (2, 2), (4, 2)])
 def test_replicas_split_exactly_the_global_batch(replicas, pipelines):
     """Whatever the replica/worker layout, step s trains on exactly order[s] (tf.data)."""
-    cfg = preset("tiny", size=8, batch=8, d_filters=(16,))
+    cfg = preset("tiny", size=8, batch=8, d_filters=(16,), neighbours=0)
     rng = np.random.default_rng(0)
     images = rng.random((20, 8, 8, 1)).astype(np.float32)
     images[:, 0, 0, 0] = np.arange(20)  # an id stamped in each image
@@ -136,3 +136,64 @@ def test_warp_labels_by_hand():
         np.testing.assert_array_equal(
             warp_labels(vessel, affine_coords(64, params)), labels[np.argmax(shares, axis=0)]
         )
+
+
+def test_neighbour_rows_follow_z_within_a_volume():
+    """2.5-D conditioning's lookup: a slice's neighbours are the slices at z±1… of its own
+    volume; an unkept slice (a gap in z, the volume's end) is −1 (an empty map); a PNG slice
+    stands for its own neighbours."""
+    from pipeline.slices import SliceRef, gather_neighbours, neighbour_rows, volume_neighbours
+
+    refs = [
+        SliceRef(10, "a", 0, "p1", "train", z=4),
+        SliceRef(11, "a", 1, "p1", "train", z=5),
+        SliceRef(12, "a", 2, "p1", "train", z=7),  # z 6 had too little foreground
+        SliceRef(13, "b", 0, "p2", "train", z=5),
+        SliceRef(14, "png", 0, "p3", "train", z=0),
+    ]
+    rows = neighbour_rows(refs, 1, {"png"})
+    np.testing.assert_array_equal(rows, [[-1, 1], [0, -1], [-1, -1], [-1, -1], [4, 4]])
+    assert neighbour_rows(refs, 2, set()).shape == (5, 4)
+    masks = np.arange(1, 6, dtype=np.uint8)[:, None, None] * np.ones((1, 4, 4), np.uint8)
+    near = gather_neighbours(masks, rows)
+    assert near.shape == (5, 2, 4, 4)
+    assert near[0, 0].max() == 0 and (near[0, 1] == 2).all() and (near[4] == 5).all()
+    vol = masks[:3]
+    stacked = volume_neighbours(vol, 1)
+    assert stacked.shape == (3, 2, 4, 4)
+    assert stacked[0, 0].max() == 0 and (stacked[0, 1] == 2).all()
+    assert (stacked[2, 0] == 2).all() and stacked[2, 1].max() == 0
+
+
+def test_make_dataset_moves_neighbours_with_the_slice():
+    """A 2.5-D batch carries each slice's neighbours' one-hot maps after its own (body last),
+    and the augmentation moves them with the same affine as the slice."""
+    cfg = preset("tiny", size=16, batch=4, d_filters=(16,), neighbours=1)
+    rng = np.random.default_rng(0)
+    images = rng.random((6, 16, 16, 1)).astype(np.float32)
+    images[:, 0, 0, 0] = np.arange(6)
+    masks = np.zeros((6, 16, 16), np.uint8)
+    for i in range(6):
+        masks[i, 3 + i : 9 + i, 4:12] = 1 + i % 7
+    near = np.array([[-1, 1], [0, 2], [1, -1], [-1, 4], [3, 5], [4, -1]])
+    order = batch_order(6, 4, 2, seed=0)
+    ds = make_dataset(images, masks, order, cfg, start=0, seed=0, augment="none", neighbours=near)
+    for cond, img in ds.as_numpy_iterator():
+        assert cond.shape == (4, 16, 16, 8 * 3 + 1)
+        ids = img[:, 0, 0, 0].astype(int)
+        np.testing.assert_array_equal(cond[..., :8].argmax(-1), masks[ids])
+        for side in (0, 1):
+            want = np.where((near[ids, side] >= 0)[:, None, None], masks[near[ids, side]], 0)
+            np.testing.assert_array_equal(
+                cond[..., 8 * (side + 1) : 8 * (side + 2)].argmax(-1), want
+            )
+    # each slice its own neighbour: after any affine the neighbour channels equal its own
+    itself = np.repeat(np.arange(6)[:, None], 2, axis=1)
+    ds = make_dataset(
+        images, masks, order, cfg, start=0, seed=3, augment="affine", neighbours=itself
+    )
+    for cond, _ in ds.as_numpy_iterator():
+        np.testing.assert_array_equal(cond[..., 8:16], cond[..., :8])
+        np.testing.assert_array_equal(cond[..., 16:24], cond[..., :8])
+    with pytest.raises(ValueError, match="neighbour"):
+        make_dataset(images, masks, order, cfg, start=0, seed=0, augment="none")

@@ -13,7 +13,7 @@ import keras  # noqa: E402
 from models.config import preset  # noqa: E402
 from models.gan import ConditionalGAN  # noqa: E402
 
-cfg = preset("tiny", size=32, batch=4, g_lr=0.05, d_lr=0.05)
+cfg = preset("tiny", size=32, batch=4, g_lr=0.05, d_lr=0.05, neighbours=0)
 rng = np.random.default_rng(0)
 cond = np.eye(9, dtype="float32")[rng.integers(0, 9, (4, 32, 32))]  # 8 classes and body
 img = rng.random((4, 32, 32, 1)).astype("float32")
