@@ -43,7 +43,15 @@ from pipeline.preprocess import (
 from pipeline.preview import overlay, to_uint8
 from pipeline.progress import Progress
 from pipeline.runs import find_run, load_generator
-from pipeline.slices import HELDOUT, SliceStore, load_slices, workspace_refs
+from pipeline.slices import (
+    HELDOUT,
+    SliceStore,
+    gather_neighbours,
+    load_slices,
+    neighbour_rows,
+    planar_files,
+    workspace_refs,
+)
 from pipeline.utility import UtilityConfig, utility_study
 from pipeline.workspace import Workspace
 
@@ -112,12 +120,16 @@ def feature_extractor(
     return emb.embed, f"encoder-{emb.dim}d-{digest}"
 
 
-def _heldout(ws: Workspace, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _heldout(
+    ws: Workspace, size: int, k: int = 0
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | None]:
+    """Held-out images, masks, their patients and (k > 0) each slice's neighbours' maps."""
     refs = workspace_refs(ws, HELDOUT)
     if not refs:
         raise PipelineError("no held-out (val/test) patients to evaluate on", path=ws.root)
     images, masks = load_slices(ws, refs, size)
-    return images, masks, [r.patient for r in refs]
+    near = gather_neighbours(masks, neighbour_rows(refs, k, planar_files(ws))) if k else None
+    return images, masks, [r.patient for r in refs], near
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:
@@ -306,10 +318,13 @@ def evaluate(
     model_cfg, schema = trained.model, trained.schema
     units, window = trained.units
     scale = unit_scale(units, window)
-    real, masks, patients = _heldout(ws, model_cfg.size)
+    real, masks, patients, near = _heldout(ws, model_cfg.size, model_cfg.neighbours)
     generator = load_generator(trained.generator_path, trained.generator_sha256)
-    # each held-out slice painted inside its own body: the pairing compares like with like
-    fake = generate_images(generator, masks, model_cfg, bodies=body_outlines(real, masks))
+    # each held-out slice painted inside its own body (and beside its own neighbours): the
+    # pairing compares like with like
+    fake = generate_images(
+        generator, masks, model_cfg, bodies=body_outlines(real, masks), neighbours=near
+    )
     paired = paired_fidelity(real, fake, masks, class_names=list(schema.names), scale=scale)
     heart = heart_ssim(real, fake, masks)
 
