@@ -242,10 +242,13 @@ def source_cases(
     size: int,
     anatomy: tuple[AnatomyModel, Path] | None = None,
     k: int = 0,
+    *,
+    grid: bool = False,
 ) -> CaseSource:
     """``cfg.masks`` (synthetic or heldout) as whole label volumes, each slice a MaskSpec
     with its case, z and (k > 0) its neighbours' maps; ``anatomy`` is the model for
-    ``synthetic`` (fitted here when not given)."""
+    ``synthetic`` (fitted here when not given), decoded at the training volumes' typical
+    slice count, or with ``grid`` at the model's own (where loose slices are drawn from)."""
     spacing = slice_spacings(ws)
     if cfg.masks == "synthetic":
         model, path = anatomy or anatomy_model(ws, cfg.run, schema, size)
@@ -254,11 +257,11 @@ def source_cases(
         myo, lv = shell if shell else (None, None)
         typical = _typical_spacing(spacing, workspace_refs(ws, ["train"]))
         flat = model.shape[1] == 1  # fitted on 2-D slices: a sample is one slice
-        depth = 1 if flat else typical_depth(ws)
+        depth = model.shape[1] if flat or grid else typical_depth(ws)
 
         def synthetic(c: int) -> list[MaskSpec]:
             sample = sample_anatomy(model, [cfg.seed, c], myo=myo, lv=lv)
-            labels, body = model.place(sample.maps, size, depth=depth)
+            labels, body = model.place(sample.maps, size, depth=None if grid else depth)
             near = _stacked(labels, k, flat) if k else None
             record = {
                 "anatomy_model_sha256": digest,
@@ -345,7 +348,9 @@ def source_masks(
     (k > 0) the maps of its neighbouring slices; ``anatomy`` is the model for ``synthetic``
     (fitted here when not given). A synthetic or held-out slice is a slice of its volume."""
     if cfg.masks == "synthetic":
-        cases = source_cases(ws, cfg, schema, size, anatomy, k)
+        # a loose slice is drawn from the sample at the model's own slice count, as before
+        # volumes existed (the same draws for the same seed)
+        cases = source_cases(ws, cfg, schema, size, anatomy, k, grid=True)
 
         def synthetic(i: int) -> MaskSpec:
             slices = cases.case(i)
@@ -353,7 +358,7 @@ def source_masks(
             z = filled[int(np.random.default_rng([cfg.seed, i, 1]).integers(len(filled)))]
             spec = slices[z]
             spec.transform = {
-                **{k: v for k, v in spec.transform.items() if k not in ("case", "z")},
+                **{key: v for key, v in spec.transform.items() if key not in ("case", "z")},
                 "slice": z,
             }
             return spec
