@@ -296,23 +296,28 @@ def source_cases(
         near_rows = neighbour_rows(refs, k, planar) if k else None
         store = SliceStore(ws.cache_dir, refs)
 
-        def mask_of(j: int) -> np.ndarray:
-            if j < 0:
-                return np.zeros((size, size), np.uint8)
-            mask = store.masks([refs[j].slice_id])[0]
-            return mask if mask.shape[0] == size else resize_mask(mask, size)
-
         def heldout(c: int) -> list[MaskSpec]:
+            # the case's masks read once: its neighbours are rows of the same volume
+            rows = set(groups[c])
+            if near_rows is not None:
+                rows |= {int(r) for j in groups[c] for r in near_rows[j] if r >= 0}
+            rows = sorted(rows)
+            read = store.masks([refs[j].slice_id for j in rows])
+            masks = {
+                j: m if m.shape[0] == size else resize_mask(m, size)
+                for j, m in zip(rows, read, strict=True)
+            }
+            empty = np.zeros((size, size), np.uint8)
             out = []
             for z, j in enumerate(groups[c]):
                 ref = refs[j]
-                mask, image = mask_of(j), store.images([ref.slice_id])[0]
+                mask, image = masks[j], store.images([ref.slice_id])[0]
                 if image.shape[0] != size:
                     image = resize_image(image, size)
                 near = None
                 if near_rows is not None:
-                    near = np.stack([mask_of(int(r)) for r in near_rows[j]])
-                record = {"body": "the slice's own", "case": c, "z": z}
+                    near = np.stack([masks.get(int(r), empty) for r in near_rows[j]])
+                record = {"body": "the slice's own", "case": c, "z": z, "depth": len(groups[c])}
                 out.append(
                     MaskSpec(
                         mask,
@@ -497,7 +502,11 @@ def read_user_cases(
                     None,
                     f.name if png else f"{f.name}#{z}",
                     spacing,
-                    {"case": len(cases), "z": int(z - filled[0])},
+                    {
+                        "case": len(cases),
+                        "z": int(z - filled[0]),
+                        "depth": int(filled[-1] - filled[0] + 1),
+                    },
                     None,
                     None if near is None else near[z],
                 )

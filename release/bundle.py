@@ -108,6 +108,10 @@ class Released:
     texture_score: float | None
     privacy_margin: float
     reviewers: list[str]
+    # a slice of a volume batch (``generate --volumes``): its case, z and the case's depth
+    case: int | None = None
+    z: int | None = None
+    depth: int | None = None
 
 
 def select_releasable(
@@ -139,7 +143,9 @@ def select_releasable(
     names = dict(session.execute(select(CandidateBatch.id, CandidateBatch.name)).all())
     released: list[Released] = []
     skipped = {"flagged": 0, "not accepted": 0, "honeypot": 0, "unfiltered": 0}
+    withheld: set[tuple[str, int]] = set()  # volume cases with a slice that may not leave
     for b in chosen:
+        volumes = bool((b.config or {}).get("volumes"))
         for c in session.scalars(
             select(Candidate).where(Candidate.batch_id == b.id).order_by(Candidate.index)
         ):
@@ -163,6 +169,8 @@ def select_releasable(
                     else "not accepted"
                 )
                 skipped[key] += 1
+                if volumes:
+                    withheld.add((b.name, int(c.transform["case"])))
                 continue
             reviewers = sorted(
                 str(d.reviewer_id) for d in current.get(c.id, {}).values() if d.decision == "accept"
@@ -178,8 +186,10 @@ def select_releasable(
                     texture_score=None if c.texture_score is None else float(c.texture_score),
                     privacy_margin=float(c.privacy_margin),
                     reviewers=reviewers,
+                    **(_case_position(c.transform) if volumes else {}),
                 )
             )
+    released = _whole_cases(released, withheld, skipped)
     if failed:
         notes.append(f"gates failed for {', '.join(failed)}; exported on: {cfg.accept_failed_gate}")
     derived = sorted({r.batch for r in released if batches[r.batch].masks in DERIVED_ANATOMY})
@@ -197,6 +207,37 @@ def select_releasable(
         "derived_anatomy": {n: DERIVED_ANATOMY[batches[n].masks] for n in derived},
     }
     return released, selection, notes
+
+
+def _case_position(transform: dict[str, Any]) -> dict[str, int]:
+    """Case, z and depth of a volume batch's slice, from its provenance."""
+    try:
+        return {k: int(transform[k]) for k in ("case", "z", "depth")}
+    except (KeyError, TypeError, ValueError):
+        raise PipelineError(
+            "a candidate of a volume batch lacks its case, z or depth; regenerate the batch "
+            "with this version (pipeline generate --volumes)"
+        ) from None
+
+
+def _whole_cases(
+    released: list[Released], withheld: set[tuple[str, int]], skipped: dict[str, int]
+) -> list[Released]:
+    """Slices of volume cases leave only as whole cases: a case with any slice flagged, not
+    accepted or never generated stays out entirely (its other slices are counted as
+    ``incomplete case``). Loose slices pass through."""
+    slices: dict[tuple[str, int], set[int]] = {}
+    for r in released:
+        if r.case is not None:
+            slices.setdefault((r.batch, r.case), set()).add(int(r.z or 0))
+    for key, zs in slices.items():
+        depth = next(r.depth for r in released if (r.batch, r.case) == key)
+        if zs != set(range(int(depth or 0))):
+            withheld.add(key)
+    kept = [r for r in released if r.case is None or (r.batch, r.case) not in withheld]
+    if slices or withheld:
+        skipped["incomplete case"] = len(released) - len(kept)
+    return kept
 
 
 def _nifti_gz(array: np.ndarray, spacing: list[float], *, dtype: Any) -> bytes:
@@ -320,38 +361,68 @@ def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> E
     units = sorted({r.units for r in released})
     if len(units) > 1:
         raise PipelineError("the chosen batches mix HU and display units; export them separately")
+    volume_batches = sorted({r.batch for r in released if r.case is not None})
+    slice_batches = sorted({r.batch for r in released if r.case is None})
+    if volume_batches and slice_batches:
+        raise PipelineError(
+            f"volume batches ({', '.join(volume_batches)}) and slice batches "
+            f"({', '.join(slice_batches)}) make different datasets (3-D cases vs 2-D slices "
+            "nnU-Net plans apart); export them separately with --batch"
+        )
+    groups: dict[tuple[str, int], list[Released]] = {}
+    for r in released:  # a volume case is one bundle case; a loose slice is its own
+        key = (r.batch, r.case) if r.case is not None else (r.batch, -1 - r.candidate_id)
+        groups.setdefault(key, []).append(r)
 
     files: dict[str, bytes] = {}
     cases = []
     ledger_cases = []
     windows: dict[str, tuple[float, float]] = {}
-    for n, r in enumerate(progress(released)):
+    for n, group in enumerate(progress(list(groups.values()))):
         case = f"case_{n:04d}"
-        src = ws.candidates_dir / r.batch
-        if r.batch not in windows:
-            windows[r.batch] = tuple(read_batch_json(src)["window"])
-        cand = read_candidate(src, r.name, units=r.units, window=windows[r.batch])
-        data_dtype = np.int16 if r.units == "HU" else np.uint8
-        spacing = [*r.spacing[:2], SLICE_SPACING_2D]
-        image = _nifti_gz(display_to_ras(cand.stored[None]), spacing, dtype=data_dtype)
-        label = _nifti_gz(display_to_ras(cand.mask[None]), spacing, dtype=np.uint8)
+        group = sorted(group, key=lambda r: r.z or 0)
+        first = group[0]
+        src = ws.candidates_dir / first.batch
+        if first.batch not in windows:
+            windows[first.batch] = tuple(read_batch_json(src)["window"])
+        read = [read_candidate(src, r.name, units=r.units, window=windows[r.batch]) for r in group]
+        data_dtype = np.int16 if first.units == "HU" else np.uint8
+        volume = first.case is not None
+        # a volume keeps its real slice spacing (nnU-Net plans 3d_fullres); a loose slice gets
+        # nnU-Net's 2-D convention
+        spacing = [*first.spacing[:2], float(first.spacing[2]) if volume else SLICE_SPACING_2D]
+        stack = display_to_ras(np.stack([c.stored for c in read]))
+        labels = display_to_ras(np.stack([c.mask for c in read]))
+        image = _nifti_gz(stack, spacing, dtype=data_dtype)
+        label = _nifti_gz(labels, spacing, dtype=np.uint8)
         files[f"imagesTr/{case}_0000.nii.gz"] = image
         files[f"labelsTr/{case}.nii.gz"] = label
-        shown = picture_window(cand.unit, storage=windows[r.batch], units=r.units)
-        files[f"previews/{case}.png"] = _png(overlay(shown, cand.mask))
-        ledger_cases.append(LedgerCase(r.candidate_id, case, _sha256(image), _sha256(label)))
-        cases.append(
-            {
-                "case": case,
-                "privacy_ssim": r.privacy_score,
-                "privacy_texture": r.texture_score,
-                "privacy_margin": r.privacy_margin,
-                "accepted_by": [pseudonyms[x] for x in r.reviewers],
-                "pixel_spacing_mm": [float(v) for v in r.spacing[:2]],
-                "slice_spacing_mm": float(r.spacing[2]),
-                "batch": r.batch,
+        middle = read[len(read) // 2]
+        shown = picture_window(middle.unit, storage=windows[first.batch], units=first.units)
+        files[f"previews/{case}.png"] = _png(overlay(shown, middle.mask))
+        ledger_cases += [
+            LedgerCase(r.candidate_id, case, _sha256(image), _sha256(label)) for r in group
+        ]
+        textures = [r.texture_score for r in group if r.texture_score is not None]
+        reviewers = sorted({x for r in group for x in r.reviewers}, key=int)
+        entry = {
+            "case": case,
+            # a case is as close to a source as its closest slice
+            "privacy_ssim": max(r.privacy_score for r in group),
+            "privacy_texture": max(textures) if textures else None,
+            "privacy_margin": min(r.privacy_margin for r in group),
+            "accepted_by": [pseudonyms[x] for x in reviewers],
+            "pixel_spacing_mm": [float(v) for v in first.spacing[:2]],
+            "slice_spacing_mm": float(first.spacing[2]),
+            "batch": first.batch,
+        }
+        if volume:
+            entry |= {
+                "slices": len(group),
+                "shape": [int(v) for v in labels.shape],
+                "spacing_mm": [float(v) for v in spacing],
             }
-        )
+        cases.append(entry)
     with Session(ws.engine) as session:
         dataset_id = choose_dataset_id(session, cfg.dataset_id, cfg.name, ledger_cases)
     folder_name = f"Dataset{dataset_id:03d}_{cfg.name}"
@@ -366,8 +437,12 @@ def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> E
         "numTraining": len(cases),
         "file_ending": ".nii.gz",
         "name": cfg.name,
-        "description": "Synthetic cardiac CT slices generated from segmentation masks by a "
-        "conditional GAN, privacy-filtered and physician-reviewed (cardiac-synth).",
+        "description": (
+            "Synthetic cardiac CT volumes, painted slice by slice from their label volumes"
+            if volume_batches
+            else "Synthetic cardiac CT slices generated from segmentation masks"
+        )
+        + " by a conditional GAN, privacy-filtered and physician-reviewed (cardiac-synth).",
         "licence": cfg.license,
         "release": when,
         "reference": f"cardiac-synth {__version__}",
@@ -584,6 +659,25 @@ def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
     )
     labels = ", ".join(f"{k} = {v}" for k, v in dataset["labels"].items())
     derived = manifest["anatomy"]["derived_from_real_patients"]
+    volumes = [c for c in manifest["cases"] if "slices" in c]
+    if volumes:
+        depths = sorted(c["slices"] for c in volumes)
+        what = (
+            f"{n} synthetic 3-D volume{'s' * (n != 1)} ({depths[0]}–{depths[-1]} axial slices "
+            f"each, {manifest['units']})"
+        )
+        layout = (
+            "written back in HU (int16) as one volume per case with its in-plane spacing and "
+            "its slice spacing (synthetic anatomy: the training volumes' median; real label "
+            "volumes: their own), so nnU-Net plans 3-D configurations (`3d_fullres`)"
+        )
+    else:
+        what = f"{n} synthetic 2D axial slices ({manifest['units']})"
+        layout = (
+            "written back in HU (int16) with the in-plane spacing of the resized slice; each "
+            f"case is one slice with an out-of-plane spacing of {SLICE_SPACING_2D:g} (nnU-Net "
+            "v2's convention for 2-D data; the source slice spacing is in the manifest)"
+        )
     lines = [
         f"# Datasheet: {manifest['dataset']}",
         "",
@@ -594,7 +688,7 @@ def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
         "any patient's scan leaving the hospital.",
         "",
         "## Composition",
-        f"{n} synthetic 2D axial slices ({manifest['units']}) with label maps ({labels}), as "
+        f"{what} with label maps ({labels}), as "
         "an nnU-Net v2 raw dataset (`imagesTr/`, `labelsTr/`, `dataset.json`); overlay "
         "previews in `previews/`. "
         + (
@@ -620,9 +714,17 @@ def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
         "## Collection process",
         "Synthetic. A conditional GAN (pix2pix-style U-Net generator, PatchGAN discriminator) "
         "trained on the hospital's segmented cardiac CT maps a segmentation mask to a CT slice. "
-        "Masks were training patients' masks deformed (elastic + affine, recorded per image), "
-        "held-out patients' masks, or user-provided masks (see `mask_source` and `anatomy` in "
-        "`manifest.json`).",
+        "Masks were sampled from a shape model of the training patients' label volumes (no one "
+        "patient's anatomy, each sample checked against every training patient), or were "
+        "training patients' masks deformed, held-out patients' masks, or user-provided masks "
+        "(see `mask_source` and `anatomy` in `manifest.json`)."
+        + (
+            " Volumes were painted slice by slice, each slice seeing its neighbours' label "
+            "maps; a volume is released only when every one of its slices passed the privacy "
+            "filter and was accepted in review."
+            if volumes
+            else ""
+        ),
         "",
         "Every image was compared with every source slice (FAISS nearest neighbours, then "
         f"aligned SSIM and fine-texture correlation); flagged when {thresholds or 'n/a'}. "
@@ -657,10 +759,7 @@ def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
         "",
         "## Preprocessing",
         "Source CT was clipped to the recorded HU window and scaled to [0, 1]; images are "
-        "written back in HU (int16) with the in-plane spacing of the resized slice; each case "
-        f"is one slice with an out-of-plane spacing of {SLICE_SPACING_2D:g} (nnU-Net v2's "
-        "convention for 2-D data; the source slice spacing is in the manifest). Masks use "
-        "consecutive class indices (0 = background).",
+        f"{layout}. Masks use consecutive class indices (0 = background).",
         "",
         "## Uses and misuses",
         "For training and benchmarking segmentation and image-analysis methods, teaching, and "

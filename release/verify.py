@@ -4,7 +4,8 @@ Checks: SHA256SUMS against every file and no file unlisted; manifest.json's per-
 hashes; the nnU-Net v2 raw layout (``imagesTr/case_XXXX_0000.nii.gz`` ↔ ``labelsTr/case_XXXX
 .nii.gz``, dataset.json's required keys, ``numTraining``, ``file_ending``, labels 0..K with
 background 0); every label file's values inside dataset.json's labels; image and label grids
-(shape and affine) matching.
+(shape and affine) matching; a volume case's shape and spacing matching what the manifest
+says of it (nnU-Net plans 3d_fullres from the spacing, so a resampled file is a finding).
 """
 
 from __future__ import annotations
@@ -83,6 +84,45 @@ def verify_bundle(root: Path) -> list[str]:
                 f"manifest.json cases differ from labelsTr (not in manifest: {extra[:5]}, "
                 f"missing files: {gone[:5]})"
             )
+        problems += _check_case_grids(root, [c for c in cases if isinstance(c, dict)], found)
+    return problems
+
+
+def _check_case_grids(root: Path, cases: list[dict[str, Any]], found: set[str]) -> list[str]:
+    """Each volume case's label and image grid against the manifest's shape and spacing."""
+    problems = []
+    for c in cases:
+        name, shape, spacing = c.get("case"), c.get("shape"), c.get("spacing_mm")
+        if (shape is None and spacing is None) or name not in found:
+            continue
+        paths = [root / "labelsTr" / f"{name}.nii.gz", root / "imagesTr" / f"{name}_0000.nii.gz"]
+        for path in paths:
+            try:
+                img = nib.load(path)
+                check_nifti_header(img, path)
+            except PipelineError as exc:
+                problems.append(f"{path.parent.name}/{path.name}: {exc.message}")
+                continue
+            except Exception as exc:
+                problems.append(
+                    f"{path.parent.name}/{path.name}: unreadable ({type(exc).__name__})"
+                )
+                continue
+            zooms = [round(float(z), 4) for z in img.header.get_zooms()[:3]]
+            if not isinstance(shape, list) or list(img.shape) != shape:
+                problems.append(
+                    f"{name}: shape {list(img.shape)} of {path.parent.name}/{path.name} differs "
+                    f"from the manifest's {shape}"
+                )
+            try:
+                same = np.allclose(zooms, [float(v) for v in spacing], atol=1e-3)
+            except (TypeError, ValueError):
+                same = False
+            if not same:
+                problems.append(
+                    f"{name}: spacing {zooms} mm of {path.parent.name}/{path.name} differs from "
+                    f"the manifest's {spacing}"
+                )
     return problems
 
 

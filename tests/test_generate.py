@@ -282,6 +282,8 @@ def test_generate_volumes_paints_whole_cases_with_their_neighbours(ws, tmp_path)
     (model_file,) = (Path(ws) / "runs" / "good").glob("anatomy-*.npz")
     bodies = [r for r in rows if r["transform"]["case"] == 0]
     assert all(b["transform"]["body"] == "synthetic" for b in bodies)
+    # every slice knows its case's depth: export releases a case only when all of it is there
+    assert [b["transform"]["depth"] for b in bodies] == [depth] * depth
     model = load_model(model_file)
     myo, lv = shell_classes(trained.schema)
     sample = sample_anatomy(model, [0, 0], myo=myo, lv=lv)
@@ -313,6 +315,10 @@ def test_generate_volumes_paints_whole_cases_with_their_neighbours(ws, tmp_path)
     groups = volume_rows(refs, set())
     assert f"only {len(groups)} volumes" in held.stderr
     cases = _case_volumes(ws, "good-heldout")
+    held_rows, _, _ = _rows(ws, "good-heldout")
+    assert all(
+        r["transform"]["depth"] == len(groups[r["transform"]["case"]]) for r in held_rows
+    )
     for c, g in enumerate(groups):
         _, real_masks = load_slices(w, [refs[j] for j in g], cfg.size)
         np.testing.assert_array_equal(cases[c][1], real_masks)

@@ -52,7 +52,7 @@ def fake_workspace(root: Path, batches: list[dict]) -> tuple[Path, dict[int, int
                 generator_sha256="a" * 64,
                 # made-up files: a folder of user masks, not a patient's anatomy
                 masks="honeypot" if spec["honeypot"] else spec.get("masks", "dir"),
-                config={},
+                config={"volumes": True} if spec.get("depth") else {},
                 units="HU",
                 gates_passed=spec["gates"],
                 gates={
@@ -99,7 +99,11 @@ def fake_workspace(root: Path, batches: list[dict]) -> tuple[Path, dict[int, int
                     index=i,
                     name=f"cand_{i:05d}",
                     mask_source="x",
-                    transform={},
+                    transform=(
+                        {"case": i // spec["depth"], "z": i % spec["depth"], "depth": spec["depth"]}
+                        if spec.get("depth")
+                        else {}
+                    ),
                     seed=0,
                     spacing=[1.0, 1.0, 2.0],
                     flagged=flag,
@@ -367,6 +371,89 @@ def test_reviewers_are_pseudonymous(simple, tmp_path):
     ).folder
     text = "".join(p.read_text() for p in (bundle / "manifest.json", bundle / "DATASHEET.md"))
     assert "ann" not in text and "bob" not in text and "reviewer-1" in text
+
+
+def _case_volume(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    img = nib.load(path)
+    return np.asanyarray(img.dataobj), tuple(float(z) for z in img.header.get_zooms())
+
+
+def test_volume_batches_export_whole_cases_with_their_spacing(tmp_path):
+    """A volume batch exports a case as one 3-D volume with its real slice spacing (nnU-Net's
+    3d_fullres), and only whole: a case with any slice flagged, not accepted, or not yet
+    generated stays out entirely. The ledger holds every slice of a released case."""
+    ok = ("accept", None)
+    spec = [
+        {
+            "honeypot": False,
+            "gates": True,
+            "depth": 3,
+            # case 0 whole and accepted; case 1 has a flagged slice; case 2 a slice rejected;
+            # case 3 only two of its three slices were generated
+            "cands": [(False, ok)] * 3
+            + [(False, ok), (True, (None, None)), (False, ok)]
+            + [(False, ok), (False, ("reject", None)), (False, ok)]
+            + [(False, ok)] * 2,
+        }
+    ]
+    ws_path, marks = fake_workspace(tmp_path, spec)
+    ws = open_workspace(ws_path, create=False)
+    report = build_bundle(ws, ExportConfig(out=tmp_path / "o"))
+    bundle = report.folder
+    assert report.cases == 1
+    assert sorted(p.name for p in (bundle / "imagesTr").iterdir()) == ["case_0000_0000.nii.gz"]
+    image, zooms = _case_volume(bundle / "imagesTr" / "case_0000_0000.nii.gz")
+    label, label_zooms = _case_volume(bundle / "labelsTr" / "case_0000.nii.gz")
+    assert image.shape == label.shape == (16, 16, 3)
+    assert zooms == label_zooms == (1.0, 1.0, 2.0)  # the real slice spacing, not 999
+    # slice z of the volume is candidate z of case 0 (constant 10·k HU), inferior to superior
+    assert [int(image[..., z].max()) for z in range(3)] == sorted(marks.values())[:3]
+    assert verify_bundle(bundle) == []
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (case,) = manifest["cases"]
+    assert case["slices"] == 3 and case["spacing_mm"] == [1.0, 1.0, 2.0]
+    assert case["shape"] == [16, 16, 3]
+    # the failing slices keep their own reason; their cases' other slices are "incomplete case"
+    assert manifest["left_out"] == {
+        "flagged": 1,
+        "not accepted": 1,
+        "honeypot": 0,
+        "unfiltered": 0,
+        "incomplete case": 6,
+    }
+    ds = json.loads((bundle / "dataset.json").read_text())
+    assert "volumes" in ds["description"]
+    sheet = (bundle / "DATASHEET.md").read_text()
+    assert "1 synthetic 3-D volume" in sheet and "999" not in sheet
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from pipeline.catalog import ReleaseCase
+
+    with Session(ws.engine) as s:
+        rows = s.scalars(select(ReleaseCase)).all()
+        assert sorted(r.case for r in rows) == ["case_0000"] * 3
+    # verify checks each case's grid against the manifest: a label resampled to 3 mm is caught
+    target = bundle / "labelsTr" / "case_0000.nii.gz"
+    nib.save(nib.Nifti1Image(label, np.diag([1.0, 1.0, 3.0, 1.0])), target)
+    problems = verify_bundle(bundle)
+    assert any("case_0000: spacing" in p and "manifest" in p for p in problems), problems
+    ws.close()
+
+
+def test_volume_and_slice_batches_are_not_mixed_in_one_bundle(tmp_path):
+    ok = ("accept", None)
+    spec = [
+        {"honeypot": False, "gates": True, "depth": 2, "cands": [(False, ok)] * 2},
+        {"honeypot": False, "gates": True, "cands": [(False, ok)]},
+    ]
+    ws_path, _ = fake_workspace(tmp_path, spec)
+    ws = open_workspace(ws_path, create=False)
+    with pytest.raises(PipelineError, match=r"volume batches .* slice batches"):
+        build_bundle(ws, ExportConfig(out=tmp_path / "o"))
+    assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
+    assert build_bundle(ws, ExportConfig(out=tmp_path / "o", batches=("b0",))).cases == 1
+    ws.close()
 
 
 @pytest.fixture(scope="module")
