@@ -316,9 +316,7 @@ def test_generate_volumes_paints_whole_cases_with_their_neighbours(ws, tmp_path)
     assert f"only {len(groups)} volumes" in held.stderr
     cases = _case_volumes(ws, "good-heldout")
     held_rows, _, _ = _rows(ws, "good-heldout")
-    assert all(
-        r["transform"]["depth"] == len(groups[r["transform"]["case"]]) for r in held_rows
-    )
+    assert all(r["transform"]["depth"] == len(groups[r["transform"]["case"]]) for r in held_rows)
     for c, g in enumerate(groups):
         _, real_masks = load_slices(w, [refs[j] for j in g], cfg.size)
         np.testing.assert_array_equal(cases[c][1], real_masks)
