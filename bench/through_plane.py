@@ -35,32 +35,6 @@ sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).parent / "results"
 
 
-def planes_strip(
-    rows: list[tuple[str, np.ndarray, np.ndarray]], window: tuple[float, float], tile: int = 128
-) -> np.ndarray:
-    """RGB picture: per row (name, image volume in [0, 1], labels) the axial, coronal and
-    sagittal planes through the heart's centre, in the pictures' CT window (the same for every
-    tile), the slice axis stretched to the tile and the head up."""
-    from PIL import Image, ImageDraw
-    from scipy import ndimage
-
-    from pipeline.preprocess import picture_window
-    from pipeline.preview import grid
-
-    tiles = []
-    for name, vol, lab in rows:
-        z, y, x = (round(c) for c in ndimage.center_of_mass(lab > 0))
-        planes = [vol[z], vol[::-1, y, :], vol[::-1, :, x]]
-        for i, plane in enumerate(planes):
-            grey = picture_window(plane, storage=window, units="HU")
-            img = Image.fromarray((np.clip(grey, 0, 1) * 255).astype(np.uint8))
-            img = img.resize((tile, tile), Image.BILINEAR).convert("RGB")
-            if i == 0:
-                ImageDraw.Draw(img).text((2, 2), name, fill=(255, 255, 0))
-            tiles.append(np.asarray(img))
-    return grid(tiles, columns=3)
-
-
 def measure(
     ws_root: Path, run_name: str, volumes: int, seed: int, picture: Path | None = None
 ) -> dict[str, Any]:
@@ -124,7 +98,7 @@ def measure(
     t_real = time.perf_counter() - t0
 
     if picture is not None:
-        from pipeline.preview import save_png
+        from pipeline.preview import save_png, volume_planes
 
         dims = "2.5-D" if cfg.neighbours else "2-D"
 
@@ -133,7 +107,7 @@ def measure(
             (f"its anatomy, painted {dims}", repainted[0][0], repainted[0][1]),
             (f"synthetic, painted {dims}", synthetic[0][0], synthetic[0][1]),
         ]
-        save_png(planes_strip(rows, (lo, hi)), picture)
+        save_png(volume_planes(rows, storage=(lo, hi), units="HU"), picture)
     feature_fn, space = feature_extractor(ws, GateConfig(seed=seed))
 
     def figures(vols: list[tuple[np.ndarray, ...]]) -> dict[str, Any]:

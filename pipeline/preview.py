@@ -67,6 +67,35 @@ def grid(tiles: list[np.ndarray], *, columns: int) -> np.ndarray:
     return out
 
 
+def volume_planes(
+    rows: list[tuple[str, np.ndarray, np.ndarray]],
+    *,
+    storage: tuple[float, float],
+    units: str,
+    tile: int = 128,
+) -> np.ndarray:
+    """RGB picture: per row (name, image volume (Z, H, W) in [0, 1] feet → head, its labels)
+    the axial, coronal and sagittal planes through the heart's centre, every tile in the same
+    picture window, the slice axis stretched to the tile and the head up."""
+    from PIL import ImageDraw
+
+    from pipeline.preprocess import picture_window
+
+    tiles = []
+    for name, vol, lab in rows:
+        heart = np.asarray(lab) > 0
+        centre = ndimage.center_of_mass(heart) if heart.any() else np.array(vol.shape) / 2
+        z, y, x = (min(round(c), n - 1) for c, n in zip(centre, vol.shape, strict=True))
+        for i, plane in enumerate((vol[z], vol[::-1, y, :], vol[::-1, :, x])):
+            grey = picture_window(plane, storage=storage, units=units)
+            img = Image.fromarray(to_uint8(grey)).resize((tile, tile), Image.BILINEAR)
+            img = img.convert("RGB")
+            if i == 0:
+                ImageDraw.Draw(img).text((2, 2), name, fill=(255, 255, 0))
+            tiles.append(np.asarray(img))
+    return grid(tiles, columns=3)
+
+
 def save_png(image: np.ndarray, path: Path) -> Path:
     """Write an RGB/grey uint8 array as PNG atomically (temp file in the same folder, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)

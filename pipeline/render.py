@@ -96,10 +96,11 @@ def metrics_lines(
     heart: dict[str, Any] | None = None,
     utility: dict[str, Any] | None = None,
     membership: dict[str, Any] | None = None,
+    through_plane: dict[str, Any] | None = None,
 ) -> list[str]:
     """The evaluation figures: the heart region's fidelity and contrast, whole-slice paired
-    fidelity, per-structure error, each distribution number named by its feature space, and
-    the membership audit."""
+    fidelity, per-structure error, each distribution number named by its feature space, the
+    membership audit and (volume batches) the through-plane figures."""
     p, d = paired, distribution
     lines = []
     if heart:
@@ -140,6 +141,54 @@ def metrics_lines(
     lines.extend(distribution_lines(d))
     if "fid_inception_v3" in d:
         lines.append(f"[InceptionV3 pool3] FID {d['fid_inception_v3']:.2f}")
+    if through_plane:
+        lines.extend(through_plane_lines(through_plane, space=d["feature_space"]))
+    return lines
+
+
+def through_plane_lines(tp: dict[str, Any], *, space: str = "") -> list[str]:
+    """A volume batch's through-plane figures, each beside its size-matched real-vs-real
+    baseline: adjacent-slice agreement inside the body and per structure, the Fréchet ratio
+    per plane, and the off-plane/axial ratios."""
+    adj, planes = tp["adjacent"], tp["planes"]
+    unit = "HU" if tp["units"] == "HU" else "display units"
+    lines = [
+        f"through the plane: {tp['volumes_synthetic']} synthetic vs {tp['volumes_real']} real "
+        f"held-out volumes ({adj['n_matched']} vs {adj['n_matched']} per split against the same "
+        f"real reference, {adj['baseline_split']}; means over {adj['repeats']} splits, 95% "
+        "ranges):"
+    ]
+    regions = adj["regions"]
+    body = regions.get("body")
+    if body:
+        lines.append(
+            f"  adjacent-slice |Δ| inside the body: KS {body['ks']:.3f} "
+            f"({_interval(body['ks_ci95'], '.3f')}) vs real {body['ks_base']:.3f} "
+            f"({_interval(body['ks_base_ci95'], '.3f')}); W1 {body['w1']:.1f} vs real "
+            f"{body['w1_base']:.1f} {unit}; median {body['median_synthetic']:.1f} vs "
+            f"{body['median_real']:.1f} {unit}"
+        )
+    per = ", ".join(
+        f"{k} {v['ks']:.2f} vs {v['ks_base']:.2f}" for k, v in regions.items() if k != "body"
+    )
+    if per:
+        lines.append(f"  adjacent-slice KS per structure, synthetic vs real: {per}")
+    per_plane = planes["planes"]
+    lines.append(
+        f"  [{space}] Fréchet ratio per plane (over its own real-vs-real baseline): "
+        + ", ".join(
+            f"{n} {v['frechet_ratio']:.2f} ({_interval(v['frechet_ratio_ci95'])})"
+            for n, v in per_plane.items()
+        )
+    )
+    ratio = planes["off_plane_over_axial"]
+    lines.append(
+        "  off-plane/axial (plane ratios): "
+        + ", ".join(f"{n} {v:.2f}" for n, v in ratio["vs_baseline"].items())
+        + " (raw Fréchet distances, MAISI's form: "
+        + ", ".join(f"{n} {v:.2f}" for n, v in ratio["raw"].items())
+        + ")"
+    )
     return lines
 
 
@@ -292,6 +341,7 @@ def describe_evaluation(report: dict[str, Any]) -> str:
         report.get("heart"),
         report.get("utility"),
         report.get("membership"),
+        report.get("through_plane"),
     )
     lines = [head, *(f"  {x}" for x in figures)]
     if report["privacy"]:

@@ -631,6 +631,7 @@ def _quality_lines(manifest: dict[str, Any]) -> list[str]:
                 metrics.get("heart"),
                 metrics.get("utility"),
                 metrics.get("membership"),
+                metrics.get("through_plane"),
             )
             lines += [f"- {x}" for x in figures]
             if (b.get("privacy") or {}).get("count") is not None:

@@ -404,6 +404,45 @@ def test_filter_and_gates_pass_trained_and_fail_untrained(ws):
     assert not result["gates"]["passed"]
 
 
+def test_evaluate_measures_a_volume_batch_through_the_plane(ws):
+    """Issue 25, item 2: a volume batch's evaluation adds the through-plane figures —
+    adjacent-slice agreement inside the body and per structure (KS, W1 in HU) and the three
+    planes' distribution distances with the off-plane/axial ratios, each beside its
+    size-matched real-vs-real baseline — to metrics.json, the command line, a figure, and the
+    gate record a release's datasheet copies. A slice batch has none."""
+    out = run(
+        "generate", "-w", ws, "--run", "good", "--volumes", "--count", 4, "--batch-name", "v",
+        "--filter", *GATES_FAST,
+    )  # fmt: skip
+    assert out.exit_code in (0, 1), out.stderr
+    report = Path(ws) / "candidates" / "v" / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    tp = metrics["through_plane"]
+    assert tp["volumes_synthetic"] == 4 and tp["volumes_real"] >= 2
+    body = tp["adjacent"]["regions"]["body"]
+    for key in ("ks", "ks_base", "w1", "w1_base"):
+        assert np.isfinite(body[key]) and body[key] >= 0
+    assert body["median_synthetic"] > 0 and body["median_real"] > 0
+    assert tp["adjacent"]["n_matched"] >= 2
+    planes = tp["planes"]["planes"]
+    assert set(planes) == {"axial", "coronal", "sagittal"}
+    for figures in planes.values():
+        assert figures["slices_synthetic"] > 0 and figures["frechet_baseline"] > 0
+    ratios = tp["planes"]["off_plane_over_axial"]
+    assert set(ratios["vs_baseline"]) == set(ratios["raw"]) == {"coronal", "sagittal"}
+    assert "through the plane" in out.stdout and "adjacent-slice |Δ| inside the body" in out.stdout
+    assert "off-plane/axial" in out.stdout
+    assert (report / "through_plane.png").stat().st_size > 1000
+    _, info, _ = _rows(ws, "v")
+    assert info["gates"]["metrics"]["through_plane"]["volumes_synthetic"] == 4
+
+    loose = run("generate", "-w", ws, "--run", "good", "--count", 8, "--filter", *GATES_FAST)
+    assert loose.exit_code in (0, 1), loose.stderr
+    flat = json.loads((Path(ws) / "candidates" / "good-synthetic" / "report" / "metrics.json")
+                      .read_text())  # fmt: skip
+    assert flat["through_plane"] is None and "through the plane" not in loose.stdout
+
+
 def test_filter_batch_usage(ws):
     both = run("filter", "-w", ws)
     assert both.exit_code == 2 and "exactly one of --images" in both.stderr
