@@ -261,6 +261,67 @@ def visible_provenance(provenance: dict[str, Any], *, admin: bool, code: str) ->
     return {"candidate": code, **{k: provenance[k] for k in SHARED_PROVENANCE if k in provenance}}
 
 
+def case_keys(session: Session) -> dict[int, tuple[int, int]]:
+    """candidate id → (batch id, case) for every slice of a volume batch (``generate
+    --volumes``): those slices are judged as whole cases."""
+    volume_batches = [
+        b.id for b in session.scalars(select(CandidateBatch)) if (b.config or {}).get("volumes")
+    ]
+    if not volume_batches:
+        return {}
+    rows = session.execute(
+        select(Candidate.id, Candidate.batch_id, Candidate.transform).where(
+            Candidate.batch_id.in_(volume_batches)
+        )
+    )
+    return {cid: (bid, int(t["case"])) for cid, bid, t in rows}
+
+
+def case_slices(session: Session, candidate_id: int) -> list[int]:
+    """The candidates judged together with this one: every slice of its volume case in z
+    order, or just itself (a loose slice)."""
+    row = session.get(Candidate, candidate_id)
+    if row is None:
+        raise PipelineError(f"no candidate {candidate_id}")
+    if not (row.batch.config or {}).get("volumes"):
+        return [candidate_id]
+    case = int(row.transform["case"])
+    members = [
+        (int(c.transform["z"]), c.id)
+        for c in session.scalars(select(Candidate).where(Candidate.batch_id == row.batch_id))
+        if int(c.transform["case"]) == case
+    ]
+    return [cid for _, cid in sorted(members)]
+
+
+def record_case_decision(
+    session: Session,
+    reviewer: Reviewer,
+    candidate_id: int,
+    decision: str,
+    *,
+    reason: str = "",
+    if_undecided: bool = False,
+) -> list[Decision]:
+    """One accept / reject on the whole case of ``candidate_id`` (:func:`case_slices`): a vote
+    on every slice, all in the caller's transaction, so a refusal on any slice (flagged, a
+    vote already in effect) records nothing. For a loose slice, :func:`record_decision`."""
+    members = case_slices(session, candidate_id)
+    if decision == "accept" and len(members) > 1:
+        flagged = [
+            z for z, cid in enumerate(members) if session.get(Candidate, cid).flagged is not False
+        ]
+        if flagged:
+            raise PipelineError(
+                f"slice {flagged[0]} of this case is flagged too similar (or not filtered): "
+                "the case cannot be accepted"
+            )
+    return [
+        record_decision(session, reviewer, cid, decision, reason=reason, if_undecided=if_undecided)
+        for cid in members
+    ]
+
+
 def queue(
     session: Session,
     reviewer: Reviewer,
@@ -280,6 +341,27 @@ def queue(
         for s in states
         if not s.flagged and reviewer.id not in s.decided_by and s.state != "rejected"
     ]
+    # a volume case is judged whole: offered once (its first slice stands for it) while no
+    # slice of it is flagged and this reviewer has not voted on it
+    cases = case_keys(session)
+    if cases:
+        by_id = {s.id: s for s in states}
+        members: dict[tuple[int, int], list[int]] = {}
+        for cid, key in cases.items():
+            members.setdefault(key, []).append(cid)
+        closed = {
+            key
+            for key, ids in members.items()
+            if any(
+                by_id[i].flagged or reviewer.id in by_id[i].decided_by for i in ids if i in by_id
+            )
+        }
+        first = {key: min(ids) for key, ids in members.items()}
+        todo = [
+            s
+            for s in todo
+            if s.id not in cases or (cases[s.id] not in closed and first[cases[s.id]] == s.id)
+        ]
     regular = sorted((s for s in todo if not s.honeypot), key=lambda s: (s.batch, s.name))
     honeypots = [s for s in todo if s.honeypot]
     # spread honeypots through the queue at positions fixed per reviewer, not at its end
@@ -346,7 +428,7 @@ def record_decision(
 def undo_last(session: Session, reviewer: Reviewer) -> Decision | None:
     """Append an undo of this reviewer's latest decision that is still in effect (None if
     there is nothing to undo). Only one's own decisions can be undone; a disabled reviewer
-    can undo nothing."""
+    can undo nothing. A case vote (:func:`record_case_decision`) is undone on every slice."""
     if reviewer.disabled:
         raise PipelineError(f"reviewer {reviewer.name!r} is disabled")
     undone = set(session.scalars(select(Decision.undoes_id).where(Decision.undoes_id.is_not(None))))
@@ -358,16 +440,28 @@ def undo_last(session: Session, reviewer: Reviewer) -> Decision | None:
     target = next((d for d in last if d.id not in undone), None)
     if target is None:
         return None
-    d = Decision(
-        candidate_id=target.candidate_id,
-        reviewer_id=reviewer.id,
-        decision="undo",
-        undoes_id=target.id,
-        app_version=__version__,
-    )
-    session.add(d)
+    # a case vote was one vote on every slice: it is taken back whole
+    members = set(case_slices(session, target.candidate_id))
+    mine = effective_decisions(session)
+    targets = [target] + [
+        d
+        for cid in sorted(members - {target.candidate_id})
+        for rid, d in mine.get(cid, {}).items()
+        if rid == reviewer.id
+    ]
+    undos = [
+        Decision(
+            candidate_id=t.candidate_id,
+            reviewer_id=reviewer.id,
+            decision="undo",
+            undoes_id=t.id,
+            app_version=__version__,
+        )
+        for t in targets
+    ]
+    session.add_all(undos)
     session.flush()
-    return d
+    return undos[0]
 
 
 def progress(

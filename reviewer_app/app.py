@@ -20,11 +20,12 @@ from pipeline.review import (
     MAX_FIELD,
     REJECT_REASONS,
     candidate_states,
+    case_slices,
     login,
     open_session_reviewer,
     progress,
     queue,
-    record_decision,
+    record_case_decision,
     review_code,
     review_key,
     reviewer_stats,
@@ -36,6 +37,7 @@ from pipeline.validate import markdown_text
 from release.ledger import release_ledger
 from reviewer_app.views import (
     candidate_view,
+    case_planes,
     catalog_unchanged,
     image_html,
     legend_html,
@@ -172,11 +174,30 @@ def review_tab() -> None:
         st.success("Nothing left for you to review.")
         return
     current = todo[0]
-    view = candidate_view(ws, current.id)
+    with read_session(ws.engine) as session:
+        members = case_slices(session, current.id)  # a volume case is judged whole
     loaded = load_index_cached(ws)  # before anything is drawn: a missing index is one message
-    near = neighbours_cached(ws, current.id, view.unit)
     label = label_of(current.id, current.batch, current.name)
-    st.subheader(markdown_text(label))
+    if len(members) > 1:
+        label = f"{label.replace('candidate ', 'case ')} ({len(members)} slices)"
+        st.subheader(markdown_text(label))
+        z = st.slider(
+            "Slice (feet → head)",
+            0,
+            len(members) - 1,
+            value=len(members) // 2,
+            key=f"case_z_{current.id}",
+        )
+        st.caption(
+            "A decision covers every slice of this case; the nearest source slices are the "
+            "current slice's."
+        )
+    else:
+        z = 0
+        st.subheader(markdown_text(label))
+    shown_id = members[z]
+    view = candidate_view(ws, shown_id)
+    near = neighbours_cached(ws, shown_id, view.unit)
     left, right = st.columns([3, 2])
     with left:
         if view.units == "HU":
@@ -195,6 +216,17 @@ def review_tab() -> None:
         drawn = view.picture(preset, show_mask)
         if compare == "nothing":
             st.html(image_html(drawn, alt=f"candidate · {shown}", width=512))
+            if len(members) > 1:
+                coronal, sagittal = case_planes(
+                    [candidate_view(ws, m) for m in members], z, preset, show_mask
+                )
+                c1, c2 = st.columns(2)
+                with c1:
+                    st.html(image_html(coronal, alt=f"coronal · {shown}"))
+                    st.caption("coronal (head up; the current slice in yellow)")
+                with c2:
+                    st.html(image_html(sagittal, alt=f"sagittal · {shown}"))
+                    st.caption("sagittal (head up; the current slice in yellow)")
         else:
             n = near[int(compare.split()[1]) - 1]
             c1, c2 = st.columns(2)
@@ -257,8 +289,11 @@ def review_tab() -> None:
                 who = acting_reviewer(session)
                 if who is None:
                     return
-                # a stale page (another tab) must not replace a newer vote of the same person
-                record_decision(session, who, candidate_id, kind, reason=text, if_undecided=True)
+                # a stale page (another tab) must not replace a newer vote of the same person;
+                # a volume case's vote covers every one of its slices
+                record_case_decision(
+                    session, who, candidate_id, kind, reason=text, if_undecided=True
+                )
             state.last_action = f"{kind}ed {label}" + (f" ({reason})" if reason else "")
             state.note = ""
         except PipelineError as exc:

@@ -87,6 +87,7 @@ class CandidateView:
     class_names: list[str]
     provenance: dict[str, Any]
     filtered: dict[str, Any]  # the privacy filter's stored verdict: ssim, texture, nearest_slice
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # rows, columns, slice (mm)
 
     def picture(self, preset: str | None, show_mask: bool) -> np.ndarray:
         """RGB uint8, enlarged to about 512 px, in the CT window ``preset``."""
@@ -129,6 +130,7 @@ def _candidate_view(root: str, candidate_id: int) -> CandidateView:
             "nearest_slice": c.nearest_slice_id,
         }
         name, units = c.name, batch.units
+        spacing = tuple(float(v) for v in c.spacing[:3])
     window = (float(meta["window"][0]), float(meta["window"][1]))
     stored = read_candidate(folder, name, units=units, window=window)
     return CandidateView(
@@ -139,7 +141,39 @@ def _candidate_view(root: str, candidate_id: int) -> CandidateView:
         class_names=list(meta["label_schema"]),
         provenance=provenance,
         filtered=filtered,
+        spacing=spacing,
     )
+
+
+def case_planes(
+    views: list[CandidateView], z: int, preset: str | None, show_mask: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """A volume case's coronal and sagittal planes through the heart's centre, head up, drawn
+    like its axial slices: the same window, the same pixels per millimetre (the slice axis at
+    its true length from the slice spacing), the current slice ``z`` marked in yellow."""
+    vol = np.stack([v.unit for v in views])
+    lab = np.stack([v.mask for v in views])
+    first = views[0]
+    heart = lab > 0
+    centre = np.argwhere(heart).mean(axis=0) if heart.any() else np.array(vol.shape) / 2
+    y, x = (min(round(c), n - 1) for c, n in zip(centre[1:], vol.shape[1:], strict=True))
+    # rows per slice: the slice spacing over the in-plane spacing, so anatomy keeps its shape
+    per_slice = max(first.spacing[2] / max(first.spacing[0], 1e-6), 1e-3)
+    rows = np.floor(np.arange(max(1, round(len(views) * per_slice))) / per_slice).astype(int)
+    rows = np.clip(rows, 0, len(views) - 1)
+    zoom = max(1, DISPLAY_SIDE // first.unit.shape[0])  # the axial picture's scale
+    out = []
+    for plane, plane_mask in ((vol[:, y, :], lab[:, y, :]), (vol[:, :, x], lab[:, :, x])):
+        plane, plane_mask = plane[rows][::-1], plane_mask[rows][::-1]  # head up
+        grey = view_window(plane, storage=first.window, units=first.units, preset=preset)
+        rgb = overlay(grey, plane_mask) if show_mask else np.repeat(to_uint8(grey)[..., None], 3, 2)
+        big = np.repeat(np.repeat(rgb, zoom, axis=0), zoom, axis=1)
+        # the display row nearest the current slice (a thinned slice axis skips some): a thin
+        # line, so the anatomy under it stays visible
+        row = len(rows) - 1 - int(np.argmin(np.abs(rows - z)))
+        big[row * zoom : row * zoom + max(1, zoom // 4)] = (255, 215, 0)
+        out.append(big)
+    return out[0], out[1]
 
 
 def image_html(rgb: np.ndarray, *, alt: str, width: int | None = None) -> str:

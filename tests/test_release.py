@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from pipeline.candidates import write_candidate
-from pipeline.catalog import Candidate, CandidateBatch, Run, write_session
+from pipeline.catalog import Candidate, CandidateBatch, Decision, Reviewer, Run, write_session
 from pipeline.decisions import derive_state
 from pipeline.errors import PipelineError
 from pipeline.review import add_reviewer, record_decision
@@ -640,3 +642,46 @@ def test_end_to_end_on_real_ct(tmp_path):
     )
     for source_name in (b"10001", b"10002", b"hocm", b"masks/"):
         assert source_name not in text, source_name
+
+
+def test_a_volume_case_is_reviewed_as_one(tmp_path):
+    """Issue 25, item 3: the queue offers a volume case once (its first slice stands for it),
+    never a case with a flagged slice; a case decision is one vote on every slice, refused
+    whole when a slice is flagged; an undo takes the whole case back; export then releases
+    the accepted case."""
+    from pipeline.review import case_slices, queue, record_case_decision, undo_last
+
+    spec = [
+        {
+            "honeypot": False,
+            "gates": True,
+            "depth": 3,
+            "cands": [(False, (None, None))] * 3
+            + [(False, (None, None)), (True, (None, None)), (False, (None, None))],
+        }
+    ]
+    ws_path, _ = fake_workspace(tmp_path, spec)
+    ws = open_workspace(ws_path, create=False)
+    with write_session(ws.engine) as s:
+        ann = s.scalar(select(Reviewer).where(Reviewer.name == "ann"))
+        ids = [c.id for c in s.scalars(select(Candidate).order_by(Candidate.index))]
+        assert case_slices(s, ids[1]) == ids[:3] and case_slices(s, ids[5]) == ids[3:]
+        todo = queue(s, ann, policy="one")
+        assert [t.id for t in todo] == [ids[0]]  # case 1 has a flagged slice: never offered
+        with pytest.raises(PipelineError, match="flagged"):
+            record_case_decision(s, ann, ids[3], "accept")
+    with write_session(ws.engine) as s:
+        ann = s.scalar(select(Reviewer).where(Reviewer.name == "ann"))
+        record_case_decision(s, ann, ids[0], "accept", if_undecided=True)
+        assert queue(s, ann, policy="one") == []
+        undo_last(s, ann)
+        assert [t.id for t in queue(s, ann, policy="one")] == [ids[0]]
+        record_case_decision(s, ann, ids[0], "reject", reason="artefact")
+        undo_last(s, ann)
+        record_case_decision(s, ann, ids[0], "accept")
+    with Session(ws.engine) as s:
+        votes = [(d.candidate_id, d.decision) for d in s.scalars(select(Decision))]
+    assert votes.count((ids[0], "undo")) == 2 and votes.count((ids[2], "undo")) == 2
+    assert [v for v in votes[-3:]] == [(i, "accept") for i in ids[:3]]
+    assert build_bundle(ws, ExportConfig(out=tmp_path / "o")).cases == 1
+    ws.close()

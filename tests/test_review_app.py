@@ -473,3 +473,74 @@ def test_admins_see_cases_withdrawn_after_release(ws):
     assert "withdrawn after release: Dataset500\\_CardiacSynth case\\_0000" in said
     plain = " ".join(m.value for m in log_in(app(), "ann", PW).markdown)
     assert "withdrawn" not in plain
+
+
+def test_a_volume_case_is_reviewed_in_three_planes_and_decided_whole(ws):
+    """Issue 25, item 3: a volume case is one page — a slice slider, the axial slice with the
+    coronal and sagittal planes in the same window, the current slice's nearest sources — and
+    one decision covers every slice."""
+    gen = run(
+        "generate", "-w", ws, "--run", "r", "--volumes", "--count", 1, "--batch-name", "vol",
+        "--filter", "--features", "pixel",
+    )  # fmt: skip
+    assert gen.exit_code in (0, 1), gen.stderr
+    w = open_workspace(ws, create=False)
+    with write_session(w.engine) as s:
+        rows = s.scalars(select(Candidate).order_by(Candidate.id)).all()
+        case = [c.id for c in rows if c.batch.name == "vol"]
+        for c in rows:  # only the case left to review
+            c.flagged = c.batch.name != "vol"
+    w.close()
+    assert len(case) > 2
+    at = log_in(app(), "ann", PW)
+    assert markdown_text(f"({len(case)} slices)") in at.subheader[0].value
+    slider = at.slider(key=f"case_z_{case[0]}")
+    assert slider.value == len(case) // 2
+    pictures = " ".join(h.proto.body for h in at.get("html"))
+    assert 'alt="coronal' in pictures and 'alt="sagittal' in pictures
+    slider.set_value(1).run()
+    assert not at.exception, at.exception
+    at.button(key="accept").click().run()
+    votes, _ = decisions(ws)
+    assert sorted(r[0] for r in votes) == sorted(case) and {r[1] for r in votes} == {"accept"}
+    assert at.success[0].value == "Nothing left for you to review."
+    # (undoing a case vote whole: tests/test_release.py::test_a_volume_case_is_reviewed_as_one)
+
+
+def test_case_planes_keep_true_proportions_and_mark_every_slice():
+    """The coronal and sagittal planes are drawn at the axial picture's pixels per mm (the
+    slice axis at its true length), head up, and every slice — also one a thinned slice axis
+    skips — gets its marker, higher for a slice nearer the head."""
+    import numpy as np
+
+    from reviewer_app.views import CandidateView, case_planes
+
+    depth, side = 32, 64
+    views = []
+    for _ in range(depth):
+        mask = np.zeros((side, side), np.uint8)
+        mask[20:40, 24:44] = 1
+        views.append(
+            CandidateView(
+                units="HU",
+                window=(-1024.0, 2048.0),
+                unit=np.full((side, side), 0.4, np.float32),
+                mask=mask,
+                class_names=["background", "myocardium"],
+                provenance={},
+                filtered={},
+                spacing=(5.9375, 5.9375, 5.0),
+            )
+        )
+    axial = views[0].picture("soft tissue", False)
+    zoom = axial.shape[0] // side
+    heights = []
+    for z in range(depth):
+        coronal, sagittal = case_planes(views, z, "soft tissue", False)
+        assert coronal.shape == sagittal.shape
+        assert coronal.shape[1] == axial.shape[1]
+        assert coronal.shape[0] == round(depth * 5.0 / 5.9375) * zoom  # 160 mm tall, not 190
+        yellow = np.flatnonzero((coronal == (255, 215, 0)).all(axis=2).all(axis=1))
+        assert len(yellow), z
+        heights.append(yellow[0])
+    assert heights == sorted(heights, reverse=True) and heights[0] > heights[-1]
