@@ -441,13 +441,10 @@ def undo_last(session: Session, reviewer: Reviewer) -> Decision | None:
     if target is None:
         return None
     # a case vote was one vote on every slice: it is taken back whole
-    members = set(case_slices(session, target.candidate_id))
-    mine = effective_decisions(session)
+    others = sorted(set(case_slices(session, target.candidate_id)) - {target.candidate_id})
+    mine = effective_decisions(session) if others else {}  # a loose slice: no log scan
     targets = [target] + [
-        d
-        for cid in sorted(members - {target.candidate_id})
-        for rid, d in mine.get(cid, {}).items()
-        if rid == reviewer.id
+        d for cid in others for rid, d in mine.get(cid, {}).items() if rid == reviewer.id
     ]
     undos = [
         Decision(

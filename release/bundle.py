@@ -227,12 +227,13 @@ def _whole_cases(
     accepted or never generated stays out entirely (its other slices are counted as
     ``incomplete case``). Loose slices pass through."""
     slices: dict[tuple[str, int], set[int]] = {}
+    depths: dict[tuple[str, int], int] = {}
     for r in released:
         if r.case is not None:
             slices.setdefault((r.batch, r.case), set()).add(int(r.z or 0))
+            depths[(r.batch, r.case)] = int(r.depth or 0)
     for key, zs in slices.items():
-        depth = next(r.depth for r in released if (r.batch, r.case) == key)
-        if zs != set(range(int(depth or 0))):
+        if zs != set(range(depths[key])):
             withheld.add(key)
     kept = [r for r in released if r.case is None or (r.batch, r.case) not in withheld]
     if slices or withheld:
