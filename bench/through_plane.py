@@ -36,16 +36,24 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def measure(
-    ws_root: Path, run_name: str, volumes: int, seed: int, picture: Path | None = None
+    ws_root: Path,
+    run_name: str,
+    volumes: int,
+    seed: int,
+    picture: Path | None = None,
+    *,
+    with_noise: bool = True,
 ) -> dict[str, Any]:
     """Every figure for one run, as a JSON-ready dict (and, with ``picture``, a PNG of one
     real held-out volume, its anatomy painted, and a painted synthetic volume, three planes
-    each)."""
+    each). ``with_noise``: every painted slice gets its own draw of the run's scanner noise
+    (:func:`pipeline.generate.noise_model`), as ``generate --volumes`` paints them."""
 
     from models.gan import generate_images
     from pipeline.anatomy import sample_anatomy
-    from pipeline.generate import anatomy_model, shell_classes
+    from pipeline.generate import anatomy_model, noise_model, shell_classes
     from pipeline.metrics import adjacent_differences, matched_agreement, plane_distribution
+    from pipeline.noise import add_noise
     from pipeline.preprocess import body_outlines
     from pipeline.quality import GateConfig, feature_extractor
     from pipeline.runs import find_run, load_generator
@@ -77,10 +85,17 @@ def measure(
     train_refs = workspace_refs(ws, ["train"])
     depth = int(np.median([len(g) for g in volume_rows(train_refs, planar) if len(g) > 1]))
 
+    noise = noise_model(ws, run, generator)[0] if with_noise else None
+    rng = np.random.default_rng([seed, 26])
+
     def paint(labels: np.ndarray, body: np.ndarray) -> np.ndarray:
         # a 2.5-D run sees each slice's neighbours in its own volume
         near = volume_neighbours(labels, cfg.neighbours) if cfg.neighbours else None
-        return generate_images(generator, labels, cfg, bodies=body, neighbours=near)
+        painted = generate_images(generator, labels, cfg, bodies=body, neighbours=near)
+        if noise is None:
+            return painted
+        # each slice its own draw of the run's scanner noise, as generate --volumes does
+        return np.stack([add_noise(p, noise, rng) for p in painted])
 
     t0 = time.perf_counter()
     model, _ = anatomy_model(ws, run.name, schema, size, body=cfg.body)
@@ -134,6 +149,7 @@ def measure(
         "real_patients": len(set(patients)),
         "slices_per_synthetic_volume": depth,
         "neighbours": cfg.neighbours,
+        "noise": None if noise is None else noise.to_dict(),
         "seconds": {"synthetic_volumes": t_syn, "repaint_real": t_real},
         "sets": {
             f"synthetic ({volumes} volumes)": figures(synthetic),
@@ -181,11 +197,14 @@ def main() -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--volumes", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-noise", action="store_true", help="paint without the run's scanner noise")
     ap.add_argument("--out", type=Path, default=RESULTS / "through_plane.json")
     args = ap.parse_args()
     picture = args.out.with_suffix(".png")
     picture.parent.mkdir(parents=True, exist_ok=True)
-    result = measure(args.workspace, args.run, args.volumes, args.seed, picture)
+    result = measure(
+        args.workspace, args.run, args.volumes, args.seed, picture, with_noise=not args.no_noise
+    )
     print(table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

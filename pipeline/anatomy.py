@@ -78,6 +78,14 @@ class AnatomyConfig:
     # the span of the training patients: without it most samples are closer to some training
     # patient than that patient's nearest other person is (see the module text)
     alpha: float = 0.02  # RMS displacement as a share of the side
+    # the field's smoothness through the slices (Gaussian sigma as a share of the depth): a
+    # real body barely moves from one slice to the next, and a field that turned over every
+    # few slices made the outline and the structures' walls wobble through the volume (issue
+    # 25: the body's outline changed 3× as much per slice as a real one's at depth/8)
+    z_smooth: float = 0.5
+    # the drawn maps low-passed through the slices (Gaussian sigma, model slices) before they
+    # are decoded: a blend of people resampled to one depth keeps their slice-to-slice steps
+    z_blur: float = 1.0
     degrees: float = 0.0
     scale: float = 0.0
     # (outer, inner) class indices: the outer structure wraps the inner one (myocardium around
@@ -213,7 +221,13 @@ def fit_sizes(
 
 
 def warp_maps(
-    sdm: np.ndarray, rng: np.random.Generator, *, alpha: float, degrees: float, scale: float
+    sdm: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    alpha: float,
+    degrees: float,
+    scale: float,
+    z_smooth: float = 1 / 8,
 ) -> np.ndarray:
     """Per-structure maps (C, Z, H, W) resampled through one in-plane affine (rotation within
     ±``degrees``, scale within ±``scale``, about the centre) and a smooth in-plane displacement
@@ -225,7 +239,7 @@ def warp_maps(
     theta = np.deg2rad(rng.uniform(-degrees, degrees))
     s = 1.0 + rng.uniform(-scale, scale)
     field = rng.standard_normal((2, depth, h, w))
-    sigma = (max(depth / 8, 1.0), 24.0 * h / 256, 24.0 * w / 256)
+    sigma = (max(depth * z_smooth, 1.0), 24.0 * h / 256, 24.0 * w / 256)
     field = np.stack([ndimage.gaussian_filter(f, sigma) for f in field])
     rms = float(np.sqrt(np.mean(field**2))) or 1.0
     field *= alpha * h / rms
@@ -314,7 +328,11 @@ class AnatomyModel:
             alpha=float(c.get("alpha", 0.0)),
             degrees=float(c.get("degrees", 0.0)),
             scale=float(c.get("scale", 0.0)),
+            z_smooth=float(c.get("z_smooth", 1 / 8)),
         )
+        blur = float(c.get("z_blur", 0.0))
+        if blur > 0 and sdm.shape[1] > 1:
+            sdm = ndimage.gaussian_filter1d(sdm, blur, axis=1, mode="nearest")
         return fit_sizes(sdm, self.sizes, self.shell, free_last=self.has_body)
 
     def draw(self, rng: np.random.Generator) -> np.ndarray:
@@ -488,6 +506,8 @@ def fit_anatomy(
             "temperature": cfg.temperature,
             "body_temperature": cfg.body_temperature,
             "alpha": cfg.alpha,
+            "z_smooth": cfg.z_smooth,
+            "z_blur": cfg.z_blur,
             "degrees": cfg.degrees,
             "scale": cfg.scale,
             "shell": list(cfg.shell) if cfg.shell else None,

@@ -926,6 +926,15 @@ def filter_cmd(
     "candidate of its case.",
 )
 @click.option(
+    "--noise",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Scanner noise on every painted slice, fitted on the training volumes' neighbouring "
+    "slices (auto: for --volumes, whose slices must differ as a scan's do; not for loose "
+    "slices).",
+)
+@click.option(
     "--filter",
     "run_filter",
     is_flag=True,
@@ -942,6 +951,7 @@ def generate_cmd(
     seed: int,
     drop_structures: float,
     volumes: bool,
+    noise: str,
     run_filter: bool,
     as_json: bool,
     **gates: Any,
@@ -957,6 +967,7 @@ def generate_cmd(
         seed=seed,
         drop_structures=drop_structures,
         volumes=volumes,
+        noise=noise,
     )
     with opened_workspace(workspace, create=False) as ws:
         report = generate(ws, cfg, progress=progress_bar("generate", "batch"))

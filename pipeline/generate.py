@@ -12,6 +12,7 @@ re-run fills in what is missing instead of starting over.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,10 +38,11 @@ from pipeline.catalog import Candidate, Slice, write_session
 from pipeline.errors import PipelineError
 from pipeline.imageio import image_files, read_nifti_slices, read_png
 from pipeline.labels import LabelSchema
+from pipeline.noise import NoiseModel, add_noise, fit_noise
 from pipeline.preprocess import body_outline, body_outlines, resize_image, resize_mask
 from pipeline.preview import BODY_VALUE
 from pipeline.progress import Progress
-from pipeline.runs import find_run, load_generator
+from pipeline.runs import TrainedRun, find_run, load_generator
 from pipeline.slices import (
     SliceRef,
     SliceStore,
@@ -77,6 +79,13 @@ class GenerateConfig:
     # slice by slice with its neighbours' maps (a 2.5-D run), every slice a candidate that
     # records its case and z (synthetic, heldout, or a folder of NIfTI label volumes)
     volumes: bool = False
+    # scanner noise (:mod:`pipeline.noise`) on every painted slice: "auto" gives it to whole
+    # cases (neighbouring slices of a scan differ by their noise too) and not to loose slices
+    # (judged one by one against their real pair); "on" / "off" ask for it either way
+    noise: str = "auto"
+
+
+NOISE_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -199,6 +208,67 @@ def _write_anatomy_picture(model: AnatomyModel, schema: LabelSchema, path: Path)
         rows.append(("synthetic", samples))
     picture = planes_picture(rows)
     atomic_write(path, lambda tmp: Image.fromarray(picture).save(tmp))
+
+
+#: Training volumes the noise model is fitted on at most (spread over the split): enough for
+#: thousands of adjacent-slice differences, few enough to paint in seconds at 256².
+NOISE_VOLUMES = 8
+#: Seed stream of the per-candidate noise (beside the anatomy's and the deformations').
+NOISE_STREAM = 26
+
+
+def noise_model(ws: Workspace, run: TrainedRun, generator: Any) -> tuple[NoiseModel, Path]:
+    """The run's scanner-noise model (:mod:`pipeline.noise`), fitted once on up to
+    :data:`NOISE_VOLUMES` training volumes painted by ``generator`` from their own label maps,
+    and kept in the run's folder (``noise-<key>.json``, keyed by generator and training
+    slices). One line when the sources are 2-D slices, which have no neighbours to fit it on."""
+    size, k = run.model.size, run.model.neighbours
+    refs, planar = workspace_refs(ws, ["train"]), planar_files(ws)
+    runs: list[list[int]] = []
+    for group in volume_rows(refs, planar):
+        if refs[group[0]].cache_file in planar:
+            continue
+        # a volume's kept slices may skip a z (too little foreground): contiguous runs only
+        start = 0
+        for j in range(1, len(group) + 1):
+            if j == len(group) or refs[group[j]].z != refs[group[j - 1]].z + 1:
+                if j - start >= 2:
+                    runs.append(group[start:j])
+                start = j
+    if not runs:
+        raise PipelineError(
+            "scanner noise is fitted on neighbouring slices of training volumes; this "
+            "workspace's training sources are 2-D slices (use --noise off)"
+        )
+    runs.sort(key=len, reverse=True)
+    picked = sorted(runs[: max(NOISE_VOLUMES, 1)], key=lambda g: refs[g[0]].slice_id)
+    key = hashlib.sha256(
+        repr((run.generator_sha256, size, [[refs[i].slice_id for i in g] for g in picked])).encode()
+    ).hexdigest()[:16]
+    path = ws.runs_dir / path_name(run.name, what="run") / f"noise-{key}.json"
+    if path.exists():
+        return NoiseModel.from_dict(json.loads(path.read_text())), path
+    from models.gan import generate_images
+
+    real, painted = [], []
+    for group in picked:
+        images, masks = load_slices(ws, [refs[i] for i in group], size)
+        bodies = body_outlines(images, masks)
+        near = volume_neighbours(masks, k) if k else None
+        painted.append(
+            generate_images(
+                generator,
+                masks,
+                run.model,
+                bodies=bodies if run.model.body else None,
+                neighbours=near,
+            )
+        )
+        real.append((images, masks, bodies))
+    model = fit_noise(real, painted)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(model.to_dict(), indent=2)))
+    return model, path
 
 
 def shell_classes(schema: LabelSchema) -> tuple[int, int] | None:
@@ -594,9 +664,37 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
             notes.append(f"{len(specs)} masks in {cfg.masks}: generating {len(specs)}")
         spec_of = specs.__getitem__
         kind = "dir"
+    if cfg.noise not in NOISE_CHOICES:
+        raise PipelineError(f"noise {cfg.noise!r}: choose one of {', '.join(NOISE_CHOICES)}")
+    generator = None
+    noise: NoiseModel | None = None
+    if cfg.noise == "on" or (cfg.noise == "auto" and cfg.volumes):
+        generator = load_generator(run.generator_path, run.generator_sha256)
+        try:
+            noise, noise_path = noise_model(ws, run, generator)
+        except PipelineError:
+            if cfg.noise == "on":
+                raise
+            notes.append("no scanner noise: the training sources are 2-D slices")
+        else:
+            stored["noise_model"] = noise.to_dict()
+            fitted = (
+                f"fitted on {noise.volumes} training volumes (adjacent-slice KS "
+                f"{noise.ks_without:.3f} → {noise.ks_with:.3f}), {noise_path.name}"
+            )
+            notes.append(
+                f"scanner noise per slice: sd {noise.sd * _span(window, units):.1f} "
+                f"{'HU' if units == 'HU' else 'display units'}, in-plane correlation "
+                f"{noise.correlation:.2f} px, {fitted}"
+                if noise.sd > 0
+                else "scanner noise per slice: none — the run's paintings already differ from "
+                f"slice to slice as much as the real ones, {fitted}"
+            )
     stored = {**asdict(cfg), **stored, "batch_name": name, "count": count}
     if not cfg.volumes:  # a slice batch's config reads as it did before volumes existed
         stored.pop("volumes")
+    if noise is None:  # likewise without noise
+        stored.pop("noise")
     with write_session(ws.engine) as session:
         batch = open_batch(
             session,
@@ -616,6 +714,7 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
                 "scale",
                 "anatomy_model_sha256",
                 "volumes",
+                "noise_model",
             ),
             folder=folder,
         )
@@ -623,7 +722,7 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
         batch_id = batch.id
         done = {c.index for c in batch.candidates}
     todo = [i for i in range(slices) if i not in done]
-    if todo:
+    if todo and generator is None:
         generator = load_generator(run.generator_path, run.generator_sha256)
     chunks = [todo[i : i + cfg.batch] for i in range(0, len(todo), cfg.batch)]
     typical: np.ndarray | None = None
@@ -646,6 +745,8 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
         rows = []
         for i, spec, image in zip(chunk, specs_chunk, images, strict=True):
             cand = f"cand_{i:05d}"
+            if noise is not None:  # each candidate's own draw: (seed, index) alone
+                image = add_noise(image, noise, np.random.default_rng([cfg.seed, i, NOISE_STREAM]))
             write_candidate(
                 folder, cand, image, spec.mask, spec.spacing, units=units, window=window
             )
@@ -684,6 +785,11 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
         notes,
         count if cfg.volumes else None,
     )
+
+
+def _span(window: tuple[float, float], units: str) -> float:
+    """[0, 1] storage units → source units: the HU window's width, or 255 display levels."""
+    return float(window[1] - window[0]) if units == "HU" else 255.0
 
 
 def _case_slices(cases: CaseSource, count: int) -> Callable[[int], MaskSpec]:

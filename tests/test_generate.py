@@ -1,5 +1,6 @@
 """`pipeline generate`, `filter --batch` and `evaluate`: provenance, resumability, gates."""
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -254,7 +255,8 @@ def test_generate_volumes_paints_whole_cases_with_their_neighbours(ws, tmp_path)
     volumes; augmented masks and PNG folders are refused."""
     from models.gan import generate_images
     from pipeline.anatomy import load_model, sample_anatomy
-    from pipeline.generate import shell_classes, typical_depth
+    from pipeline.generate import NOISE_STREAM, shell_classes, typical_depth
+    from pipeline.noise import NoiseModel, add_noise
     from pipeline.runs import find_run, load_generator
     from pipeline.slices import load_slices, volume_neighbours, volume_rows, workspace_refs
 
@@ -292,7 +294,48 @@ def test_generate_volumes_paints_whole_cases_with_their_neighbours(ws, tmp_path)
     painted = generate_images(
         generator, labels, cfg, bodies=body, neighbours=volume_neighbours(labels, 1)
     )
-    assert np.abs(painted * (hi - lo) + lo - images).max() <= 1.0
+    # each slice carries its own draw of the run's scanner noise, fitted on the training
+    # volumes and kept in the run's folder; without it the slices are the painting itself
+    (noise_file,) = (Path(ws) / "runs" / "good").glob("noise-*.json")
+    noise = NoiseModel.from_dict(json.loads(noise_file.read_text()))
+    # (this 32² run's paintings already flicker as much as the real slices differ: sd 0)
+    assert 0 <= noise.sd < 0.03 and noise.ks_with <= noise.ks_without and noise.volumes == 4
+    assert "scanner noise per slice" in out.stderr
+    batch_json = json.loads((Path(ws) / "candidates" / "v" / "batch.json").read_text())
+    assert batch_json["config"]["noise_model"] == noise.to_dict()
+
+    def drawn(model: NoiseModel) -> np.ndarray:
+        rngs = [np.random.default_rng([0, z, NOISE_STREAM]) for z in range(len(painted))]
+        return np.stack([add_noise(p, model, r) for p, r in zip(painted, rngs, strict=True)])
+
+    assert np.abs(drawn(noise) * (hi - lo) + lo - images).max() <= 1.0
+    # the kept model is what later batches use: a louder one is drawn slice by slice
+    loud = dataclasses.replace(noise, sd=0.01)
+    noise_file.write_text(json.dumps(loud.to_dict()))
+    out = run(
+        "generate", "-w", ws, "--run", "good", "--volumes", "--count", 1, "--batch-name", "loud"
+    )
+    assert out.exit_code == 0 and f"sd {0.01 * (hi - lo):.1f} HU" in out.stderr, out.stderr
+    noisy = _case_volumes(ws, "loud")[0][0]
+    assert np.abs(drawn(loud) * (hi - lo) + lo - noisy).max() <= 1.0
+    assert np.abs(painted * (hi - lo) + lo - noisy).mean() > 0.5 * loud.sd * (hi - lo)
+    bare = run(
+        "generate",
+        "-w",
+        ws,
+        "--run",
+        "good",
+        "--volumes",
+        "--count",
+        1,
+        "--noise",
+        "off",
+        "--batch-name",
+        "bare",
+    )
+    assert bare.exit_code == 0 and "scanner noise" not in bare.stderr
+    assert np.abs(painted * (hi - lo) + lo - _case_volumes(ws, "bare")[0][0]).max() <= 1.0
+    noise_file.write_text(json.dumps(noise.to_dict()))
     blind = generate_images(
         generator,
         labels,
