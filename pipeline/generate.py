@@ -677,13 +677,14 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
                 raise
             notes.append("no scanner noise: the training sources are 2-D slices")
         else:
-            stored["noise_model"] = noise.to_dict()
+            span = _span(window, units)
+            stored["noise_model"] = {**noise.to_dict(), "sd_source_units": noise.sd * span}
             fitted = (
                 f"fitted on {noise.volumes} training volumes (adjacent-slice KS "
                 f"{noise.ks_without:.3f} → {noise.ks_with:.3f}), {noise_path.name}"
             )
             notes.append(
-                f"scanner noise per slice: sd {noise.sd * _span(window, units):.1f} "
+                f"scanner noise per slice: sd {noise.sd * span:.1f} "
                 f"{'HU' if units == 'HU' else 'display units'}, in-plane correlation "
                 f"{noise.correlation:.2f} px, {fitted}"
                 if noise.sd > 0

@@ -346,6 +346,8 @@ def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> E
                 # the index fingerprint hashes source cache names: not for release
                 "privacy": {k: v for k, v in (b.privacy or {}).items() if k != "index_catalog"},
                 "mask_source": b.masks,
+                # per-slice scanner noise (two numbers fitted on the training volumes), if any
+                "noise": (b.config or {}).get("noise_model"),
             }
         split_seeds = sorted(set(session.scalars(select(PatientSplit.seed))))
         run_configs = {
@@ -642,6 +644,22 @@ def _quality_lines(manifest: dict[str, Any]) -> list[str]:
     return lines + gate_table(gates, markdown=True)
 
 
+def _noise_sentence(manifest: dict[str, Any]) -> str:
+    """What the datasheet says of the scanner noise painted slices were given ("" if none)."""
+    noisy = [b for b in manifest["batches"].values() if (b.get("noise") or {}).get("sd")]
+    if not noisy:
+        return ""
+    sds = ", ".join(
+        f"{b['noise']['sd_source_units']:.1f} {'HU' if b['units'] == 'HU' else 'display levels'}"
+        for b in noisy
+    )
+    return (
+        f" Each slice carries its own draw of Gaussian scanner noise (sd {sds}; correlation "
+        "and amplitude fitted on the training volumes so that neighbouring slices differ as a "
+        "real scan's do); the generator alone paints none."
+    )
+
+
 def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
     """DATASHEET.md (Gebru et al.'s sections) filled from the manifest."""
     n = dataset["numTraining"]
@@ -726,7 +744,8 @@ def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
             "filter and was accepted in review."
             if volumes
             else ""
-        ),
+        )
+        + _noise_sentence(manifest),
         "",
         "Every image was compared with every source slice (FAISS nearest neighbours, then "
         f"aligned SSIM and fine-texture correlation); flagged when {thresholds or 'n/a'}. "

@@ -302,7 +302,9 @@ def test_generate_volumes_paints_whole_cases_with_their_neighbours(ws, tmp_path)
     assert 0 <= noise.sd < 0.03 and noise.ks_with <= noise.ks_without and noise.volumes == 4
     assert "scanner noise per slice" in out.stderr
     batch_json = json.loads((Path(ws) / "candidates" / "v" / "batch.json").read_text())
-    assert batch_json["config"]["noise_model"] == noise.to_dict()
+    recorded = batch_json["config"]["noise_model"]
+    assert NoiseModel.from_dict(recorded) == noise
+    assert recorded["sd_source_units"] == pytest.approx(noise.sd * (hi - lo))
 
     def drawn(model: NoiseModel) -> np.ndarray:
         rngs = [np.random.default_rng([0, z, NOISE_STREAM]) for z in range(len(painted))]

@@ -400,6 +400,16 @@ def test_volume_batches_export_whole_cases_with_their_spacing(tmp_path):
     ]
     ws_path, marks = fake_workspace(tmp_path, spec)
     ws = open_workspace(ws_path, create=False)
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from pipeline.catalog import CandidateBatch, ReleaseCase
+
+    noise = {"sd": 0.003, "correlation": 0.8, "ks_without": 0.2, "ks_with": 0.01, "volumes": 4}
+    with Session(ws.engine) as s:  # the batch was painted with scanner noise (generate)
+        batch = s.scalars(select(CandidateBatch)).one()
+        batch.config = {**batch.config, "noise_model": {**noise, "sd_source_units": 9.216}}
+        s.commit()
     report = build_bundle(ws, ExportConfig(out=tmp_path / "o"))
     bundle = report.folder
     assert report.cases == 1
@@ -427,11 +437,8 @@ def test_volume_batches_export_whole_cases_with_their_spacing(tmp_path):
     assert "volumes" in ds["description"]
     sheet = (bundle / "DATASHEET.md").read_text()
     assert "1 synthetic 3-D volume" in sheet and "999" not in sheet
-    from sqlalchemy import select
-    from sqlalchemy.orm import Session
-
-    from pipeline.catalog import ReleaseCase
-
+    assert "scanner noise (sd 9.2 HU" in sheet
+    assert next(iter(manifest["batches"].values()))["noise"]["sd"] == 0.003
     with Session(ws.engine) as s:
         rows = s.scalars(select(ReleaseCase)).all()
         assert sorted(r.case for r in rows) == ["case_0000"] * 3
