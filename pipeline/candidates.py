@@ -169,6 +169,35 @@ def open_batch(
     return batch
 
 
+def case_position(transform: dict[str, Any] | None) -> dict[str, int]:
+    """Case, z and depth of a volume batch's slice, read from its provenance (``transform``);
+    one line naming what is missing when a row lacks them (a batch from an older version)."""
+    try:
+        return {k: int(transform[k]) for k in ("case", "z", "depth")}  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        raise PipelineError(
+            "a candidate of a volume batch lacks its case, z or depth; regenerate the batch "
+            "with this version (pipeline generate --volumes)"
+        ) from None
+
+
+def group_cases(transforms: Sequence[dict[str, Any] | None]) -> dict[int, list[int]]:
+    """A volume batch's rows grouped by case: case → row positions in z order. Every slice's
+    position is checked (:func:`case_position`), and a case must hold each z once."""
+    cases: dict[int, list[tuple[int, int]]] = {}
+    for i, t in enumerate(transforms):
+        pos = case_position(t)
+        cases.setdefault(pos["case"], []).append((pos["z"], i))
+    out: dict[int, list[int]] = {}
+    for case in sorted(cases):
+        members = sorted(cases[case])
+        zs = [z for z, _ in members]
+        if len(set(zs)) != len(zs):
+            raise PipelineError(f"volume case {case} holds a slice position twice")
+        out[case] = [i for _, i in members]
+    return out
+
+
 def batch_images(ws: Workspace, name: str) -> tuple[list[int], list[str], np.ndarray, np.ndarray]:
     """Candidate ids, names, [0, 1] images and masks of a batch, read back from its files."""
     folder = ws.candidates_dir / name

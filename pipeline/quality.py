@@ -18,7 +18,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from pipeline.atomic import atomic_write
-from pipeline.candidates import batch_images, batch_row
+from pipeline.candidates import batch_images, batch_row, group_cases
 from pipeline.catalog import write_session
 from pipeline.errors import PipelineError
 from pipeline.membership import STATISTICS, Patients, membership_audit
@@ -137,12 +137,8 @@ def _heldout(
 
 
 def case_volumes(transforms: list[dict[str, Any]]) -> list[np.ndarray]:
-    """A volume batch's candidate rows grouped into cases, each in z order (from the case and
-    z every volume slice records)."""
-    cases: dict[int, list[tuple[int, int]]] = {}
-    for i, t in enumerate(transforms):
-        cases.setdefault(int(t["case"]), []).append((int(t["z"]), i))
-    return [np.array([i for _, i in sorted(cases[c])]) for c in sorted(cases)]
+    """A volume batch's candidate rows grouped into cases, each in z order."""
+    return [np.array(rows) for rows in group_cases(transforms).values()]
 
 
 @dataclass

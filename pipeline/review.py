@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline import __version__
+from pipeline.candidates import case_position, group_cases
 from pipeline.catalog import (
     Candidate,
     CandidateBatch,
@@ -274,7 +275,7 @@ def case_keys(session: Session) -> dict[int, tuple[int, int]]:
             Candidate.batch_id.in_(volume_batches)
         )
     )
-    return {cid: (bid, int(t["case"])) for cid, bid, t in rows}
+    return {cid: (bid, case_position(t)["case"]) for cid, bid, t in rows}
 
 
 def case_slices(session: Session, candidate_id: int) -> list[int]:
@@ -285,13 +286,11 @@ def case_slices(session: Session, candidate_id: int) -> list[int]:
         raise PipelineError(f"no candidate {candidate_id}")
     if not (row.batch.config or {}).get("volumes"):
         return [candidate_id]
-    case = int(row.transform["case"])
-    members = [
-        (int(c.transform["z"]), c.id)
-        for c in session.scalars(select(Candidate).where(Candidate.batch_id == row.batch_id))
-        if int(c.transform["case"]) == case
-    ]
-    return [cid for _, cid in sorted(members)]
+    case = case_position(row.transform)["case"]
+    rows = session.execute(
+        select(Candidate.id, Candidate.transform).where(Candidate.batch_id == row.batch_id)
+    ).all()
+    return [rows[i][0] for i in group_cases([t for _, t in rows])[case]]
 
 
 def record_case_decision(

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from pipeline import __version__
 from pipeline.atomic import exclusive_lock
-from pipeline.candidates import read_batch_json, read_candidate
+from pipeline.candidates import case_position, read_batch_json, read_candidate
 from pipeline.catalog import (
     Candidate,
     CandidateBatch,
@@ -170,7 +170,7 @@ def select_releasable(
                 )
                 skipped[key] += 1
                 if volumes:
-                    withheld.add((b.name, int(c.transform["case"])))
+                    withheld.add((b.name, case_position(c.transform)["case"]))
                 continue
             reviewers = sorted(
                 str(d.reviewer_id) for d in current.get(c.id, {}).values() if d.decision == "accept"
@@ -186,7 +186,7 @@ def select_releasable(
                     texture_score=None if c.texture_score is None else float(c.texture_score),
                     privacy_margin=float(c.privacy_margin),
                     reviewers=reviewers,
-                    **(_case_position(c.transform) if volumes else {}),
+                    **(case_position(c.transform) if volumes else {}),
                 )
             )
     released = _whole_cases(released, withheld, skipped)
@@ -207,17 +207,6 @@ def select_releasable(
         "derived_anatomy": {n: DERIVED_ANATOMY[batches[n].masks] for n in derived},
     }
     return released, selection, notes
-
-
-def _case_position(transform: dict[str, Any]) -> dict[str, int]:
-    """Case, z and depth of a volume batch's slice, from its provenance."""
-    try:
-        return {k: int(transform[k]) for k in ("case", "z", "depth")}
-    except (KeyError, TypeError, ValueError):
-        raise PipelineError(
-            "a candidate of a volume batch lacks its case, z or depth; regenerate the batch "
-            "with this version (pipeline generate --volumes)"
-        ) from None
 
 
 def _whole_cases(

@@ -327,6 +327,7 @@ def test_demo(tmp_path, monkeypatch):
     assert "train" in result.stdout
     # the demo judges usefulness too: three arms of a segmenter, tested on real patients
     assert "segmenter Dice on " in result.stdout and "TSTR/TRTR" in result.stdout
+    assert "(2 paired seeds" in result.stdout  # the demo's budget: 2 seeds (about 50 s less)
     assert "gate min_utility_ratio" in result.stdout
     assert (tmp_path / "demo" / "demo-sources" / "phantom" / "preview.png").exists()
     run_dir = tmp_path / "demo" / "runs" / "demo"

@@ -287,3 +287,24 @@ def test_second_reading_is_blind(engine):
             "rejected by": "ann",
         }
         assert review_code(key, ids[0]) != review_code(key, ids[1])
+
+
+def test_volume_cases_are_read_one_way():
+    """A volume slice's case, z and depth come from one validated parser: rows group into cases
+    in z order, and a row without its position or a case holding a z twice is one clear error
+    (the export, the evaluation and the review queue all read cases through it)."""
+    from pipeline.candidates import case_position, group_cases
+
+    rows = [
+        {"case": 1, "z": 1, "depth": 2},
+        {"case": 0, "z": 1, "depth": 2},
+        {"case": 1, "z": 0, "depth": 2},
+        {"case": 0, "z": 0, "depth": 2},
+    ]
+    assert group_cases(rows) == {0: [3, 1], 1: [2, 0]}
+    assert case_position({"case": "3", "z": 0, "depth": 4}) == {"case": 3, "z": 0, "depth": 4}
+    for bad in ({"case": 0, "z": 0}, None, {"case": "x", "z": 0, "depth": 1}):
+        with pytest.raises(PipelineError, match="lacks its case, z or depth"):
+            group_cases([bad])
+    with pytest.raises(PipelineError, match="volume case 0 holds a slice position twice"):
+        group_cases([{"case": 0, "z": 0, "depth": 2}, {"case": 0, "z": 0, "depth": 2}])

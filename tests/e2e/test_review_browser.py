@@ -279,3 +279,69 @@ def test_blind_second_reading_reason_rule_and_one_window(server, workspace_256, 
         new = [(d.decision, d.reason) for d in rows][before:]
     w.close()
     assert new == [("reject", "artefact")]  # the bare reject wrote nothing
+
+
+@pytest.mark.slow
+def test_a_volume_case_in_a_real_browser(workspace_256, tmp_path):
+    """Issue 25, item 3, in Chromium: a volume case is one page with a slice slider and the
+    axial, coronal and sagittal pictures; the keyboard moves the slider (the page follows) and
+    one Accept votes on every slice of the case, in SQLite."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from pipeline.catalog import Candidate
+
+    ws = tmp_path / "ws"
+    shutil.copytree(workspace_256, ws)
+    gen = run(
+        "generate", "-w", ws, "--run", "r", "--volumes", "--count", 1, "--batch-name", "vol",
+        "--filter", "--features", "pixel",
+    )  # fmt: skip
+    assert gen.exit_code in (0, 1), gen.stderr  # the 2-step run fails its gates: fine here
+    w = open_workspace(ws, create=False)
+    with write_session(w.engine) as s:
+        rows = s.scalars(select(Candidate).order_by(Candidate.id)).all()
+        case = [c.id for c in rows if c.batch.name == "vol"]
+        for c in rows:  # only the case left to review, whatever the scores said
+            c.flagged = c.batch.name != "vol"
+    w.close()
+    assert len(case) > 2
+    shots = Path(os.environ.get("E2E_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    proc, url, _ = _start_app(ws)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(url)
+            page.get_by_role("textbox", name="Name").fill("ann")
+            page.get_by_role("textbox", name="Password").fill(PW)
+            page.get_by_role("button", name="Log in").click()
+            expect(page.get_by_role("button", name="Accept (a)")).to_be_visible(timeout=60_000)
+            expect(page.locator("h3").first).to_contain_text(f"({len(case)} slices)")
+            _idle(page)
+            slider = page.get_by_role("slider")
+            expect(slider).to_have_value(str(len(case) // 2))
+            alts = page.locator("img").evaluate_all("els => els.map(e => e.alt)")
+            assert sum(a.startswith(("coronal", "sagittal")) for a in alts) == 2, alts
+            axial = page.locator("img").first.get_attribute("src")
+            page.screenshot(path=str(shots / "8-volume-case.png"), full_page=True)
+            slider.focus()
+            slider.press("ArrowRight")
+            expect(slider).to_have_value(str(len(case) // 2 + 1))
+            _idle(page)
+            # the axial picture is the new slice's (and the planes mark it)
+            expect(page.locator("img").first).not_to_have_attribute("src", axial, timeout=30_000)
+            page.screenshot(path=str(shots / "9-volume-case-next-slice.png"), full_page=True)
+            page.get_by_role("button", name="Accept (a)").click()
+            expect(page.get_by_text("Nothing left for you to review.")).to_be_visible(
+                timeout=30_000
+            )
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    w = open_workspace(ws, create=False)
+    with read_session(w.engine) as s:
+        votes = [(d.candidate_id, d.decision) for d in s.scalars(select(Decision))]
+    w.close()
+    assert sorted(v[0] for v in votes) == sorted(case) and {v[1] for v in votes} == {"accept"}
