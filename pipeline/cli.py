@@ -38,6 +38,7 @@ DEMO_SPLIT = (0.5, 0.25, 0.25)  # train, val, test: as many held-out patients as
 DEMO_ENCODER_STEPS = 200
 DEMO_UTILITY_STEPS = 300
 DEMO_UTILITY_SEEDS = 2
+DEMO_CASES = 2  # synthetic volumes, painted slice by slice (issue 25)
 
 #: ``pipeline --help`` lists the commands in the order data flows through them.
 FLOW_ORDER = (
@@ -415,6 +416,14 @@ def status(workspace: Path, as_json: bool) -> None:
     help="Candidates to generate and judge (0 stops after training).",
 )
 @click.option(
+    "--cases",
+    default=DEMO_CASES,
+    show_default=True,
+    type=click.IntRange(0, 100),
+    help="Whole synthetic volumes to paint slice by slice and filter after the slices (0: "
+    "none); each gets a three-plane picture.",
+)
+@click.option(
     "--auto-review",
     is_flag=True,
     help="DEMO ONLY: a built-in 'demo' reviewer accepts every unflagged candidate, then the "
@@ -463,6 +472,7 @@ def demo(
     size: int,
     train_steps: int,
     candidates: int,
+    cases: int,
     auto_review: bool,
     start_review: bool,
     port: int,
@@ -484,10 +494,10 @@ def demo(
     from pipeline.train import TrainOptions, train
 
     src = workspace / "demo-sources" / "phantom"
-    click.echo(f"[1/5] phantom: {volumes} volumes → {src}")
+    click.echo(f"[1/6] phantom: {volumes} volumes → {src}")
     write_phantom(src, volumes=volumes, seed=seed, progress=progress_bar("phantom", "vol"))
     click.echo(f"      preview: {src / 'preview.png'}")
-    click.echo(f"[2/5] ingest → {workspace}")
+    click.echo(f"[2/6] ingest → {workspace}")
     with opened_workspace(workspace, create=True) as ws:
         report = run_ingest(
             ws,
@@ -496,7 +506,7 @@ def demo(
             progress=progress_bar("ingest", "vol"),
         )
         click.echo(format_status(report.status))
-        click.echo(f"[3/5] privacy index → {ws.index_dir}")
+        click.echo(f"[3/6] privacy index → {ws.index_dir}")
         manifest = build_index(ws, FilterConfig(seed=seed), progress=progress_bar("index", "batch"))
         click.echo(describe_index(manifest))
         if not train_steps:
@@ -504,7 +514,7 @@ def demo(
         run_name = "demo"
         resume = (ws.runs_dir / run_name / "checkpoints" / "checkpoint").exists()
         click.echo(
-            f"[4/5] train the tiny cGAN for {train_steps} steps → {ws.runs_dir / run_name}"
+            f"[4/6] train the tiny cGAN for {train_steps} steps → {ws.runs_dir / run_name}"
             + (" (resuming)" if resume else "")
         )
         cfg = dataclasses.replace(
@@ -519,7 +529,7 @@ def demo(
         click.echo(describe_training(trained))
         if not candidates:
             return
-        click.echo(f"[5/5] generate {candidates} candidates on synthetic anatomy, filter")
+        click.echo(f"[5/6] generate {candidates} candidates on synthetic anatomy, filter")
         generated = generate(
             ws,
             GenerateConfig(run=run_name, count=candidates, seed=seed),
@@ -534,7 +544,9 @@ def demo(
             utility_seeds=utility_seeds,
         )
         judged = _judge(ws, generated.batch, gates)
-    click.echo(describe_evaluation(judged))
+        click.echo(describe_evaluation(judged))
+        if cases:
+            _demo_volumes(ws, run_name, cases, seed)
     if auto_review:
         _demo_auto_review(workspace, generated.batch)
     if start_review:
@@ -554,6 +566,30 @@ def demo(
         f"  .venv/bin/pipeline verify {workspace}/releases/Dataset500_CardiacSynth"
         "   # the folder export printed\n"
         "(or all in one, as a clearly marked demo: pipeline demo --auto-review)"
+    )
+
+
+def _demo_volumes(ws: Workspace, run: str, cases: int, seed: int) -> None:
+    """The demo's whole cases: synthetic label volumes painted slice by slice (2.5-D, scanner
+    noise), through the privacy filter; where their three-plane pictures are."""
+    from pipeline.filtering import filter_batch
+    from pipeline.generate import GenerateConfig, generate
+    from pipeline.render import describe_privacy
+
+    click.echo(f"[6/6] generate {cases} synthetic volumes (painted slice by slice), filter")
+    made = generate(
+        ws,
+        GenerateConfig(run=run, count=cases, seed=seed, volumes=True, batch_name="demo-volumes"),
+        progress=progress_bar("volumes", "batch"),
+    )
+    for note in made.notes:
+        click.echo(f"      {note}")
+    verdict = filter_batch(ws, made.batch, progress=progress_bar("filter", "batch"))
+    click.echo(f"      privacy: {describe_privacy(verdict)}")
+    planes = sorted((Path(made.folder) / "previews").glob("case_*_planes.png"))
+    click.echo(
+        f"      {made.folder}: {made.cases} cases, {made.count} slices; three planes: "
+        + ", ".join(str(p) for p in planes)
     )
 
 

@@ -33,14 +33,22 @@ from pipeline.anatomy import (
 )
 from pipeline.atomic import atomic_write
 from pipeline.augment import DEFORM_DEFAULTS, deform_mask, deformation_coords, warp_labels
-from pipeline.candidates import open_batch, write_batch_json, write_candidate
+from pipeline.candidates import (
+    batch_row,
+    group_cases,
+    open_batch,
+    read_batch_json,
+    read_candidate,
+    write_batch_json,
+    write_candidate,
+)
 from pipeline.catalog import Candidate, Slice, write_session
 from pipeline.errors import PipelineError
 from pipeline.imageio import image_files, read_nifti_slices, read_png
 from pipeline.labels import LabelSchema
 from pipeline.noise import NoiseModel, add_noise, fit_noise
 from pipeline.preprocess import body_outline, body_outlines, resize_image, resize_mask
-from pipeline.preview import BODY_VALUE
+from pipeline.preview import BODY_VALUE, save_png, volume_planes
 from pipeline.progress import Progress
 from pipeline.runs import TrainedRun, find_run, load_generator
 from pipeline.slices import (
@@ -776,6 +784,8 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
         label_schema=run.config["label_schema"],
         config=stored,
     )
+    if cfg.volumes:
+        write_case_planes(ws, name)
     return GenerateReport(
         name,
         str(folder),
@@ -786,6 +796,26 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
         notes,
         count if cfg.volumes else None,
     )
+
+
+def write_case_planes(ws: Workspace, batch: str) -> list[Path]:
+    """``previews/case_NNN_planes.png`` for every case of a volume batch: its axial, coronal and
+    sagittal planes through the heart's centre (:func:`pipeline.preview.volume_planes`, the
+    batch's picture window, head up), read back from the written slices."""
+    folder = ws.candidates_dir / batch
+    with Session(ws.engine) as session:
+        b = batch_row(session, batch)
+        rows = [(c.name, c.transform) for c in b.candidates]
+        units = b.units
+    window = tuple(read_batch_json(folder)["window"])
+    written = []
+    for case, members in group_cases([t for _, t in rows]).items():
+        read = [read_candidate(folder, rows[i][0], units=units, window=window) for i in members]
+        volume = np.stack([r.unit for r in read])
+        labels = np.stack([r.mask for r in read])
+        picture = volume_planes([(f"case {case}", volume, labels)], storage=window, units=units)
+        written.append(save_png(picture, folder / "previews" / f"case_{case:03d}_planes.png"))
+    return written
 
 
 def _span(window: tuple[float, float], units: str) -> float:

@@ -333,6 +333,11 @@ def test_demo(tmp_path, monkeypatch):
     run_dir = tmp_path / "demo" / "runs" / "demo"
     assert "trained 20 steps" in result.stdout and "tensorboard --logdir" in result.stdout
     assert (run_dir / "generator.keras").exists() and list((run_dir / "samples").glob("*.png"))
+    # issue 25, item 5: two whole synthetic volumes, filtered, each shown in three planes
+    assert "[6/6] generate 2 synthetic volumes" in result.stdout
+    assert "2 cases" in result.stdout and "privacy: " in result.stdout
+    planes = sorted((tmp_path / "demo" / "candidates" / "demo-volumes" / "previews").glob("case_*"))
+    assert [p.name for p in planes] == ["case_000_planes.png", "case_001_planes.png"]
     started = []
     monkeypatch.setattr("pipeline.cli._exec_review_app", lambda *a: started.append(a))
     again = run(*args, "--auto-review", "--review")  # a second demo continues, not fails
