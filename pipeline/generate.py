@@ -813,7 +813,9 @@ def write_case_planes(ws: Workspace, batch: str) -> list[Path]:
         read = [read_candidate(folder, rows[i][0], units=units, window=window) for i in members]
         volume = np.stack([r.unit for r in read])
         labels = np.stack([r.mask for r in read])
-        picture = volume_planes([(f"case {case}", volume, labels)], storage=window, units=units)
+        picture = volume_planes(
+            [(f"case {case}", volume, labels)], storage=window, units=units, tile=192
+        )
         written.append(save_png(picture, folder / "previews" / f"case_{case:03d}_planes.png"))
     return written
 

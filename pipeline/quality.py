@@ -82,6 +82,7 @@ class GateConfig:
     utility: bool = False  # train on synthetic, test on real (needs a batch)
     utility_steps: int = 300  # segmenter steps per arm and seed
     utility_seeds: int = 3
+    utility_mixed: bool = True  # the real+synthetic arm too (augmentation gain)
     # Dice(synthetic) / Dice(real), when utility runs: the lower end of its 95% interval
     min_utility_ratio: float = 0.5
     # the yardstick must learn: below this the real arm's Dice says nothing (HOCM, 6 training
@@ -438,7 +439,9 @@ def evaluate(
                 (train_x, train_y),
                 (real, masks),
                 class_names=list(schema.names),
-                cfg=UtilityConfig(steps=cfg.utility_steps, seeds=cfg.utility_seeds),
+                cfg=UtilityConfig(
+                    steps=cfg.utility_steps, seeds=cfg.utility_seeds, mixed=cfg.utility_mixed
+                ),
                 test_patients=patients,
                 real_patients=[r.patient for r in train_refs],
                 progress=utility_progress,

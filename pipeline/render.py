@@ -280,7 +280,12 @@ def utility_lines(u: dict[str, Any]) -> list[str]:
         f"patients ({u['seeds']} paired seeds, {u['n_train']} distinct training images per "
         f"arm{saw}), mean ± sd over seeds (95% interval over seeds and patients): {per}",
         f"TSTR/TRTR {u['tstr_trtr']:.2f} (95% interval {_interval(u.get('tstr_trtr_interval'))}; "
-        f"per seed {seeds}), augmentation gain {u['augmentation_gain']:+.3f}",
+        f"per seed {seeds}), "
+        + (
+            "no real+synthetic arm"
+            if u.get("augmentation_gain") is None
+            else f"augmentation gain {u['augmentation_gain']:+.3f}"
+        ),
     ]
     for arm in ("synthetic", "real"):
         structures = a[arm]["per_structure"]

@@ -32,6 +32,9 @@ class UtilityConfig:
     depth: int = 3
     batch: int = 16
     draws: int = 2000  # bootstrap draws over seeds and held-out patients (seeded)
+    # the third arm (real + synthetic: does the batch add to real data?); off, the study costs
+    # a third less (the demo's budget) and reports no augmentation gain
+    mixed: bool = True
 
 
 def utility_study(
@@ -75,10 +78,11 @@ def utility_study(
         batch=cfg.batch,
     )
     k = len(class_names) - 1
-    counts = np.zeros((cfg.seeds, len(ARMS), len(groups), k, 2))
+    arms = ARMS if cfg.mixed else ARMS[:2]
+    counts = np.zeros((cfg.seeds, len(arms), len(groups), k, 2))
     seen: set[str] = set()
     segmenter = Segmenter(seg)
-    runs = [(seed, a) for seed in range(cfg.seeds) for a in range(len(ARMS))]
+    runs = [(seed, a) for seed in range(cfg.seeds) for a in range(len(arms))]
     for seed, a in progress(runs):
         draw = np.random.default_rng([seed, 7])
         pick_real = np.sort(draw.choice(len(real_x), size=n, replace=False))
@@ -133,7 +137,8 @@ def summarise_utility(
     """Arm figures and TSTR/TRTR from Dice counts, pure.
 
     ``counts``: (seeds, arms, patients, structures, 2) of (|P∩T|, |P| + |T|) per seed, arm
-    (``ARMS`` order), held-out patient and structure. An arm's Dice for a seed is pooled over
+    (``ARMS`` order; the first two alone: no augmentation gain), held-out patient and
+    structure. An arm's Dice for a seed is pooled over
     the patients, then averaged over the structures present; its figure is the mean over seeds.
     The interval resamples seeds and patients with replacement (``draws`` times, seeded) and
     recomputes every figure, so it carries both the training noise and which patients happened
@@ -141,8 +146,8 @@ def summarise_utility(
     """
     counts = np.asarray(counts, np.float64)
     n_seeds, n_arms, n_pat = counts.shape[:3]
-    if n_arms != len(ARMS):
-        raise ValueError(f"counts must hold the {len(ARMS)} arms {ARMS}")
+    if n_arms not in (2, len(ARMS)):
+        raise ValueError(f"counts must hold the arms {ARMS} (or the first two)")
     per_seed = _mean_over_structures(_pooled_dice(counts.sum(axis=2)))  # (seeds, arms)
     per_struct = _pooled_dice(counts.sum(axis=2))  # (seeds, arms, structures)
 
@@ -169,7 +174,7 @@ def summarise_utility(
         return [float(np.percentile(v, lo_q)), float(np.percentile(v, hi_q))]
 
     arms: dict[str, Any] = {}
-    for a, arm in enumerate(ARMS):
+    for a, arm in enumerate(ARMS[:n_arms]):
         means = per_seed[:, a]
         arms[arm] = {
             "dice_mean": float(means.mean()),
@@ -186,7 +191,7 @@ def summarise_utility(
                 "dice": float(np.nanmean(col)),
                 "interval": interval(boot_struct_arm[:, a, c]),
             }
-    syn, real, both = (per_seed[:, ARMS.index(x)] for x in ARMS)
+    syn, real = per_seed[:, 0], per_seed[:, 1]
     real_mean = float(real.mean())
     with np.errstate(invalid="ignore", divide="ignore"):
         boot_ratio = boot_arm[:, 0] / boot_arm[:, 1]
@@ -200,7 +205,9 @@ def summarise_utility(
         # the gate reads this: no interval (the real arm at zero too often) reads as 0
         "tstr_trtr_lower": ratio_ci[0] if ratio_ci is not None else 0.0,
         "tstr_trtr_per_seed": [None if np.isnan(r) else float(r) for r in seed_ratio],
-        "augmentation_gain": float(both.mean()) - real_mean,
-        "augmentation_gain_interval": interval(boot_arm[:, 2] - boot_arm[:, 1]),
+        "augmentation_gain": float(per_seed[:, 2].mean()) - real_mean if n_arms > 2 else None,
+        "augmentation_gain_interval": interval(boot_arm[:, 2] - boot_arm[:, 1])
+        if n_arms > 2
+        else None,
         "interval": {"level": level, "draws": draws, "over": "seeds and held-out patients"},
     }

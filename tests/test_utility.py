@@ -114,6 +114,20 @@ def test_summarise_utility_by_hand():
     assert out["arms"]["real"]["per_structure"]["a"]["dice"] == pytest.approx(0.6)
 
 
+def test_two_arms_give_the_same_ratio_and_no_gain():
+    """Without the real+synthetic arm (the demo's budget) the first two arms read as with it;
+    the augmentation gain is absent, not made up, and one arm alone is refused."""
+    table = np.array([[[0.3, 0.3], [0.6, 0.6], [0.6, 0.6]], [[0.6, 0.6], [0.6, 0.6], [0.7, 0.7]]])
+    three = summarise_utility(_counts(table), class_names=["bg", "a"], draws=500)
+    two = summarise_utility(_counts(table)[:, :2], class_names=["bg", "a"], draws=500)
+    assert sorted(two["arms"]) == ["real", "synthetic"]
+    assert two["tstr_trtr"] == pytest.approx(three["tstr_trtr"])
+    assert two["tstr_trtr_interval"] == pytest.approx(three["tstr_trtr_interval"])
+    assert two["augmentation_gain"] is None and two["augmentation_gain_interval"] is None
+    with pytest.raises(ValueError, match="first two"):
+        summarise_utility(_counts(table)[:, :1], class_names=["bg", "a"], draws=50)
+
+
 def test_a_collapsed_seed_cannot_carry_the_gate():
     """Synthetic data that trains a usable segmenter in one seed of three and collapses in the
     others: the mean ratio passes the 0.5 gate (0.56), the interval's lower bound does not."""
