@@ -284,7 +284,8 @@ def make_dataset(
         positions = range(int(slot) * per_replica, (int(slot) + 1) * per_replica)
         idx = order[int(step), int(slot) * per_replica : (int(slot) + 1) * per_replica]
         img, msk = images[idx, ..., 0], masks[idx]
-        near = gather_neighbours(masks, neighbours[idx]) if k else msk[:, :0]
+        # (B, 2k, S, S); for a 2-D model an empty stack of the same rank
+        near = gather_neighbours(masks, neighbours[idx]) if k else msk[:, None][:, :0]
         if augment != "none":
             stacks = np.concatenate([msk[:, None], near], axis=1)
             pairs = [

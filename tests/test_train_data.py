@@ -197,3 +197,23 @@ def test_make_dataset_moves_neighbours_with_the_slice():
         np.testing.assert_array_equal(cond[..., 16:24], cond[..., :8])
     with pytest.raises(ValueError, match="neighbour"):
         make_dataset(images, masks, order, cfg, start=0, seed=0, augment="none")
+
+
+@pytest.mark.parametrize("augment", ["affine", "flip+affine"])
+def test_make_dataset_augments_a_2d_model(augment):
+    """A 2-D model (``paper``'s ``neighbours=0``) trains with augmentation: the slice's own
+    map is the whole condition (classes + body) and moves with its image (this crashed: the
+    empty neighbour stack had the wrong rank)."""
+    cfg = preset("tiny", size=16, batch=4, d_filters=(16,), neighbours=0)
+    rng = np.random.default_rng(0)
+    images = rng.random((6, 16, 16, 1)).astype(np.float32)
+    masks = np.zeros((6, 16, 16), np.uint8)
+    for i in range(6):
+        masks[i, 3 + i : 9 + i, 4:12] = 1 + i % 7
+    order = batch_order(6, 4, 2, seed=0)
+    ds = make_dataset(images, masks, order, cfg, start=0, seed=3, augment=augment)
+    batches = list(ds.as_numpy_iterator())
+    assert len(batches) == 2
+    for cond, img in batches:
+        assert cond.shape == (4, 16, 16, 8 + 1) and img.shape == (4, 16, 16, 1)
+        assert np.allclose(cond[..., :8].sum(-1), 1.0)  # one class per pixel after the warp
