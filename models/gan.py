@@ -98,15 +98,34 @@ def discriminator_loss(real_out: Any, fake_out: Any) -> Any:
     )
 
 
-def generator_losses(fake_out: Any, real: Any, fake: Any, cfg: GanConfig) -> tuple[Any, Any]:
-    """Per example (adversarial, L1): (1 − D(y, G(y)))² and |x − G(y)|₁, each a patch/pixel mean.
+def generator_losses(
+    fake_out: Any, real: Any, fake: Any, cfg: GanConfig, condition: Any = None
+) -> tuple[Any, Any]:
+    """Per example (adversarial, L1): (1 − D(y, G(y)))² and |x − G(y)|₁, each a patch/pixel mean;
+    with ``cfg.l1_cap`` and the one-hot ``condition``, the L1 is the
+    :func:`structure_weights`-weighted mean.
 
     The caller weights them (``cfg.adv_weight``, ``cfg.l1_weight``) and averages over the global
     batch (``tf.nn.compute_average_loss``) so any replica count gives the same update.
     """
     adv = ops.mean(ops.square(1.0 - fake_out), axis=(1, 2, 3))
-    l1 = ops.mean(ops.abs(real - fake), axis=(1, 2, 3))
-    return adv, l1
+    err = ops.abs(real - fake)
+    if cfg.l1_cap > 0 and condition is not None and cfg.condition == "onehot":
+        w = structure_weights(condition, cfg)
+        return adv, ops.mean(w * err, axis=(1, 2, 3)) / ops.mean(w, axis=(1, 2, 3))
+    return adv, ops.mean(err, axis=(1, 2, 3))
+
+
+def structure_weights(condition: Any, cfg: GanConfig) -> Any:
+    """(B, S, S, 1) L1 weights from the slice's own one-hot map (the condition's first
+    ``num_classes`` channels): 1 outside the structures, 1 + min(cap, share / p) on a structure
+    covering the share p of its own example. Per example, so the update is the same for any
+    replica count."""
+    onehot = ops.cast(condition[..., : cfg.num_classes], "float32")
+    share = ops.mean(onehot, axis=(1, 2), keepdims=True)  # (B, 1, 1, C)
+    per_class = ops.clip(cfg.l1_share / (share + 1e-6), 0.0, cfg.l1_cap)
+    per_class = per_class * ops.cast(ops.arange(cfg.num_classes) > 0, "float32")  # not bg
+    return 1.0 + ops.sum(onehot * per_class, axis=-1, keepdims=True)
 
 
 class LinearDecay(keras.optimizers.schedules.LearningRateSchedule):
@@ -177,7 +196,7 @@ class ConditionalGAN:
             real_out = self.discriminator([image, condition], training=True)
             fake_out = self.discriminator([fake, condition], training=True)
             d_loss = average(discriminator_loss(real_out, fake_out))
-            adv, l1 = generator_losses(fake_out, image, fake, self.cfg)
+            adv, l1 = generator_losses(fake_out, image, fake, self.cfg, condition)
             g_adv, g_l1 = average(adv), average(l1)
             g_loss = self.cfg.adv_weight * g_adv + self.cfg.l1_weight * g_l1
             # identity unless a LossScaleOptimizer wraps them; apply_gradients unscales

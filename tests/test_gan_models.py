@@ -102,6 +102,31 @@ def test_lsgan_losses():
     np.testing.assert_allclose(l1, [0.25, 0.25])
 
 
+def test_structure_weighted_l1():
+    """``tiny``'s L1 weighs a structure by the inverse of its share of its own example (capped):
+    an error on a thin vessel costs more than the same error on air; without structures, or
+    with ``l1_cap`` 0 (``paper``), it is the plain mean; each example stands alone."""
+    cfg = preset("tiny", size=16)
+    assert cfg.l1_cap == 20.0 and preset("paper").l1_cap == 0.0
+    onehot = np.zeros((2, 16, 16, cfg.condition_channels), "float32")
+    onehot[..., 0] = 1.0
+    onehot[1, 4:6, 4:12, 0], onehot[1, 4:6, 4:12, 7] = 0.0, 1.0  # 16 px of class 7 (1/16)
+    real = np.zeros((2, 16, 16, 1), "float32")
+    fake = real.copy()
+    fake[:, 4:6, 4:12] = 0.5  # the same error in both examples, on the vessel's pixels
+    zeros = np.zeros((2, 2, 2, 1), "float32")
+    _, plain = generator_losses(zeros, real, fake, preset("paper"), onehot)
+    _, weighted = generator_losses(zeros, real, fake, cfg, onehot)
+    np.testing.assert_allclose(plain, [0.5 * 16 / 256] * 2, rtol=1e-6)
+    assert float(weighted[0]) == pytest.approx(float(plain[0]), rel=1e-6)  # no structure
+    w = 1.0 + min(20.0, 0.05 / (16 / 256))  # the vessel's weight: 1 + 0.8
+    assert float(weighted[1]) == pytest.approx(0.5 * 16 * w / (240 + 16 * w), rel=1e-4)
+    _, alone = generator_losses(zeros[1:], real[1:], fake[1:], cfg, onehot[1:])
+    assert float(alone[0]) == pytest.approx(float(weighted[1]), rel=1e-6)
+    with pytest.raises(ValueError, match="l1_cap"):
+        preset("tiny", l1_cap=-1.0)
+
+
 def test_learning_rate_decay_schedule():
     """Constant, then linearly to 0 over the last ``lr_decay`` share of the steps; the
     optimizers follow it through their own step counter; the paper presets keep it constant."""
