@@ -28,10 +28,9 @@ from pipeline.workspace import DEFAULT_WORKSPACE, ENV_WORKSPACE, Workspace, open
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-#: The demo's budget on two CPU cores (README "Quickstart", ≤ 5 minutes): the tiny cGAN's
-#: steps, the gates' feature encoder's steps and the utility study's segmenter steps per arm
-#: and seed.
-# the demo's budget: ≤ 5 minutes on two cores (issue 24); what each step costs is in README
+#: The demo's budget on two CPU cores (README "Quickstart", ≤ 5 minutes; what each part costs
+#: is in README, `pipeline demo`): the tiny cGAN's steps, the phantom's size, the gates'
+#: feature encoder's steps, the utility study's segmenter steps and seeds, the volumes.
 DEMO_TRAIN_STEPS = 500
 DEMO_VOLUMES = 16
 DEMO_SLICES = 32  # axial slices per phantom volume (5 mm apart)

@@ -137,11 +137,6 @@ def _heldout(
     return images, masks, [r.patient for r in refs], near
 
 
-def case_volumes(transforms: list[dict[str, Any]]) -> list[np.ndarray]:
-    """A volume batch's candidate rows grouped into cases, each in z order."""
-    return [np.array(rows) for rows in group_cases(transforms).values()]
-
-
 @dataclass
 class ThroughPlane:
     """Through-plane figures of a volume batch, and what its picture shows."""
@@ -399,7 +394,7 @@ def evaluate(
             privacy = b.privacy
             flags = [c.flagged for c in b.candidates]
             cases = (
-                case_volumes([c.transform for c in b.candidates])
+                [np.array(r) for r in group_cases([c.transform for c in b.candidates]).values()]
                 if (b.config or {}).get("volumes")
                 else None
             )

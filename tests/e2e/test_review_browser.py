@@ -88,6 +88,17 @@ def _start_app(workspace: Path) -> tuple[subprocess.Popen, str, int]:
     pytest.fail(f"reviewer app did not start: {proc.stdout.read().decode()[-2000:]}")
 
 
+def _log_in(page, url: str, name: str) -> None:
+    """Open the app at ``url`` and log in as ``name`` until the review buttons show."""
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    page.get_by_role("textbox", name="Name").fill(name)
+    page.get_by_role("textbox", name="Password").fill(PW)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("button", name="Accept (a)")).to_be_visible(timeout=60_000)
+
+
 @pytest.fixture
 def server(workspace_256):
     proc, url, _ = _start_app(workspace_256)
@@ -109,13 +120,6 @@ def test_review_in_a_real_browser(server, workspace_256, tmp_path):
     def heading(page):
         return page.locator("h3").first.inner_text()
 
-    def log_in(page):
-        page.goto(server)
-        page.get_by_role("textbox", name="Name").fill("ann")
-        page.get_by_role("textbox", name="Password").fill(PW)
-        page.get_by_role("button", name="Log in").click()
-        expect(page.get_by_role("button", name="Accept (a)")).to_be_visible(timeout=60_000)
-
     from pipeline.decisions import candidate_states
 
     w = open_workspace(workspace_256, create=False)
@@ -132,7 +136,7 @@ def test_review_in_a_real_browser(server, workspace_256, tmp_path):
         expect(page.get_by_role("button", name="Log in")).to_be_visible(timeout=60_000)
         assert page.locator("img").count() == 0  # nothing but the form before login
         snap(page, "1-login")
-        log_in(page)
+        _log_in(page, server, "ann")
         expect(page.get_by_text(f"0 of {total}").first).to_be_visible()
         snap(page, "2-first-candidate")
         # issue 23 C.17: every reason button reads whole at common widths (none cut off)
@@ -172,7 +176,7 @@ def test_review_in_a_real_browser(server, workspace_256, tmp_path):
         page.get_by_role("button", name="Undo my last (u)").click()
         expect(page.get_by_text(f"2 of {total}").first).to_be_visible(timeout=30_000)
         page.reload()  # a new browser session: log in again, the state is in SQLite
-        log_in(page)
+        _log_in(page, server, "ann")
         expect(page.get_by_text(f"2 of {total}").first).to_be_visible(timeout=30_000)
         snap(page, "4-after-reload")
         browser.close()
@@ -250,11 +254,7 @@ def test_blind_second_reading_reason_rule_and_one_window(server, workspace_256, 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(server)
-        page.get_by_role("textbox", name="Name").fill("bob")
-        page.get_by_role("textbox", name="Password").fill(PW)
-        page.get_by_role("button", name="Log in").click()
-        expect(page.get_by_role("button", name="Accept (a)")).to_be_visible(timeout=60_000)
+        _log_in(page, server, "bob")
         page.locator("img").first.wait_for(state="visible")
         page.screenshot(path=str(shots / "5-second-reader.png"), full_page=True)
         text = page.inner_text("body")
@@ -312,11 +312,7 @@ def test_a_volume_case_in_a_real_browser(workspace_256, tmp_path):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1300})
-            page.goto(url)
-            page.get_by_role("textbox", name="Name").fill("ann")
-            page.get_by_role("textbox", name="Password").fill(PW)
-            page.get_by_role("button", name="Log in").click()
-            expect(page.get_by_role("button", name="Accept (a)")).to_be_visible(timeout=60_000)
+            _log_in(page, url, "ann")
             expect(page.locator("h3").first).to_contain_text(f"({len(case)} slices)")
             _idle(page)
             slider = page.get_by_role("slider")
