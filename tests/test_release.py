@@ -555,8 +555,9 @@ def test_end_to_end_on_real_ct(tmp_path):
     of two different people share little, planted copies of them score high, and the
     thresholds sit halfway between (SSIM ≈ 0.44). Two patients cannot bound a new patient's
     flag rate at 1%, and the index says so. A model trained on one patient's 14 slices for 60
-    steps makes blurry images of that patient: some land above the threshold, not all (before
-    issue 14 the threshold sat at the top of 11 scores and flagged every one). The `augmented`
+    steps makes images of that patient: the calibrated rule catches them (how many depends on
+    the CPU's arithmetic: 11 or 12 of 12 measured, lowest score 0.46, so the test asserts the
+    rule, not a count). The `augmented`
     label maps are the training patient's own, deformed: the label-map check catches them. The
     chain is then finished with explicit thresholds (0.9, and 1.0 for label maps, recorded as
     explicit) and lenient gates, all stored and exported as such."""
@@ -589,7 +590,22 @@ def test_end_to_end_on_real_ct(tmp_path):
     gen = run("filter", "-w", ws, "--batch", "h-augmented", *lenient)
     assert gen.exit_code == 0 and "hand-set, not calibrated" in gen.stdout, gen.stdout
     flagged = int(re.search(r"privacy: (\d+) of 12 flagged", gen.stdout).group(1))
-    assert 0 < flagged < 12
+    assert flagged >= 1
+    w = open_workspace(ws, create=False)
+    with Session(w.engine) as s:
+        scores = [(c.privacy_score, c.flagged) for c in s.scalars(select(Candidate))]
+    w.close()
+    # flagged exactly when a score passes the calibrated cut (texture may add more, never fewer)
+    cut = float(re.search(r"SSIM > ([0-9.]+)", gen.stdout).group(1))
+    assert all(f for score, f in scores if score > cut) and sum(f for _, f in scores) == flagged
+    # from here on an admin sets an explicit image rule (recorded as explicit) so the chain has
+    # unflagged candidates to judge, review and release
+    rule = ("--threshold", 0.9, "--mask-threshold", 1.0)
+    assert run("index", "-w", ws, *rule, "--rebuild").exit_code == 0
+    refilter = run("filter", "-w", ws, "--batch", "h-augmented", *lenient)
+    assert refilter.exit_code == 0, refilter.stdout + refilter.stderr
+    flagged = int(re.search(r"privacy: (\d+) of 12 flagged", refilter.stdout).group(1))
+    assert flagged < 12, refilter.stdout
     # usefulness on real patients: a segmenter trained on the unflagged candidates, tested on the
     # held-out patient, against one trained on as many real slices (small budget here)
     util = run("evaluate", "-w", ws, "--run", "h", "--batch", "h-augmented", *lenient, "--json",
@@ -609,10 +625,9 @@ def test_end_to_end_on_real_ct(tmp_path):
     for arm in utility["arms"].values():
         assert 0.0 <= arm["dice_mean"] <= 1.0 and set(arm["per_structure"]) <= set(json.loads(
             (ws / "runs" / "h" / "config.json").read_text())["label_schema"])  # fmt: skip
-    rule = ("--threshold", 0.9, "--mask-threshold", 1.0)
-    assert run("index", "-w", ws, *rule, "--rebuild").exit_code == 0
-    refilter = run("filter", "-w", ws, "--batch", "h-augmented", *lenient)
-    assert refilter.exit_code == 0, refilter.stdout + refilter.stderr
+    # the filter records the batch's lenient gates anew: the utility study that a handful of
+    # real slices cannot pass is the admin's to look at, not the export's to hold up
+    assert run("filter", "-w", ws, "--batch", "h-augmented", *lenient).exit_code == 0
     # the candidates' own NIfTI files (display units, 0–255) score the same way via --images
     images = run("filter", "-w", ws, "--images", ws / "candidates" / "h-augmented" / "images")
     assert images.exit_code == 0 and "0 of 12 flagged" in images.stdout, images.stderr
