@@ -312,3 +312,40 @@ def test_a_bound_passed_only_by_chance_reads_so():
     )
     assert lines[1] == "gate max_membership_auc: 0.6000 ≤ 0.65 → pass (joint p 0.362)"
     assert lines[2] == "gate max_membership_auc: 0.6875 > 0.65 → FAIL (joint p 0.010)"
+
+
+def test_region_views_point_where_the_copies_are():
+    """bench/membership_regions.py: candidates that are the training patients' own slices point
+    at the training patients in every view that keeps what tells people apart (share AUC 1),
+    and copies of the held-out patients' slices point the other way (0)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "membership_regions.py"
+    spec = importlib.util.spec_from_file_location("membership_regions", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    images, masks, owners = [], [], []
+    for p in range(12):  # each person a body of their own size, a heart and a texture
+        body = ((yy - 16) / (9 + p % 5)) ** 2 + ((xx - 16) / (10 + p // 3)) ** 2 < 1
+        heart = ((yy - 15 - p % 3) ** 2 + (xx - 17 + p % 4) ** 2) < 9
+        for _ in range(3):
+            img = np.where(body, 0.3 + 0.05 * rng.standard_normal((32, 32)), 0.0)
+            images.append(np.where(heart, 0.8, img).astype(np.float32))
+            masks.append(heart.astype(np.uint8))
+            owners.append(f"p{p:02d}")
+    images, masks = np.stack(images), np.stack(masks)
+    member = {f"p{p:02d}": p < 6 for p in range(12)}
+    trained = np.array([member[o] for o in owners])
+    as_members = bench.region_aucs(
+        (images[trained], masks[trained]), (images, masks), owners, member
+    )
+    as_others = bench.region_aucs(
+        (images[~trained], masks[~trained]), (images, masks), owners, member
+    )
+    assert set(as_members) == set(bench.VIEWS)
+    for view in ("full", "fine", "outside heart"):
+        assert as_members[view]["share"] == 1.0 and as_others[view]["share"] == 0.0, view
