@@ -38,7 +38,7 @@ DEMO_SPLIT = (0.5, 0.25, 0.25)  # train, val, test: as many held-out patients as
 DEMO_ENCODER_STEPS = 200
 DEMO_UTILITY_STEPS = 300
 DEMO_UTILITY_SEEDS = 2
-DEMO_CASES = 2  # synthetic volumes, painted slice by slice (issue 25)
+DEMO_CASES = 12  # synthetic volumes, painted slice by slice (issue 25; see README, `pipeline demo`)
 
 #: ``pipeline --help`` lists the commands in the order data flows through them.
 FLOW_ORDER = (
@@ -594,9 +594,10 @@ def _demo_volumes(ws: Workspace, run: str, cases: int, seed: int) -> None:
     verdict = filter_batch(ws, made.batch, progress=progress_bar("filter", "batch"))
     click.echo(f"      privacy: {describe_privacy(verdict)}")
     planes = sorted((Path(made.folder) / "previews").glob("case_*_planes.png"))
+    shown = planes[0] if len(planes) == 1 else Path(made.folder) / "previews" / "case_*_planes.png"
     click.echo(
-        f"      {made.folder}: {made.cases} cases, {made.count} slices; three planes: "
-        + ", ".join(str(p) for p in planes)
+        f"      {made.folder}: {made.cases} cases, {made.count} slices; three planes: {shown}"
+        + (f" ({len(planes)} pictures)" if len(planes) > 1 else "")
     )
 
 
