@@ -9,6 +9,7 @@ by that feature space wherever it is reported.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,7 +177,10 @@ def kid(a: np.ndarray, b: np.ndarray) -> float:
 def patient_halves(patients: list[str], seed: Any) -> tuple[np.ndarray, np.ndarray]:
     """Two halves of the real slices: by patient when there are two or more (different people
     against different people, as candidates against real), balanced by slice count; by seeded
-    random slices otherwise."""
+    random slices otherwise. Each seed draws its own split: patients are taken in a seeded
+    random order, each to the half with fewer slices so far (the halves differ by at most one
+    patient's count). Taking them largest first balanced better but, when no two patients had
+    the same count, gave every seed the same split, and a baseline "over repeats" of one."""
     rng = np.random.default_rng(seed)
     names = sorted(set(patients))
     idx = np.arange(len(patients))
@@ -186,7 +190,7 @@ def patient_halves(patients: list[str], seed: Any) -> tuple[np.ndarray, np.ndarr
     counts = {n: patients.count(n) for n in names}
     groups: tuple[list[str], list[str]] = ([], [])
     sizes = [0, 0]
-    for n in sorted(rng.permutation(names).tolist(), key=lambda n: -counts[n]):
+    for n in rng.permutation(names).tolist():
         g = int(sizes[1] < sizes[0])
         groups[g].append(n)
         sizes[g] += counts[n]
@@ -206,25 +210,46 @@ def matched_distribution(
     repeats: int = 20,
     seed: int = 0,
     k: int = 5,
+    cases: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Fréchet distance, KID and PRDC of candidate features against real ones, each beside a
     real-vs-real baseline of the same size. Per repeat the real slices split into a reference
     half and a comparison half by patient (:func:`patient_halves`, seeded anew), then n
     candidates and n comparison slices (n the smaller count, drawn without replacement) are
     each compared with the reference: the two figures differ only in what is compared, not in
-    sample size. Reported: means over repeats, and 2.5–97.5% intervals over repeats (which
-    patients form the reference, which slices are drawn). The Fréchet ratio is of the means;
-    KID has no ratio (its baseline is near 0 by design), read it against its baseline."""
+    sample size. ``cases`` (the synthetic volume of each candidate, when candidates are slices
+    of volumes): the sizes match in volumes too — per repeat as many synthetic volumes as the
+    comparison half has patients (or all, when fewer), drawn anew — since slices of one volume
+    are not independent draws, and 12 synthetic volumes against 4 real patients read closer
+    to the reference than real patients do even when drawn from the same process. Reported:
+    means over repeats, and 2.5–97.5% intervals over repeats (which patients form the
+    reference, which volumes and slices are drawn). The Fréchet ratio is of the means; KID has
+    no ratio (its baseline is near 0 by design), read it against its baseline."""
     cand, feats = np.asarray(candidates, np.float64), np.asarray(real, np.float64)
+    if cases is not None and len(cases) != len(cand):
+        raise ValueError(f"cases names {len(cases)} candidates, there are {len(cand)}")
+    owner = None if cases is None else np.asarray(cases)
     fd, fd_base, ratio, kd, kd_base = [], [], [], [], []
     pr: list[PRDC] = []
     pr_base: list[PRDC] = []
     n = 0
+    matched: list[int] = []  # synthetic volumes per repeat
     for r in range(repeats):
         ref, cmp_ = patient_halves(patients, [seed, r])
         rng = np.random.default_rng([seed, r, 1])
-        n = min(len(cand), len(cmp_))
-        c = cand[np.sort(rng.choice(len(cand), n, replace=False))]
+        pool = np.arange(len(cand))
+        if owner is not None:
+            people = sorted({patients[i] for i in cmp_})
+            names = np.unique(owner)
+            m = min(len(people), len(names))
+            pick = rng.choice(names, m, replace=False)
+            pool = pool[np.isin(owner, pick)]
+            matched.append(m)
+            if m < len(people):  # fewer volumes than patients: as few patients, too
+                keep = set(rng.choice(people, m, replace=False).tolist())
+                cmp_ = np.array([i for i in cmp_ if patients[i] in keep])
+        n = min(len(pool), len(cmp_))
+        c = cand[np.sort(rng.choice(pool, n, replace=False))]
         q = feats[np.sort(rng.choice(cmp_, n, replace=False))]
         base = feats[ref]
         base_stats = feature_stats(base)  # the reference's Gaussian, once for both sides
@@ -247,6 +272,8 @@ def matched_distribution(
         "n_matched": n,
         "repeats": repeats,
         "baseline_split": "by patient" if len(set(patients)) > 1 else "random slices",
+        # with cases: the fewest and most synthetic volumes (and real patients) of a repeat
+        "volumes_matched": [min(matched), max(matched)] if matched else None,
         "frechet_distance": float(np.mean(fd)),
         "frechet_ci95": _spread(fd),
         "frechet_baseline": base_fd,
@@ -597,7 +624,7 @@ def plane_distribution(
                 rows.append(imgs)
                 owners += [i] * len(imgs)
             feats.append((np.concatenate(rows) if rows else np.zeros((0, size, size)), owners))
-        (syn_imgs, _), (real_imgs, owner) = feats
+        (syn_imgs, syn_owner), (real_imgs, owner) = feats
         slice_patients = [patients[i] for i in owner]
         planes[plane] = {
             "slices_synthetic": len(syn_imgs),
@@ -608,6 +635,7 @@ def plane_distribution(
                 slice_patients,
                 repeats=repeats,
                 seed=seed,
+                cases=syn_owner,
             ),
         }
     axial = planes["axial"]

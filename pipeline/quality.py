@@ -406,9 +406,14 @@ def evaluate(
     else:
         cand, cand_masks, cases = fake, masks, None
     f_cand = features(cand)
+    owner = None  # slices of volumes: matched to real patients volume for volume
+    if cases:
+        owner = np.zeros(len(cand), int)
+        for i, rows in enumerate(cases):
+            owner[rows] = i
     distribution: dict[str, Any] = {
         "feature_space": space,
-        **matched_distribution(f_cand, f_real, patients, seed=cfg.seed),
+        **matched_distribution(f_cand, f_real, patients, seed=cfg.seed, cases=owner),
         "n_candidates": len(f_cand),
         "n_real": len(f_real),
     }

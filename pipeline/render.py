@@ -208,8 +208,13 @@ def distribution_lines(d: dict[str, Any]) -> list[str]:
             f"{d['n_candidates']} candidates, {d['n_real']} real; not size-matched)"
         ]
     n, reps = d["n_matched"], d["repeats"]
+    vols = d.get("volumes_matched")
+    who = "other patients"
+    if vols:
+        k = str(vols[0]) if vols[0] == vols[1] else f"{vols[0]}–{vols[1]}"
+        who = f"{k} other patients, slices of as many synthetic volumes"
     lines = [
-        f"[{space}] {n} candidates vs {n} real held-out slices of other patients, each against "
+        f"[{space}] {n} candidates vs {n} real held-out slices of {who}, each against "
         f"the same real reference ({d['baseline_split']}; means over {reps} splits, 95% ranges):",
         f"  Fréchet distance {d['frechet_distance']:.4g} ({_interval(d['frechet_ci95'], '.4g')})"
         f" vs real {d['frechet_baseline']:.4g} ({_interval(d['frechet_baseline_ci95'], '.4g')}):"

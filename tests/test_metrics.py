@@ -15,6 +15,7 @@ from pipeline.metrics import (
     matched_agreement,
     matched_distribution,
     paired_fidelity,
+    patient_halves,
     plane_distribution,
     plane_slices,
     prdc,
@@ -273,6 +274,55 @@ def test_distribution_figures_are_read_against_a_size_matched_real_baseline():
     assert alone["baseline_split"] == "random slices" and alone["n_matched"] == per_patient // 2
 
 
+def test_patient_halves_draw_a_new_split_each_repeat_when_patients_differ_in_size():
+    """The finding (issue 25): the halves were balanced greedily in order of slice count, so when
+    no two patients had the same count (sagittal slices per volume, real patients' slices) every
+    seed gave the same split: the demo's sagittal baseline read one split of 4 + 4 volumes twenty
+    times, its interval a single point (0.00545–0.00545), and the off-plane ratio rested on it."""
+    counts = [21, 24, 26, 27, 29, 30, 33, 35]  # distinct, as sagittal slices per volume are
+    patients = [f"p{i}" for i, c in enumerate(counts) for _ in range(c)]
+    splits = set()
+    for r in range(20):
+        ref, cmp_ = patient_halves(patients, [0, r])
+        assert len(ref) + len(cmp_) == len(patients) and not set(ref) & set(cmp_)
+        assert abs(len(ref) - len(cmp_)) <= max(counts)  # still balanced by slice count
+        first = {patients[i] for i in ref}
+        assert first and first.isdisjoint({patients[i] for i in cmp_})  # whole patients
+        splits.add(frozenset(first))
+    assert len(splits) >= 8, len(splits)
+    # deterministic for a seed
+    assert np.array_equal(patient_halves(patients, [0, 3])[0], patient_halves(patients, [0, 3])[0])
+
+
+def test_slices_of_synthetic_volumes_are_matched_to_real_patients_volume_for_volume():
+    """The finding (issue 25): the baseline matched slice counts only, so 100 slices of 12
+    synthetic volumes were weighed against 100 slices of 4 real patients; slices of one volume
+    are not independent draws, and volumes drawn from the real process itself read 0.76–0.80,
+    flattering every synthetic volume batch. With ``cases`` each repeat takes as many
+    synthetic volumes as the comparison half has patients, and the same process reads ~1."""
+    d, old, new = 8, [], []
+    for t in range(24):
+        rng = np.random.default_rng(t)
+
+        def volumes(n: int, rng: np.random.Generator = rng, per: int = 25) -> np.ndarray:
+            person = rng.normal(size=(n, 1, d))  # what one volume's slices share
+            return (person + 0.5 * rng.normal(size=(n, per, d))).reshape(n * per, d)
+
+        real, syn = volumes(8), volumes(12)
+        patients = [f"p{i}" for i in range(8) for _ in range(25)]
+        cases = [i for i in range(12) for _ in range(25)]
+        old.append(matched_distribution(syn, real, patients, repeats=8, seed=t)["frechet_ratio"])
+        out = matched_distribution(syn, real, patients, repeats=8, seed=t, cases=cases)
+        new.append(out["frechet_ratio"])
+    assert np.mean(old) < 0.9, np.mean(old)
+    assert 0.9 < np.mean(new) < 1.15 and 0.85 < np.median(new) < 1.15, (np.mean(new), new)
+    # fewer synthetic volumes than patients in the comparison half: as few patients there too
+    few = matched_distribution(syn[:50], real, patients, repeats=4, cases=cases[:50])
+    assert few["n_matched"] == 50
+    with pytest.raises(ValueError, match="cases names 3 candidates"):
+        matched_distribution(syn, real, patients, cases=[0, 1, 2])
+
+
 # ------------------------------------------------------------------------ through the plane
 
 
@@ -282,13 +332,13 @@ def _phantom_volume(rng, *, z=24, s=32, flicker=False):
     slice as a real one could be, but not its neighbours' (a painter blind to them)."""
     yy, xx = np.mgrid[:s, :s] / s
     radius = rng.uniform(0.15, 0.25)
-    level = rng.uniform(0.55, 0.7)
+    level = rng.uniform(0.4, 0.85)
     vol = np.zeros((z, s, s), np.float32)
     lab = np.zeros((z, s, s), np.uint8)
     body = ((yy - 0.5) / 0.45) ** 2 + ((xx - 0.5) / 0.4) ** 2 < 1
     for k in range(z):
         if flicker:
-            level = rng.uniform(0.55, 0.7)
+            level = rng.uniform(0.4, 0.85)
         r = radius * np.sin(np.pi * (k + 1) / (z + 1)) ** 0.5
         heart = (yy - 0.5) ** 2 + (xx - 0.5) ** 2 < r**2
         slice_ = np.where(body, 0.3, 0.0) + np.where(heart, level - 0.3, 0.0)
@@ -376,11 +426,11 @@ def test_plane_distribution_sees_flicker_through_the_plane_more_than_in_it():
     """Slices that each look right but disagree with their neighbours: within reach of the
     baseline in the axial plane, far off in the coronal and sagittal ones (stripes); volumes
     from the real process are within reach in every plane."""
-    rng = np.random.default_rng(4)
-    real = [_phantom_volume(rng)[:2] for _ in range(12)]
-    patients = [f"p{i}" for i in range(12)]
-    flick = [_phantom_volume(rng, flicker=True)[:2] for _ in range(8)]
-    same = [_phantom_volume(rng)[:2] for _ in range(8)]
+    rng = np.random.default_rng(5)
+    real = [_phantom_volume(rng)[:2] for _ in range(16)]
+    patients = [f"p{i}" for i in range(16)]
+    flick = [_phantom_volume(rng, flicker=True)[:2] for _ in range(12)]
+    same = [_phantom_volume(rng)[:2] for _ in range(12)]
 
     def thumbs(images: np.ndarray) -> np.ndarray:
         # a feature space that sees texture: 4×4 block means of the image and of its
@@ -396,9 +446,16 @@ def test_plane_distribution_sees_flicker_through_the_plane_more_than_in_it():
     assert set(bad["planes"]) == {"axial", "coronal", "sagittal"}
     assert bad["planes"]["coronal"]["slices_real"] > 0
     ratio = {p: bad["planes"][p]["frechet_ratio"] for p in ("axial", "coronal", "sagittal")}
-    # measured: bad 0.93 / 2.33 / 2.34, good 0.30 / 1.34 / 1.40 (8 volumes each)
-    assert ratio["axial"] < 1.5 and ratio["coronal"] > 2.0 and ratio["sagittal"] > 2.0
-    assert max(good["planes"][p]["frechet_ratio"] for p in ratio) < 1.6
+    # measured (16 real, 12 of each; each repeat 8 synthetic volumes against 8 patients):
+    # ratios bad 0.56 / 1.35 / 1.37, good 0.61 / 0.49 / 0.50; the same splits for both, so
+    # their distances compare directly: bad/good 0.92 in the axial plane, 2.8 off it. (Over
+    # seeds 4–11 of this set-up bad reads 2.4–7.6 off-plane/axial and good 0.4–4.4: at 8
+    # patients a half, one plane ratio is good to a factor of 2 or so.)
+    dist = {p: bad["planes"][p]["frechet_distance"] / good["planes"][p]["frechet_distance"]
+            for p in ratio}  # fmt: skip
+    assert dist["axial"] < 1.3 and dist["coronal"] > 2.0 and dist["sagittal"] > 2.0
+    assert ratio["axial"] < 1.5 and ratio["coronal"] > 1.2 and ratio["sagittal"] > 1.2
+    assert max(good["planes"][p]["frechet_ratio"] for p in ratio) < 1.0
     off = bad["off_plane_over_axial"]
     axial = bad["planes"]["axial"]
     for plane in ("coronal", "sagittal"):
@@ -406,4 +463,5 @@ def test_plane_distribution_sees_flicker_through_the_plane_more_than_in_it():
             bad["planes"][plane]["frechet_distance"] / axial["frechet_distance"]
         )
         assert off["vs_baseline"][plane] == pytest.approx(ratio[plane] / ratio["axial"])
-        assert off["vs_baseline"][plane] > 1.5
+        assert off["vs_baseline"][plane] > 2.0
+        assert good["off_plane_over_axial"]["vs_baseline"][plane] < 1.0
