@@ -220,6 +220,21 @@ def test_map_bodies_can_spread_wider_than_the_training_bodies(phantom_volumes):
     assert np.all((sizes >= real.min() * 0.75) & (sizes <= real.max() * 1.25))
 
 
+def _placed_samples(
+    train: list[np.ndarray], patients: list[str], seed: int, *, depth: int | None = None, **settings
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Six kept samples of a model fitted with the training bodies and ``settings``, each
+    placed at 64² (and ``depth`` slices): (labels, body) pairs."""
+    model = fit_anatomy(
+        train, patients, 8, AnatomyConfig(depth=16, shell=(MYO, LV), **settings), BODIES
+    )
+    out = []
+    for i in range(6):
+        s = sample_anatomy(model, [seed, i], myo=MYO, lv=LV)
+        out.append(model.place(s.maps, 64, depth=depth))
+    return out
+
+
 def _solidity(body: np.ndarray) -> np.ndarray:
     """Per slice with a body: its area over its convex hull's (1 for a convex outline)."""
     from skimage.morphology import convex_hull_image
@@ -237,13 +252,8 @@ def test_drawn_bodies_are_as_smooth_as_real_ones(phantom_volumes):
     real = np.concatenate([_solidity(b) for b in BODIES])
 
     def drawn(**settings: float) -> np.ndarray:
-        cfg = AnatomyConfig(depth=16, shell=(MYO, LV), **settings)
-        model = fit_anatomy(train, patients, 8, cfg, BODIES)
-        out = []
-        for i in range(6):
-            s = sample_anatomy(model, [11, i], myo=MYO, lv=LV)
-            out.append(_solidity(model.place(s.maps, 64)[1]))
-        return np.concatenate(out)
+        samples = _placed_samples(train, patients, 11, **settings)
+        return np.concatenate([_solidity(body) for _, body in samples])
 
     maps = {"body_harmonics": 0, "body_temperature": 2.5}  # the body of the joint maps
     bumpy, smooth = drawn(body_sigma=0.0, **maps), drawn(**maps)
@@ -345,14 +355,8 @@ def test_samples_hold_together_through_the_slices(phantom_volumes):
     real = np.mean([_through_slices(v, b) for v, b in zip(train, BODIES, strict=True)], axis=0)
 
     def drawn(**settings: float) -> np.ndarray:
-        cfg = AnatomyConfig(depth=16, shell=(MYO, LV), **settings)
-        model = fit_anatomy(train, patients, 8, cfg, BODIES)
-        out = []
-        for i in range(6):
-            s = sample_anatomy(model, [7, i], myo=MYO, lv=LV)
-            labels, body = model.place(s.maps, 64, depth=depth)
-            out.append(_through_slices(labels, body))
-        return np.mean(out, axis=0)
+        samples = _placed_samples(train, patients, 7, depth=depth, **settings)
+        return np.mean([_through_slices(labels, body) for labels, body in samples], axis=0)
 
     # the body of the joint maps moves with the warp (the outline model's does not: its own
     # test); the structures do either way
