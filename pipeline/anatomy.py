@@ -90,16 +90,17 @@ class AnatomyConfig:
     depth: int = 24  # slices of the model grid (1 for 2-D sources)
     variance: float = 0.95  # share of the variance the kept modes explain
     temperature: float = 1.0  # scale of the sampled mode weights
-    # the body's spread along its own modes as a multiple of the training bodies': a body is
-    # what the painted image follows most (lungs, ribs, spine sit where the body puts them),
-    # and bodies drawn with the training people's spread crowd round their mean body, so the
-    # images land nearer the training people (see the module text)
+    # the body's spread as a multiple of the training bodies' (the outline model's Gaussian;
+    # for a map body, along the body's own modes). A body is what the painted image follows
+    # most (lungs, ribs, spine sit where the body puts them); the map body, lying in the span
+    # of the training people's, crowded round them at 1.0 and was drawn at 2.5, 4× as varied
+    # as real bodies; the outline model's full-rank Gaussian needs no such spread (module text)
     body_temperature: float = 1.0
     # the body drawn from an outline model, not from the joint maps: per slice its centre and
     # its radius about it as this many Fourier harmonics, a straight line through the slices
-    # per person, and a Gaussian over people's lines with a shrunk, full-rank covariance
-    # (:func:`fit_outlines`). 0: the body map of the joint model, spread by
-    # ``body_temperature`` along the body's own modes (before 2026-11-30, at 2.5)
+    # per person (:func:`outline_line`), and a Gaussian over people's lines with a shrunk,
+    # full-rank covariance (:func:`shrunk_covariance`). 0: the body map of the joint model,
+    # spread by ``body_temperature`` along the body's own modes (before 2026-11-30, at 2.5)
     body_harmonics: int = 4
     # a smooth 3-D field (and an optional in-plane affine) for every sample, to move it off
     # the span of the training patients: without it most samples are closer to some training
@@ -113,10 +114,11 @@ class AnatomyConfig:
     # the drawn maps low-passed through the slices (Gaussian sigma, model slices) before they
     # are decoded: a blend of people resampled to one depth keeps their slice-to-slice steps
     z_blur: float = 1.0
-    # the drawn body map low-passed in-plane (Gaussian sigma as a share of the side) before it
-    # is decoded: a blend of people's distance maps, spread along the body's modes and warped,
-    # has bumps where their outlines disagree; on the demo's phantom 65% of drawn body slices
-    # were less convex than any real body, and the painter smeared spine and ribs in them.
+    # a map body (``body_harmonics`` 0) low-passed in-plane (Gaussian sigma as a share of the
+    # side) before it is decoded: a blend of people's distance maps, spread along the body's
+    # modes and warped, has bumps where their outlines disagree; on the demo's phantom 65% of
+    # drawn body slices were less convex than any real body, and the painter smeared spine
+    # and ribs in them.
     # 0.045 is the least of 0.03 / 0.045 that leaves ≤ 5% of them so (demo 3%; the 6-person
     # test phantom 5%, at 0.03 15%); a training body comes back nearly unchanged (Dice ≥ 0.987
     # at 64²; at 128² on real CT, hocm-2d, median 0.986 and 0.90 for the least convex)
