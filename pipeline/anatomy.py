@@ -95,13 +95,13 @@ class AnatomyConfig:
     # most (lungs, ribs, spine sit where the body puts them); the map body, lying in the span
     # of the training people's, crowded round them at 1.0 and was drawn at 2.5, 4× as varied
     # as real bodies; the outline model's full-rank Gaussian needs no such spread (module text)
-    body_temperature: float = 1.0
+    body_temperature: float = 2.5
     # the body drawn from an outline model, not from the joint maps: per slice its centre and
     # its radius about it as this many Fourier harmonics, a straight line through the slices
     # per person (:func:`outline_line`), and a Gaussian over people's lines with a shrunk,
     # full-rank covariance (:func:`shrunk_covariance`). 0: the body map of the joint model,
     # spread by ``body_temperature`` along the body's own modes (before 2026-11-30, at 2.5)
-    body_harmonics: int = 4
+    body_harmonics: int = 0
     # a smooth 3-D field (and an optional in-plane affine) for every sample, to move it off
     # the span of the training patients: without it most samples are closer to some training
     # patient than that patient's nearest other person is (see the module text)
@@ -122,7 +122,7 @@ class AnatomyConfig:
     # 0.045 is the least of 0.03 / 0.045 that leaves ≤ 5% of them so (demo 3%; the 6-person
     # test phantom 5%, at 0.03 15%); a training body comes back nearly unchanged (Dice ≥ 0.987
     # at 64²; at 128² on real CT, hocm-2d, median 0.986 and 0.90 for the least convex)
-    body_sigma: float = 0.045
+    body_sigma: float = 0.0
     degrees: float = 0.0
     scale: float = 0.0
     # (outer, inner) class indices: the outer structure wraps the inner one (myocardium around

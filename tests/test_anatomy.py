@@ -256,16 +256,17 @@ def test_drawn_bodies_are_as_smooth_as_real_ones(phantom_volumes):
         return np.concatenate([_solidity(body) for _, body in samples])
 
     maps = {"body_harmonics": 0, "body_temperature": 2.5}  # the body of the joint maps
-    bumpy, smooth = drawn(body_sigma=0.0, **maps), drawn(**maps)
+    bumpy, smooth = drawn(body_sigma=0.0, **maps), drawn(body_sigma=0.045, **maps)
     assert np.mean(bumpy < real.min()) > 0.3, np.mean(bumpy < real.min())
     assert np.mean(smooth < real.min()) < 0.1, np.mean(smooth < real.min())
-    assert np.mean(drawn() < real.min()) < 0.1  # the outline model's bodies (the default)
+    outline = drawn(body_harmonics=4, body_temperature=1.0)  # the outline model's bodies
+    assert np.mean(outline < real.min()) < 0.1
     # a training body, through the same low-pass, is itself
     from pipeline.anatomy import body_distances, decode_body
 
     for body in BODIES[:2]:
         d = body_distances(body)
-        sigma = AnatomyConfig.body_sigma * 64
+        sigma = 0.045 * 64
         d = ndimage.gaussian_filter(d, (0, sigma, sigma), mode="nearest")
         back = decode_body(d, np.zeros(body.shape, np.uint8))
         assert 2 * np.sum(back & body) / (back.sum() + body.sum()) > 0.98
@@ -311,7 +312,8 @@ def test_outline_bodies_spread_like_people_and_hold_straight(phantom_volumes):
         return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
 
     real = np.array([extents(b) for b in BODIES])
-    model = fit_anatomy(train, patients, 8, AnatomyConfig(depth=16, shell=(MYO, LV)), BODIES)
+    cfg = AnatomyConfig(depth=16, shell=(MYO, LV), body_harmonics=4, body_temperature=1.0)
+    model = fit_anatomy(train, patients, 8, cfg, BODIES)
     assert model.config["body_harmonics"] == 4 and model.outline_cov.shape == (22, 22)
     bodies = []
     for i in range(12):
