@@ -33,7 +33,7 @@ per setting), and why each part is there:
   p 0.008). Spread along the body's own modes to 2.5× (``body_temperature``) and no longer
   pinned to the smallest and largest training body sizes: 69–79 of 128, image-share AUC
   0.59–0.69 (p 0.05–0.24) over two seeds; 2× gave 0.65–0.66, 3× no better than 2.5×. (Later
-  seeds read 83–90 of 128 at 2.5×; the outline model below replaced it.)
+  seeds read 83–90 of 128 at 2.5×; see the opt-in outline model below.)
 
 * through the slices (issue 25): a field that turned over every depth/8 slices made a
   sample's body outline change 0.48 of its area per slice against a real body's 0.15 (the
