@@ -33,7 +33,7 @@ per setting), and why each part is there:
   p 0.008). Spread along the body's own modes to 2.5× (``body_temperature``) and no longer
   pinned to the smallest and largest training body sizes: 69–79 of 128, image-share AUC
   0.59–0.69 (p 0.05–0.24) over two seeds; 2× gave 0.65–0.66, 3× no better than 2.5×. (Later
-  seeds read 83–90 of 128 at 2.5×; see the opt-in outline model below.)
+  seeds read 83–90 of 128 at 2.5×; see the outline model below.)
 
 * through the slices (issue 25): a field that turned over every depth/8 slices made a
   sample's body outline change 0.48 of its area per slice against a real body's 0.15 (the
@@ -44,7 +44,8 @@ per setting), and why each part is there:
   and warped) decoded with bumps where their outlines disagree; on the demo's phantom 65% of
   drawn body slices were less convex than the least convex real one, and the painter smeared
   spine and ribs in them. Low-passed in-plane (``body_sigma``): 3%.
-* the body, from its own model (2026-11-30; ``body_harmonics``, opt-in): painted volumes
+* the body, from its own model (2026-11-30; ``body_harmonics``, the default since
+  2026-11-30, session 12): painted volumes
   were far from real mostly because of their bodies — real structures in synthetic bodies
   read a Fréchet ratio of 2.1–2.6 in the axial plane on the 24-patient run, synthetic
   structures in real bodies 0.70–0.74 — and the body map lay in the span of 12 people's maps,
@@ -53,9 +54,10 @@ per setting), and why each part is there:
   is drawn from a Gaussian over them whose covariance is shrunk to full rank
   (:func:`shrunk_covariance`): over five generation seeds the image-share AUC 0.72 → 0.60
   (mean), memorisation 66–75 of 128 (every seed passes; before, 2 of 5 failed), Fréchet
-  ratio 1.82–2.17 → 0.97–1.23. Not the default yet: with it one seed of five (mask best 0.85)
-  and the 6-patient membership test (0.92, p 0.008) read the structures' best-Dice channel
-  high, though the body is drawn independently of the structures.
+  ratio 1.82–2.17 → 0.97–1.23. One seed of five (mask best 0.85) and the 6-patient
+  membership test (0.92, p 0.008) read the structures' best-Dice channel high; that test
+  over six generation seeds showed it is the structures' model with either body (joint
+  p 0.021–0.22 with the body map, 0.025–0.38 with the outline body), not the outline.
 
 Pure: label volumes in, a model out. The model carries the training patients' aligned label
 volumes for the closeness check, so it stays inside the hospital (in the run's folder).
@@ -97,15 +99,13 @@ class AnatomyConfig:
     # most (lungs, ribs, spine sit where the body puts them); the map body, lying in the span
     # of the training people's, crowded round them at 1.0 and was drawn at 2.5, 4× as varied
     # as real bodies; the outline model's full-rank Gaussian needs no such spread (module text)
-    body_temperature: float = 2.5
+    body_temperature: float = 1.0
     # the body drawn from an outline model, not from the joint maps: per slice its centre and
     # its radius about it as this many Fourier harmonics, a straight line through the slices
     # per person (:func:`outline_line`), and a Gaussian over people's lines with a shrunk,
-    # full-rank covariance (:func:`shrunk_covariance`); use it with ``body_temperature`` 1.0.
-    # 0 (the default): the body map of the joint model, spread by ``body_temperature`` along
-    # the body's own modes. Not yet the default: with it the membership test on 6 training
-    # patients read mask best-Dice AUC 0.92 (p 0.008), not understood (see the module text)
-    body_harmonics: int = 0
+    # full-rank covariance (:func:`shrunk_covariance`). 0: the body map of the joint model,
+    # spread by ``body_temperature`` along the body's own modes (before 2026-11-30, at 2.5)
+    body_harmonics: int = 4
     # a smooth 3-D field (and an optional in-plane affine) for every sample, to move it off
     # the span of the training patients: without it most samples are closer to some training
     # patient than that patient's nearest other person is (see the module text)
