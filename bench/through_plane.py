@@ -104,7 +104,7 @@ def measure(
     synthetic = []
     for i in range(volumes):
         s = sample_anatomy(model, [seed, i, 25], myo=myo, lv=lv)
-        labels, body = model.place(s.maps, size, depth=depth, offset=s.offset)
+        labels, body = model.place(s.maps, size, depth=depth)
         body = body if body is not None else body_outlines(np.zeros(labels.shape), labels)
         synthetic.append((paint(labels, body), labels, body))
     t_syn = time.perf_counter() - t0

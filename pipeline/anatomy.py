@@ -143,19 +143,15 @@ def _foreground_extent(labels: np.ndarray) -> tuple[int, int]:
     return int(zs[0]), int(zs[-1]) + 1
 
 
-def align(
-    labels: np.ndarray, depth: int, body: np.ndarray | None = None, *, centred: bool = True
-) -> np.ndarray:
+def align(labels: np.ndarray, depth: int, body: np.ndarray | None = None) -> np.ndarray:
     """A label volume (Z, H, W) cut to its labelled slices, centred in-plane on its foreground's
     centre of mass, resampled (nearest) to ``depth`` slices. With ``body`` (the same volume's
-    body outline) that outline is returned instead, moved the same way (not moved in-plane
-    with ``centred`` False: where the scanner put it)."""
+    body outline) that outline is returned instead, moved the same way."""
     lo, hi = _foreground_extent(labels)
     cy, cx = ndimage.center_of_mass(labels[lo:hi] > 0)[1:]
     vol = (labels if body is None else body)[lo:hi]
     h, w = vol.shape[1:]
-    if centred:
-        vol = np.roll(vol, (round(h / 2 - cy), round(w / 2 - cx)), axis=(1, 2))
+    vol = np.roll(vol, (round(h / 2 - cy), round(w / 2 - cx)), axis=(1, 2))
     z = np.clip(np.round((np.arange(depth) + 0.5) * len(vol) / depth - 0.5), 0, len(vol) - 1)
     return vol[z.astype(int)].astype(np.uint8)
 
@@ -406,11 +402,6 @@ class AnatomyModel:
     # people's :func:`outline_line` vectors; empty without it
     outline_mean: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float64))
     outline_cov: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float64))
-    # (2, 2) covariance, model-grid pixels², of where a new person's heart sits about
-    # :attr:`centre`, for models without an outline body (with one, the heart's centre is the
-    # outline vector's last two numbers, drawn with the body: see :func:`fit_anatomy`); empty
-    # in models fitted before 2026-11-30, whose samples all sit on the centre
-    centre_cov: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float64))
 
     @property
     def has_body(self) -> bool:
@@ -436,14 +427,12 @@ class AnatomyModel:
         sh = self.config.get("shell")
         return (int(sh[0]), int(sh[1])) if sh else None
 
-    def draw_maps(self, rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float] | None]:
+    def draw_maps(self, rng: np.random.Generator) -> np.ndarray:
         """One sample's per-structure maps (C, Z, H, W): mean plus Gaussian mode weights,
-        moved by the configured warp, sizes kept inside the real range (no checks); and where
-        its heart sits about :attr:`centre` (model-grid pixels, for :meth:`place`; None in
-        models fitted before 2026-11-30). The body
+        moved by the configured warp, sizes kept inside the real range (no checks). The body
         map, when there is one: drawn from the outline model (``body_temperature`` times its
-        spread; not warped: its own draw is its variation) with the heart's place, or in
-        models without one the joint model's, spread further along the body's own modes."""
+        spread; not warped: its own draw is its variation), or in models without one the
+        joint model's, spread further along the body's own modes."""
         c = self.config
         b = rng.standard_normal(len(self.sd)).astype(np.float32) * self.sd
         b *= float(c.get("temperature", 1.0))
@@ -469,64 +458,31 @@ class AnatomyModel:
         if self.has_body and smooth > 0 and not outline:
             _, _, h, w = sdm.shape
             sdm[-1] = ndimage.gaussian_filter(sdm[-1], (0, smooth * h, smooth * w), mode="nearest")
-        offset = None
         if outline:
             line = rng.multivariate_normal(self.outline_mean, self.outline_cov * spread**2)
-            if c.get("heart_in_outline"):
-                # the body was modelled where the scanner put it, the heart's place beside it:
-                # the body's outline moves into the heart-centred frame of the maps
-                line, heart = line[:-2].copy(), line[-2:]
-                offset = (float(heart[0] - self.centre[0]), float(heart[1] - self.centre[1]))
-                # :meth:`place` puts the structures' own centre of mass on the heart's place
-                own = self.labels_of(sdm) > 0
-                mid = ndimage.center_of_mass(own)[1:] if own.any() else (self.shape[-1] / 2,) * 2
-                line[:2] += np.asarray(mid) - heart
             sdm[-1] = body_distances(draw_outline(line, sdm.shape[1], sdm.shape[2:]))
-        elif self.centre_cov.size:
-            dy, dx = rng.multivariate_normal(np.zeros(2), self.centre_cov)
-            offset = (float(dy), float(dx))
-        return fit_sizes(sdm, self.sizes, self.shell, free_last=self.has_body), offset
+        return fit_sizes(sdm, self.sizes, self.shell, free_last=self.has_body)
 
     def draw(self, rng: np.random.Generator) -> np.ndarray:
         """One label volume (Z, H, W) on the model's grid, centred (no checks)."""
-        return self.labels_of(self.draw_maps(rng)[0])
+        return self.labels_of(self.draw_maps(rng))
 
     def place(
-        self,
-        maps: np.ndarray,
-        size: int,
-        *,
-        depth: int | None = None,
-        offset: Sequence[float] | None = None,
+        self, maps: np.ndarray, size: int, *, depth: int | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """A sample's label volume and body outline (None without a body map) decoded at
         ``size``² (maps resampled linearly, so edges stay smooth when the model's grid is
-        coarser), moved from the centre to :attr:`centre`; with ``offset`` (model-grid pixels,
-        :attr:`Sample.offset`) moved, sub-pixel, so that its foreground's centre of mass lies
-        at :attr:`centre` plus ``offset``, as :func:`align` centred the real people.
-        ``depth``: that many slices instead of the maps' own (the model grid's depth stands
-        for each person's own labelled extent; a volume at a real slice spacing needs as many
-        slices as a real extent has)."""
+        coarser), moved from the centre to :attr:`centre`. ``depth``: that many slices instead
+        of the maps' own (the model grid's depth stands for each person's own labelled extent;
+        a volume at a real slice spacing needs as many slices as a real extent has)."""
         grid = self.shape[-1]
         zf = 1.0 if depth is None else depth / maps.shape[1]
         if size != grid or zf != 1.0:
             zoom = (1, zf, size / grid, size / grid)
             maps = ndimage.zoom(maps, zoom, order=1, mode="nearest")
-        target = (self.centre - grid / 2) * size / grid
-        if offset is not None:
-            # a drawn sample's own centre of mass is not the grid's (its parts are a blend,
-            # warped): left there, hearts were spread 3× as far as real ones about the centre
-            first = self.labels_of(maps) > 0
-            if first.any():
-                own = np.asarray(ndimage.center_of_mass(first)[1:]) - size / 2
-                target = target - own
-            target = target + np.asarray(offset, float) * size / grid
-            whole = np.round(target)
-            maps = ndimage.shift(maps, (0, 0, *(target - whole)), order=1, mode="nearest")
-            target = whole
         labels = self.labels_of(maps)
         body = self.body_of(maps, labels)
-        dy, dx = (int(v) for v in np.round(target))
+        dy, dx = (int(v) for v in np.round((self.centre - grid / 2) * size / grid))
 
         def moved(vol: np.ndarray) -> np.ndarray:
             # without wrap-around: what would leave the image is cut, not folded back
@@ -567,7 +523,6 @@ class AnatomyModel:
             body_sd=self.body_sd,
             outline_mean=self.outline_mean,
             outline_cov=self.outline_cov,
-            centre_cov=self.centre_cov,
         )
         return buf.getvalue()
 
@@ -598,7 +553,6 @@ def load_model(path: Path) -> AnatomyModel:
             body_sd=z["body_sd"] if "body_sd" in z.files else np.zeros((0,)),
             outline_mean=z["outline_mean"] if "outline_mean" in z.files else np.zeros((0,)),
             outline_cov=z["outline_cov"] if "outline_cov" in z.files else np.zeros((0, 0)),
-            centre_cov=z["centre_cov"] if "centre_cov" in z.files else np.zeros((0, 0)),
         )
 
 
@@ -633,16 +587,7 @@ def fit_anatomy(
             f"{MIN_PATIENTS} (with fewer, a sample blends so few people that each stays near it)"
         )
     aligned = np.stack([align(v, cfg.depth) for v in volumes])
-    centres = np.array([ndimage.center_of_mass(v > 0)[1:] for v in volumes], float)
-    centre = centres.mean(0)
-    # where a new person's heart sits: the training hearts' spread about their mean, times
-    # (n + 1) / (n − 1) (the spread's own estimate is low by (n − 1) / n, and a new person
-    # also carries the mean's error, 1 + 1/n). With every sample on the mean, which is nearer
-    # the training people whose mean it is, the samples' slices pointed at them: at 64² a
-    # pixel of position moves a slice's Dice by ~0.2, more than two people's anatomy differ
-    n_people = len(centres)
-    inflate = (n_people + 1) / max(n_people - 1, 1)
-    centre_cov = np.cov(centres.T).reshape(2, 2) * inflate
+    centre = np.mean([ndimage.center_of_mass(v > 0)[1:] for v in volumes], axis=0)
     maps = np.stack([signed_distances(a, n_classes, cfg.shell) for a in aligned])
     body_aligned = np.zeros((0,), np.uint8)
     body_modes, body_sd = np.zeros((0, 0), np.float32), np.zeros((0,), np.float32)
@@ -680,20 +625,8 @@ def fit_anatomy(
     outline_mean, outline_cov = np.zeros((0,)), np.zeros((0, 0))
     shrink = None
     if bodies is not None and cfg.body_harmonics > 0:
-        # each body where the scanner put it, and the heart's place beside it: a body's
-        # centre barely moves from person to person (the scanner centres it), a heart's does;
-        # an outline relative to the heart, moved with a drawn heart, spread 3× as far as
-        # real bodies (and with 6 people the shrinkage loses the correlation that held it)
-        placed = [
-            align(v, cfg.depth, b, centred=False) for v, b in zip(volumes, bodies, strict=True)
-        ]
-        lines = np.stack([outline_line(b, cfg.body_harmonics) for b in placed])
-        joint = np.concatenate([lines, centres], 1)
-        outline_mean, outline_cov, shrink = shrunk_covariance(joint)
-        grow = np.ones(len(outline_mean))
-        grow[-2:] = np.sqrt(inflate)
-        outline_cov = outline_cov * np.outer(grow, grow)
-        centre_cov = np.zeros((0, 0))
+        lines = np.stack([outline_line(b, cfg.body_harmonics) for b in body_aligned])
+        outline_mean, outline_cov, shrink = shrunk_covariance(lines)
     return AnatomyModel(
         mean=mean.astype(np.float32),
         modes=modes,
@@ -715,7 +648,6 @@ def fit_anatomy(
             "body_sigma": cfg.body_sigma,
             "body_harmonics": cfg.body_harmonics if bodies is not None else 0,
             "outline_shrinkage": None if shrink is None else round(shrink, 4),
-            "heart_in_outline": shrink is not None,
             "degrees": cfg.degrees,
             "scale": cfg.scale,
             "shell": list(cfg.shell) if cfg.shell else None,
@@ -730,7 +662,6 @@ def fit_anatomy(
         body_sd=body_sd,
         outline_mean=outline_mean,
         outline_cov=outline_cov,
-        centre_cov=centre_cov,
     )
 
 
@@ -777,14 +708,11 @@ TRIES = 50
 
 @dataclass(frozen=True)
 class Sample:
-    """A kept sample: its maps (to decode at any size), labels on the grid, its record, and
-    where its heart sits about the model's centre (model-grid pixels, for
-    :meth:`AnatomyModel.place`)."""
+    """A kept sample: its maps (to decode at any size), labels on the grid, and its record."""
 
     maps: np.ndarray
     labels: np.ndarray
     record: dict[str, Any]
-    offset: tuple[float, float] | None = None
 
 
 def sample_anatomy(
@@ -796,7 +724,7 @@ def sample_anatomy(
     :data:`TRIES` draws."""
     rng = np.random.default_rng(list(seed))
     for attempt in range(1, TRIES + 1):
-        maps, offset = model.draw_maps(rng)
+        maps = model.draw_maps(rng)
         labels = model.labels_of(maps)
         verdict = plausibility(labels, model, myo=myo, lv=lv)
         if not verdict["plausible"]:
@@ -807,9 +735,7 @@ def sample_anatomy(
         if margin > 0:
             continue
         record = {"draws": attempt, "nearest_dice": round(best, 4), "margin": round(margin, 4)}
-        if offset is not None:
-            record["offset"] = [round(v, 3) for v in offset]
-        return Sample(maps, labels, record, offset)
+        return Sample(maps, labels, record)
     raise PipelineError(
         f"the anatomy model made no plausible sample that is no patient's own in {TRIES} draws "
         f"(seed {list(seed)}): too few or too alike training patients"

@@ -339,9 +339,7 @@ def source_cases(
 
         def synthetic(c: int) -> list[MaskSpec]:
             sample = sample_anatomy(model, [cfg.seed, c], myo=myo, lv=lv)
-            labels, body = model.place(
-                sample.maps, size, depth=None if grid else depth, offset=sample.offset
-            )
+            labels, body = model.place(sample.maps, size, depth=None if grid else depth)
             near = _stacked(labels, k, flat) if k else None
             record = {
                 "anatomy_model_sha256": digest,

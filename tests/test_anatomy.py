@@ -206,7 +206,7 @@ def test_map_bodies_can_spread_wider_than_the_training_bodies(phantom_volumes):
         model = fit_anatomy(train, patients, 8, cfg, BODIES)
         rng = np.random.default_rng(5)
         body_mean = model.mean.reshape(model.shape)[-1].ravel()
-        drawn = [model.draw_maps(rng)[0] for _ in range(24)]
+        drawn = [model.draw_maps(rng) for _ in range(24)]
         var = np.mean(
             [np.sum((model.body_modes @ (d[-1].ravel() - body_mean)) ** 2) for d in drawn]
         )
@@ -314,8 +314,7 @@ def test_outline_bodies_spread_like_people_and_hold_straight(phantom_volumes):
     real = np.array([extents(b) for b in BODIES])
     cfg = AnatomyConfig(depth=16, shell=(MYO, LV), body_harmonics=4, body_temperature=1.0)
     model = fit_anatomy(train, patients, 8, cfg, BODIES)
-    # 22 numbers of the body's line, then the heart's centre (row, col) drawn with it
-    assert model.config["body_harmonics"] == 4 and model.outline_cov.shape == (24, 24)
+    assert model.config["body_harmonics"] == 4 and model.outline_cov.shape == (22, 22)
     bodies = []
     for i in range(12):
         s = sample_anatomy(model, [13, i], myo=MYO, lv=LV)
@@ -326,47 +325,6 @@ def test_outline_bodies_spread_like_people_and_hold_straight(phantom_volumes):
     per_slice = np.mean([_through_slices(np.zeros_like(b, np.uint8) + 1, b)[1] for b in bodies])
     real_slice = np.mean([_through_slices(np.zeros_like(b, np.uint8) + 1, b)[1] for b in BODIES])
     assert per_slice <= 1.5 * real_slice, (per_slice, real_slice)
-
-
-def test_sampled_hearts_and_bodies_sit_where_new_peoples_would(phantom_volumes):
-    """The finding (issue 24): every sample's heart was put on the training people's mean
-    centre. That point is nearer the training people, whose mean it is, than held-out people,
-    and at 64² a pixel of position moves a slice's Dice by ~0.2 (a training person's own
-    volume, put back on the mean centre, matched its own slices at 0.76–0.84): the samples'
-    slices pointed at the training people (mask share AUC 0.83–0.94 over 128 masks on the
-    6 + 6 membership phantom). Now the heart's place is drawn like a new person's, with the
-    body (the outline is relative to the heart; a body sits where the scanner puts it), and
-    both spread about as much as the training people's do."""
-    (train, patients), _ = phantom_volumes
-    model = fit_anatomy(train, patients, 8, AnatomyConfig(depth=16, shell=(MYO, LV)), BODIES)
-    assert model.config["heart_in_outline"] and model.centre_cov.size == 0
-
-    def centres(vols) -> np.ndarray:
-        return np.array([ndimage.center_of_mass(np.asarray(v) > 0)[1:] for v in vols])
-
-    hearts, bodies, pinned = [], [], []
-    for i in range(16):
-        s = sample_anatomy(model, [21, i], myo=MYO, lv=LV)
-        assert s.record["offset"] == [round(v, 3) for v in s.offset]
-        labels, body = model.place(s.maps, 64, depth=32, offset=s.offset)
-        hearts.append(labels)
-        bodies.append(body)
-        pinned.append(model.place(s.maps, 64, depth=32)[0])
-    real_heart, real_body = centres(train).std(0), centres(BODIES).std(0)
-    heart, body = centres(hearts).std(0), centres(bodies).std(0)
-    # measured (px at 64², rows / cols): real hearts 0.30 / 0.56, real bodies 0.26 / 0.00;
-    # drawn 0.45 / 0.58 and 0.29 / 0.20. Each sample on the mean centre: hearts 0.96 / 0.42
-    # (a blend's own centre of mass is not the grid's); the outline moved with the heart:
-    # bodies 0.80 / 0.81
-    assert np.all(heart > 0.5 * real_heart) and np.all(heart < 2.0 * real_heart), heart
-    assert np.all(body < 0.5), (body, real_body)
-    assert np.max(centres(pinned).std(0) / real_heart) > 2.5, centres(pinned).std(0)
-    # models without an outline body draw the heart's place alone
-    plain = fit_anatomy(train, patients, 8, AnatomyConfig(depth=16, shell=(MYO, LV)))
-    people = centres(train)
-    n = len(people)
-    np.testing.assert_allclose(plain.centre_cov, np.cov(people.T) * (n + 1) / (n - 1))
-    assert sample_anatomy(plain, [21, 0], myo=MYO, lv=LV).offset is not None
 
 
 def test_a_model_that_cannot_sample_says_so_in_one_line(phantom_volumes):

@@ -289,7 +289,7 @@ def test_generate_volumes_paints_whole_cases_with_their_neighbours(ws, tmp_path)
     model = load_model(model_file)
     myo, lv = shell_classes(trained.schema)
     sample = sample_anatomy(model, [0, 0], myo=myo, lv=lv)
-    labels, body = model.place(sample.maps, cfg.size, depth=depth, offset=sample.offset)
+    labels, body = model.place(sample.maps, cfg.size, depth=depth)
     np.testing.assert_array_equal(labels, masks)
     painted = generate_images(
         generator, labels, cfg, bodies=body, neighbours=volume_neighbours(labels, 1)

@@ -199,13 +199,12 @@ def test_anatomy_from_outside_or_deformed_passes(twelve):
     # the default source: label maps drawn from the shape model of the 6 training volumes.
     # A model of 6 people points at them (issue 24 stays open: the structures' model, not
     # the body), and on 6 + 6 one seed's gate verdict is a coin flip: over generation seeds
-    # 0–5 the joint p read 0.021–0.22 with the body of the joint maps (2 of 6 over 0.05),
-    # 0.025–0.38 with the outline body (3 of 6; mask share AUC 0.63–0.90; pooled two seeds
-    # at a time, 128 masks, 0.83–0.94), and 0.004–0.32 with each heart placed like a new
-    # person's (4 of 6; this seed 0.079; mask share 0.74–1.0; on a second phantom 0.64–0.93).
-    # The memorising batch above reads joint p 0.017, AUC 0.93: at 6 + 6 the audit often
-    # cannot tell these apart. Asserted: no statistic reaches 1.0 (every training person above
-    # every held-out one: what copies of their slices give) and p stays off the exact floor.
+    # 0–5 the joint p read 0.021–0.22 with the body of the joint maps (2 of 6 over 0.05) and
+    # 0.025–0.38 with the outline body (3 of 6; this seed 0.025, mask share AUC 0.90); pooled
+    # two seeds at a time (128 masks), 0.015 / 0.11 / 0.035, mask share 0.83–0.94. The
+    # memorising batch above reads joint p 0.017, AUC 0.93: the audit cannot tell these
+    # apart at 6 + 6. Asserted: no statistic reaches 1.0 (every training person above every
+    # held-out one: what copies of their slices give) and p stays above the exact floor.
     spec = source_masks(ws, GenerateConfig(run="r"), LabelSchema.mmwhs(), 64)
     masks = np.stack([spec(i).mask for i in range(64)])
     synthetic = membership_audit((noise, masks), patients, n_classes=8)
