@@ -44,9 +44,8 @@ per setting), and why each part is there:
   and warped) decoded with bumps where their outlines disagree; on the demo's phantom 65% of
   drawn body slices were less convex than the least convex real one, and the painter smeared
   spine and ribs in them. Low-passed in-plane (``body_sigma``): 3%.
-* the body, from its own model (2026-11-30; ``body_harmonics``, the default since
-  2026-11-30, session 12): painted volumes
-  were far from real mostly because of their bodies — real structures in synthetic bodies
+* the body, from its own model (``body_harmonics``, the default since 2026-11-30): painted
+  volumes were far from real mostly because of their bodies — real structures in synthetic bodies
   read a Fréchet ratio of 2.1–2.6 in the axial plane on the 24-patient run, synthetic
   structures in real bodies 0.70–0.74 — and the body map lay in the span of 12 people's maps,
   so the images painted in it pointed at them (memorisation 83–90 of 128). With it, a body
@@ -57,7 +56,17 @@ per setting), and why each part is there:
   ratio 1.82–2.17 → 0.97–1.23. One seed of five (mask best 0.85) and the 6-patient
   membership test (0.92, p 0.008) read the structures' best-Dice channel high; that test
   over six generation seeds showed it is the structures' model with either body (joint
-  p 0.021–0.22 with the body map, 0.025–0.38 with the outline body), not the outline.
+  p 0.021–0.22 with the body map, 0.025–0.38 with the outline body), not the outline. On
+  the demo (8 + 8) over seeds 0–3 the largest membership AUC read 0.45–0.64 (joint p ≥ 0.54).
+* tried and dropped: placing each sample by its own centre of mass at a heart centre drawn
+  like a new person's (its hearts spread 0.96 / 0.42 px about the centre against real
+  0.30 / 0.56, a blend's centre of mass not being the grid's). It made the placement real
+  (0.45 / 0.58) and took away a jitter that had hidden how near the structures' samples lie
+  to their training people: on the demo the largest AUC read 0.58–0.95 (one seed of four at
+  joint p 0.002). Also without effect on the 6 + 6 mask channel: the structures' temperature
+  1.5, their mean moved by one or two of its standard errors, an in-plane affine (±6°, ±6%);
+  a warp of RMS 0.04 lowered it but put samples at slice Dice 0.41 from every person (a real
+  new person's slices: 0.72; these samples': 0.55).
 
 Pure: label volumes in, a model out. The model carries the training patients' aligned label
 volumes for the closeness check, so it stays inside the hospital (in the run's folder).
@@ -123,10 +132,10 @@ class AnatomyConfig:
     # modes and warped, has bumps where their outlines disagree; on the demo's phantom 65% of
     # drawn body slices were less convex than any real body, and the painter smeared spine
     # and ribs in them.
-    # Opt-in (0 by default, as CI last passed with); 0.045 is the least of 0.03 / 0.045 that
-    # leaves ≤ 5% of them so (demo 3%; the 6-person
-    # test phantom 5%, at 0.03 15%); a training body comes back nearly unchanged (Dice ≥ 0.987
-    # at 64²; at 128² on real CT, hocm-2d, median 0.986 and 0.90 for the least convex)
+    # For a map body only (0 by default: the outline model's bodies are smooth); 0.045 is the
+    # least of 0.03 / 0.045 that leaves ≤ 5% of them so (demo 3%; the 6-person test phantom
+    # 5%, at 0.03 15%); a training body comes back nearly unchanged (Dice ≥ 0.987 at 64²; at
+    # 128² on real CT, hocm-2d, median 0.986 and 0.90 for the least convex)
     body_sigma: float = 0.0
     degrees: float = 0.0
     scale: float = 0.0
