@@ -131,8 +131,7 @@ class AnatomyConfig:
     # side) before it is decoded: a blend of people's distance maps, spread along the body's
     # modes and warped, has bumps where their outlines disagree; on the demo's phantom 65% of
     # drawn body slices were less convex than any real body, and the painter smeared spine
-    # and ribs in them.
-    # For a map body only (0 by default: the outline model's bodies are smooth); 0.045 is the
+    # and ribs in them. 0 by default: the outline model's bodies are smooth. 0.045 is the
     # least of 0.03 / 0.045 that leaves ≤ 5% of them so (demo 3%; the 6-person test phantom
     # 5%, at 0.03 15%); a training body comes back nearly unchanged (Dice ≥ 0.987 at 64²; at
     # 128² on real CT, hocm-2d, median 0.986 and 0.90 for the least convex)

@@ -204,7 +204,7 @@ def test_anatomy_from_outside_or_deformed_passes(twelve):
     # two seeds at a time (128 masks), 0.015 / 0.11 / 0.035, mask share 0.83–0.94. The
     # memorising batch above reads joint p 0.017, AUC 0.93: the audit cannot tell these
     # apart at 6 + 6. Asserted: no statistic reaches 1.0 (every training person above every
-    # held-out one: what copies of their slices give) and p stays above the exact floor.
+    # held-out one: what copies of their slices give) and p > 0.01 (all twelve runs above).
     spec = source_masks(ws, GenerateConfig(run="r"), LabelSchema.mmwhs(), 64)
     masks = np.stack([spec(i).mask for i in range(64)])
     synthetic = membership_audit((noise, masks), patients, n_classes=8)
