@@ -78,16 +78,20 @@ def image_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def patient_statistics(similarity: np.ndarray, owners: list[str]) -> dict[str, dict[str, float]]:
-    """Per patient ``best`` and ``share`` from an (N candidates, M real slices) similarity."""
+    """Per patient ``best`` and ``share`` from an (N candidates, M real slices) similarity. A
+    candidate whose most similar slices belong to k patients counts 1/k to each: an argmax
+    gave it to whichever came first in the slice order (the training split, in a workspace),
+    and a candidate like no slice at all (every similarity 0) to that patient too."""
     owners_arr = np.asarray(owners)
-    nearest = owners_arr[np.argmax(similarity, axis=1)] if similarity.shape[0] else owners_arr[:0]
-    out: dict[str, dict[str, float]] = {}
-    for p in sorted(set(owners)):
-        cols = owners_arr == p
-        best = float(similarity[:, cols].max()) if similarity.shape[0] else 0.0
-        share = float(np.mean(nearest == p)) if len(nearest) else 0.0
-        out[p] = {"best": best, "share": share}
-    return out
+    names = sorted(set(owners))
+    n = similarity.shape[0]
+    if n == 0:
+        return {p: {"best": 0.0, "share": 0.0} for p in names}
+    at_max = similarity >= similarity.max(1, keepdims=True)
+    nearest = np.stack([at_max[:, owners_arr == p].any(1) for p in names], 1).astype(float)
+    weight = nearest / nearest.sum(1, keepdims=True)
+    best = [float(similarity[:, owners_arr == p].max()) for p in names]
+    return {p: {"best": best[i], "share": float(weight[:, i].mean())} for i, p in enumerate(names)}
 
 
 def auc(members: np.ndarray, others: np.ndarray) -> float:

@@ -21,6 +21,7 @@ from pipeline.membership import (
     mask_similarity,
     membership_audit,
     nearest_share_test,
+    patient_statistics,
 )
 from pipeline.phantom import write_phantom
 from pipeline.slices import load_slices, workspace_refs
@@ -141,6 +142,28 @@ def _failed_gates(**audits) -> list[str]:
 def _gate(audit):
     membership = (audit["max_auc"], audit["joint_p_value"])
     return _failed_gates(membership=membership) == ["max_membership_auc"]
+
+
+def test_a_tie_for_the_nearest_slice_is_shared_not_given_to_whoever_comes_first():
+    """Slices come in split order (training first): an argmax gave every tied candidate, and
+    every candidate like no slice at all, to a training patient."""
+    sim = np.array(
+        [
+            [0.8, 0.8, 0.1],  # tied between a (first) and b
+            [0.0, 0.0, 0.0],  # like nothing: no one's
+            [0.2, 0.3, 0.9],  # c's
+            [0.5, 0.1, 0.5],  # tied between a and c
+        ],
+        np.float32,
+    )
+    stats = patient_statistics(sim, ["a", "b", "c"])
+    shares = {p: stats[p]["share"] for p in "abc"}
+    third = 1 / 3 / 4
+    assert shares == pytest.approx(
+        {"a": (0.5 + 0.5) / 4 + third, "b": 0.5 / 4 + third, "c": (1 + 0.5) / 4 + third}
+    )
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert {p: stats[p]["best"] for p in "abc"} == pytest.approx({"a": 0.8, "b": 0.8, "c": 0.9})
 
 
 def test_a_memorising_batch_fails_the_gate(twelve, tmp_path):
