@@ -102,7 +102,16 @@ class AnatomyConfig:
 
     depth: int = 24  # slices of the model grid (1 for 2-D sources)
     variance: float = 0.95  # share of the variance the kept modes explain
-    temperature: float = 1.0  # scale of the sampled mode weights
+    # scale of the sampled mode weights. 0 since 2026-11-30: a sample is the mean moved
+    # structure by structure (``moments``); the modes' weights put each sample in the span of
+    # the n training people, where they sit nearer them than a new person (module text)
+    temperature: float = 0.0
+    # each structure of a sample placed and shaped by its own moments (centre of mass and
+    # covariance, through the matrix log) drawn from a Gaussian over the training people's
+    # with a shrunk, full-rank covariance (:func:`shrunk_covariance`), applied to the mean map
+    # as the affine that gives it those moments (:func:`move_structures`): the outline body's
+    # recipe, for the structures
+    moments: bool = True
     # the body's spread as a multiple of the training bodies' (the outline model's Gaussian;
     # for a map body, along the body's own modes). A body is what the painted image follows
     # most (lungs, ribs, spine sit where the body puts them); the map body, lying in the span
@@ -343,6 +352,57 @@ def shrunk_covariance(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     return mu, cov, float(shrink)
 
 
+_UPPER = np.triu_indices(3)
+
+
+def _symmetric(values: np.ndarray) -> np.ndarray:
+    """The symmetric 3×3 matrix of its six upper-triangle ``values``."""
+    m = np.zeros((3, 3))
+    m[_UPPER] = values
+    return m + m.T - np.diag(np.diag(m))
+
+
+def _matrix_power(m: np.ndarray, fn: Any) -> np.ndarray:
+    """``fn`` of a symmetric matrix through its eigenvalues (log, exp, powers)."""
+    w, v = np.linalg.eigh(m)
+    return (v * fn(w)) @ v.T
+
+
+def structure_moments(maps: np.ndarray) -> np.ndarray:
+    """Per structure map (C, Z, H, W; inside where negative) its centre of mass (z, y, x,
+    voxels) and the upper triangle of the matrix log of its covariance: (C, 9), NaN for a
+    structure under four voxels. The log makes a Gaussian over people's shapes give a
+    covariance (a size and orientation) at every draw."""
+    out = np.full((len(maps), 9), np.nan)
+    for c, m in enumerate(maps):
+        pts = np.argwhere(m < 0).astype(np.float64)
+        if len(pts) < 4:
+            continue
+        cov = np.cov(pts.T) + 1e-3 * np.eye(3)  # a flat (one-slice) structure has no z spread
+        out[c, :3] = pts.mean(0)
+        out[c, 3:] = _matrix_power(cov, lambda w: np.log(np.maximum(w, 1e-6)))[_UPPER]
+    return out
+
+
+def move_structures(
+    sdm: np.ndarray, which: np.ndarray, template: np.ndarray, drawn: np.ndarray
+) -> np.ndarray:
+    """Maps (C, Z, H, W) with structure ``which[i]`` moved by the affine that takes its
+    ``template[i]`` moments to ``drawn[i]`` (rows of :func:`structure_moments`): centre onto
+    centre, covariance onto covariance (A = S½ T^-½)."""
+    out = sdm.copy()
+    grid = np.indices(sdm.shape[1:]).reshape(3, -1).astype(np.float64)
+    for c, t, d in zip(which, template, drawn, strict=True):
+        root = _matrix_power(_symmetric(d[3:]), lambda w: np.exp(w / 2))
+        inv_root = _matrix_power(_symmetric(t[3:]), lambda w: np.exp(-w / 2))
+        a = root @ inv_root
+        src = t[:3, None] + np.linalg.solve(a, grid - d[:3, None])  # where each voxel reads
+        out[c] = ndimage.map_coordinates(sdm[c], src, order=1, mode="constant", cval=CLIP).reshape(
+            sdm.shape[1:]
+        )
+    return out
+
+
 def warp_maps(
     sdm: np.ndarray,
     rng: np.random.Generator,
@@ -410,6 +470,12 @@ class AnatomyModel:
     # people's :func:`outline_line` vectors; empty without it
     outline_mean: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float64))
     outline_cov: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float64))
+    # the structures' moments (``moments``): which structures, the training people's mean and
+    # shrunk covariance of their :func:`structure_moments` rows, and the mean map's own
+    moment_structures: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    moment_mean: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float64))
+    moment_cov: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float64))
+    moment_template: np.ndarray = field(default_factory=lambda: np.zeros((0, 9), np.float64))
 
     @property
     def has_body(self) -> bool:
@@ -445,6 +511,11 @@ class AnatomyModel:
         b = rng.standard_normal(len(self.sd)).astype(np.float32) * self.sd
         b *= float(c.get("temperature", 1.0))
         sdm = (self.mean + b @ self.modes).reshape(self.shape)
+        if len(self.moment_structures):
+            drawn = rng.multivariate_normal(self.moment_mean, self.moment_cov)
+            sdm = move_structures(
+                sdm, self.moment_structures, self.moment_template, drawn.reshape(-1, 9)
+            )
         spread = float(c.get("body_temperature", 1.0))
         outline = self.has_body and len(self.outline_mean) > 0
         if self.has_body and not outline and len(self.body_sd) and spread > 1.0:
@@ -531,6 +602,10 @@ class AnatomyModel:
             body_sd=self.body_sd,
             outline_mean=self.outline_mean,
             outline_cov=self.outline_cov,
+            moment_structures=self.moment_structures,
+            moment_mean=self.moment_mean,
+            moment_cov=self.moment_cov,
+            moment_template=self.moment_template,
         )
         return buf.getvalue()
 
@@ -561,6 +636,11 @@ def load_model(path: Path) -> AnatomyModel:
             body_sd=z["body_sd"] if "body_sd" in z.files else np.zeros((0,)),
             outline_mean=z["outline_mean"] if "outline_mean" in z.files else np.zeros((0,)),
             outline_cov=z["outline_cov"] if "outline_cov" in z.files else np.zeros((0, 0)),
+            **{
+                k: z[k]
+                for k in ("moment_structures", "moment_mean", "moment_cov", "moment_template")
+                if k in z.files
+            },
         )
 
 
@@ -630,6 +710,20 @@ def fit_anatomy(
         closest = np.where(owners[:, None] == owners[None, :], -np.inf, pairs).max()
         body_bounds = np.full(len(body_aligned), closest, np.float32)
         _, body_modes, body_sd, _ = _pca(maps[:, -1].reshape(len(maps), -1), cfg.variance)
+    moment_structures = np.zeros((0,), np.int64)
+    moment_mean, moment_cov = np.zeros((0,)), np.zeros((0, 0))
+    template = np.zeros((0, 9))
+    if cfg.moments:
+        people = np.stack([structure_moments(m[: n_classes - 1]) for m in maps])
+        template = structure_moments(mean.reshape(maps.shape[1:])[: n_classes - 1])
+        # a structure someone lacks (a 2-D slice above it) has no moments to model: it
+        # keeps the mean's shape and place
+        whole = np.isfinite(people).all((0, 2)) & np.isfinite(template).all(1)
+        moment_structures = np.flatnonzero(whole)
+        template = template[whole]
+        if len(moment_structures):
+            rows = people[:, whole].reshape(len(people), -1)
+            moment_mean, moment_cov, _ = shrunk_covariance(rows)
     outline_mean, outline_cov = np.zeros((0,)), np.zeros((0, 0))
     shrink = None
     if bodies is not None and cfg.body_harmonics > 0:
@@ -649,6 +743,7 @@ def fit_anatomy(
             "depth": cfg.depth,
             "variance": cfg.variance,
             "temperature": cfg.temperature,
+            "moments": cfg.moments,
             "body_temperature": cfg.body_temperature,
             "alpha": cfg.alpha,
             "z_smooth": cfg.z_smooth,
@@ -670,6 +765,10 @@ def fit_anatomy(
         body_sd=body_sd,
         outline_mean=outline_mean,
         outline_cov=outline_cov,
+        moment_structures=moment_structures,
+        moment_mean=moment_mean,
+        moment_cov=moment_cov,
+        moment_template=template,
     )
 
 

@@ -23,6 +23,7 @@ from pipeline.anatomy import (
     plausibility,
     sample_anatomy,
     signed_distances,
+    structure_moments,
 )
 from pipeline.errors import PipelineError
 from pipeline.ingest import IngestConfig, ingest
@@ -128,7 +129,8 @@ def test_a_wall_stays_a_wall_when_people_are_blended():
 
 def test_samples_are_plausible_and_no_training_patients_own(phantom_volumes):
     """Item 1's requirements, measured on 6 training patients: raw draws pass the plausibility
-    checks (≥ 90% here; 100% of 48 on the 24-patient phantom), every kept sample is farther
+    checks (≥ 80% here, 93% of 60: a structure moved on its own can leave its wall, and the
+    sampler draws again; 100% of 48 on the 24-patient phantom), every kept sample is farther
     from each training patient than that patient's nearest other person is, the seed fixes
     the sample, and the sizes are spread like the real ones (W1 of each structure's size
     under a fifth of the real mean)."""
@@ -136,7 +138,7 @@ def test_samples_are_plausible_and_no_training_patients_own(phantom_volumes):
     model = fit_anatomy(train, patients, 8, AnatomyConfig(depth=16, shell=(MYO, LV)))
     rng = np.random.default_rng(0)
     raw = [plausibility(model.draw(rng), model, myo=MYO, lv=LV) for _ in range(20)]
-    assert np.mean([r["plausible"] for r in raw]) >= 0.9
+    assert np.mean([r["plausible"] for r in raw]) >= 0.8
     kept = [sample_anatomy(model, [7, i], myo=MYO, lv=LV) for i in range(12)]
     for s in kept:
         assert plausibility(s.labels, model, myo=MYO, lv=LV)["plausible"]
@@ -151,6 +153,36 @@ def test_samples_are_plausible_and_no_training_patients_own(phantom_volumes):
     placed, body = model.place(kept[0].maps, 32)
     assert placed.shape == (16, 32, 32) and set(np.unique(placed)) <= set(range(8))
     assert body is None  # fitted without bodies
+
+
+def test_samples_leave_the_span_of_the_training_people(phantom_volumes):
+    """Issue 24's finding: a sample that is the mean plus weights on the modes lies in the
+    span of the n training people's maps, so they are nearer it than a new person is (a new
+    person's own part outside that span is distance no sample can make up). A sample moved
+    structure by structure (``moments``: each structure's centre, size and orientation drawn
+    like a person's) is not: before any warp, most of how it differs from the mean lies
+    outside the span, and its structures' moments spread like the training people's."""
+    (train, patients), _ = phantom_volumes
+    centred = np.stack([signed_distances(align(v, 16), 8, (MYO, LV)) for v in train])
+
+    def inside(model) -> float:
+        basis = np.linalg.svd(centred.reshape(len(train), -1) - model.mean, full_matrices=False)[2]
+        rng = np.random.default_rng(3)
+        moved = [model.draw_maps(rng).ravel() - model.mean for _ in range(8)]
+        return float(np.mean([np.sum((basis @ d) ** 2) / np.sum(d**2) for d in moved]))
+
+    still = {"alpha": 0.0, "z_blur": 0.0}  # no warp, no blur: the model's own variation
+    linear = AnatomyConfig(depth=16, shell=(MYO, LV), temperature=1.0, moments=False, **still)
+    model = fit_anatomy(train, patients, 8, AnatomyConfig(depth=16, shell=(MYO, LV), **still))
+    # measured: 0.64 for the linear model (the rest is fit_sizes' level shifts), 0.16
+    assert inside(fit_anatomy(train, patients, 8, linear)) > 0.5
+    assert inside(model) < 0.3
+    assert len(model.moment_structures) == 7  # every structure, each on its own
+    rng = np.random.default_rng(4)
+    drawn = np.stack([structure_moments(model.draw_maps(rng)) for _ in range(24)])
+    real = np.stack([structure_moments(m[:7]) for m in centred])
+    spread, real_spread = drawn[:, :, :3].std(0), real[:, :, :3].std(0)  # centres, voxels
+    assert np.all(spread > 0.3 * real_spread) and np.all(spread < 3 * real_spread + 0.5)
 
 
 def test_samples_carry_a_body_of_their_own(phantom_volumes, tmp_path):
@@ -202,6 +234,8 @@ def test_map_bodies_can_spread_wider_than_the_training_bodies(phantom_volumes):
             alpha=0.0,
             body_temperature=body_temperature,
             body_harmonics=0,
+            temperature=1.0,  # the model as it was: its spread from the modes
+            moments=False,
         )
         model = fit_anatomy(train, patients, 8, cfg, BODIES)
         rng = np.random.default_rng(5)
@@ -255,7 +289,8 @@ def test_drawn_bodies_are_as_smooth_as_real_ones(phantom_volumes):
         samples = _placed_samples(train, patients, 11, **settings)
         return np.concatenate([_solidity(body) for _, body in samples])
 
-    maps = {"body_harmonics": 0, "body_temperature": 2.5}  # the body of the joint maps
+    # the body of the joint maps, in the model as it was (spread by its modes)
+    maps = {"body_harmonics": 0, "body_temperature": 2.5, "temperature": 1.0, "moments": False}
     bumpy, smooth = drawn(body_sigma=0.0, **maps), drawn(body_sigma=0.045, **maps)
     assert np.mean(bumpy < real.min()) > 0.3, np.mean(bumpy < real.min())
     assert np.mean(smooth < real.min()) < 0.1, np.mean(smooth < real.min())
@@ -328,11 +363,11 @@ def test_outline_bodies_spread_like_people_and_hold_straight(phantom_volumes):
 
 
 def test_a_model_that_cannot_sample_says_so_in_one_line(phantom_volumes):
-    """When every draw is too close (here: no warp and temperature 0, so every draw is the
-    mean shape, nearer each training patient than their nearest other person), the sampler
-    gives up with one line."""
+    """When every draw is too close (here: no warp, no moments and temperature 0, so every
+    draw is the mean shape, nearer each training patient than their nearest other person),
+    the sampler gives up with one line."""
     (train, patients), _ = phantom_volumes
-    cfg = AnatomyConfig(depth=16, alpha=0.0, temperature=0.0, shell=(MYO, LV))
+    cfg = AnatomyConfig(depth=16, alpha=0.0, temperature=0.0, moments=False, shell=(MYO, LV))
     model = fit_anatomy(train, patients, 8, cfg)
     with pytest.raises(PipelineError, match=f"in {TRIES} draws") as err:
         sample_anatomy(model, [0, 0], myo=MYO, lv=LV)
