@@ -6,9 +6,11 @@ Each training label volume is cut to the slices that hold anatomy, centred in-pl
 foreground's centre of mass, and turned into one clipped signed-distance map per structure
 (negative inside; the myocardium's map is of myocardium ∪ LV cavity, a *shell*, decoded as
 that minus the cavity), resampled to a common grid. A PCA of those maps over patients gives
-the modes of variation. A sample is the mean plus Gaussian weights on the modes, moved by a
-smooth 3-D field (:func:`warp_maps`), each structure's level set nudged into the real size
-range (:func:`fit_sizes`), decoded by taking, in each voxel, the structure whose map is most
+the modes of variation. A sample is the mean plus Gaussian weights on the modes (or, opt-in
+``moments``, the mean with each structure moved by its own in-plane affine:
+:func:`move_structures`), moved by a smooth 3-D field
+(:func:`warp_maps`), each structure's level set nudged into the real size range
+(:func:`fit_sizes`), decoded by taking, in each voxel, the structure whose map is most
 negative. :func:`sample_anatomy` keeps the first draw that passes :func:`plausibility`
 (calibrated so that real people pass: piece counts, myocardium around the LV cavity, sizes)
 and is no training patient's own (:meth:`AnatomyModel.nearest`: no closer to any training
@@ -58,6 +60,46 @@ per setting), and why each part is there:
   over six generation seeds showed it is the structures' model with either body (joint
   p 0.021–0.22 with the body map, 0.025–0.38 with the outline body), not the outline. On
   the demo (8 + 8) over seeds 0–3 the largest membership AUC read 0.45–0.64 (joint p ≥ 0.54).
+* the structures' moments (``moments``, opt-in; measured 2026-11-30 and not made the
+  default). A weighted sum of the n training people's maps lies in their span, and a new
+  person's part outside it is distance no such sample makes up: on the 24-patient run the
+  training people were nearer the samples than the held-out were (mask-share AUC 0.60–0.72
+  over five seeds, mask best up to 0.85, joint p 0.004). A structure moved by an affine is
+  not in that span (before the warp 22% of a sample's difference from the mean lies in it,
+  against 64% for the modes' samples), and its moments come from a Gaussian that, like the
+  outline body's, is full rank. Two forms, five seeds of that run (128 painted candidates)
+  and six of the demo each:
+
+  - in 3-D (centre and covariance over z, y, x): 24-patient mask share 0.48 / 0.60 / 0.57 /
+    0.70 / 0.71, mask best 0.38–0.48, image share 0.42–0.59, joint p 0.145–0.87,
+    memorisation 58–69 of 128, every gate on all five (the modes: four); volume batches 57%
+    and 47% nearest a training person (the modes: 70% and 74%, refused). But on the demo the
+    largest AUC read 0.65–0.78 (joint p ≥ 0.11; seed 2 failed the memorisation gate, 45 of
+    64) and its volumes went through the plane unlike anyone: off-plane/axial Fréchet ratio
+    1.55 / 1.52 and TSTR/TRTR 0.78, against issue 25's 1.5 and 0.8 — the model's slice axis
+    is each person's labelled extent resampled, not a length, and a drawn through-plane
+    covariance tilts and stretches structures along it;
+  - in-plane (the code here: centre and covariance of each structure over its slices, the
+    same affine in every slice): the demo's largest AUC 0.56–0.69, joint p 0.31–0.78,
+    memorisation 33–38 of 64 (the modes: 0.45–0.80, p ≥ 0.073, 27–40), its volumes 1.20 /
+    1.12 and TSTR/TRTR 0.84; but on the 24-patient run mask share 0.65–0.73, mask best
+    0.36–0.72, joint p 0.095–0.35, memorisation 70–83 of 128, four of five seeds passing
+    every gate — no better than the modes on the channel it was built for.
+
+  What is left to try: the 3-D form without the through-plane tilt (each structure's extent
+  and position along the slices drawn, its in-plane affine drawn, no shear between them).
+  Raw draws plausible on the 8-person test phantom: in-plane 100% of 60; 3-D 93% (a
+  structure moved on its own can leave its wall; 100% of 48 at 12 + 12); the LV cavity
+  moved with its wall (3-D, one affine for both) read mask best up to 0.82 (p 0.003).
+* tried and dropped, 2026-11-30: the mean moved by one smooth field shared by a whole
+  batch (drawn once from the batch seed, or once per fit from a hash of the data), noise
+  that would hide the 2σ²/n by which any sampler centred on the training mean sits nearer
+  its people. At RMS 0.03 of the side the mask share read anywhere in 0.26–0.72 on the
+  24-patient run (six fields, ten batches): it moves the lean about, it does not remove it;
+  at 0.04, 0.53–0.72 while the samples' mean best Dice with real people fell from 0.58 to
+  0.19–0.53. On the demo its one field read mask and image share 0.81 with TSTR/TRTR 0.77.
+  On the 6 + 6 phantom a shared rotation and scale (±8°, ±8%) and fewer modes (30% of the
+  variance) left the lean where it was.
 * tried and dropped: placing each sample by its own centre of mass at a heart centre drawn
   like a new person's (its hearts spread 0.96 / 0.42 px about the centre against real
   0.30 / 0.56, a blend's centre of mass not being the grid's). It made the placement real
@@ -88,6 +130,10 @@ from pipeline.augment import shift
 from pipeline.errors import PipelineError
 from pipeline.membership import mask_similarity
 
+#: Version of what a fitted model holds and how it is drawn from: part of the key of the
+#: model kept in a run's folder, so a model written by other code is fitted again, not read
+#: (2: the structures' moments).
+MODEL_FORMAT = 2
 #: Fewest training patients to model. Measured on the 24-patient phantom (64², defaults, 40
 #: draws each): fitted on 2 patients 80% of draws are closer to one of them than the other
 #: is, on 3 17%, on 4 5%, on 5–12 3–15%; and on 4 each patient weighs a quarter of the mean
@@ -102,16 +148,16 @@ class AnatomyConfig:
 
     depth: int = 24  # slices of the model grid (1 for 2-D sources)
     variance: float = 0.95  # share of the variance the kept modes explain
-    # scale of the sampled mode weights. 0 since 2026-11-30: a sample is the mean moved
-    # structure by structure (``moments``); the modes' weights put each sample in the span of
-    # the n training people, where they sit nearer them than a new person (module text)
-    temperature: float = 0.0
-    # each structure of a sample placed and shaped by its own moments (centre of mass and
-    # covariance, through the matrix log) drawn from a Gaussian over the training people's
-    # with a shrunk, full-rank covariance (:func:`shrunk_covariance`), applied to the mean map
-    # as the affine that gives it those moments (:func:`move_structures`): the outline body's
-    # recipe, for the structures
-    moments: bool = True
+    # scale of the sampled mode weights (0 with ``moments``: the modes' weights put each
+    # sample in the span of the n training people, nearer them than a new person)
+    temperature: float = 1.0
+    # opt-in (measured, not the default; module text): each structure of a sample placed and
+    # shaped by its own in-plane moments (centre of mass and covariance, through the matrix
+    # log) drawn from a Gaussian over the training people's with a shrunk, full-rank
+    # covariance (:func:`shrunk_covariance`), applied to the mean map as the affine that gives
+    # it those moments (:func:`move_structures`): the outline body's recipe, for the
+    # structures. Use with ``temperature=0``
+    moments: bool = False
     # the body's spread as a multiple of the training bodies' (the outline model's Gaussian;
     # for a map body, along the body's own modes). A body is what the painted image follows
     # most (lungs, ribs, spine sit where the body puts them); the map body, lying in the span
@@ -352,12 +398,14 @@ def shrunk_covariance(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     return mu, cov, float(shrink)
 
 
-_UPPER = np.triu_indices(3)
+_UPPER = np.triu_indices(2)
+#: Numbers per structure in :func:`structure_moments`: in-plane centre (2), log-covariance (3).
+MOMENTS = 5
 
 
 def _symmetric(values: np.ndarray) -> np.ndarray:
-    """The symmetric 3×3 matrix of its six upper-triangle ``values``."""
-    m = np.zeros((3, 3))
+    """The symmetric 2×2 matrix of its three upper-triangle ``values``."""
+    m = np.zeros((2, 2))
     m[_UPPER] = values
     return m + m.T - np.diag(np.diag(m))
 
@@ -369,37 +417,43 @@ def _matrix_power(m: np.ndarray, fn: Any) -> np.ndarray:
 
 
 def structure_moments(maps: np.ndarray) -> np.ndarray:
-    """Per structure map (C, Z, H, W; inside where negative) its centre of mass (z, y, x,
-    voxels) and the upper triangle of the matrix log of its covariance: (C, 9), NaN for a
-    structure under four voxels. The log makes a Gaussian over people's shapes give a
-    covariance (a size and orientation) at every draw."""
-    out = np.full((len(maps), 9), np.nan)
+    """Per structure map (C, Z, H, W; inside where negative) its in-plane centre of mass (row,
+    column, voxels) and the upper triangle of the matrix log of its in-plane covariance, over
+    all its slices: (C, :data:`MOMENTS`), NaN for a structure under four voxels. The log makes
+    a Gaussian over people's shapes give a covariance (a size and orientation) at every draw.
+    In-plane only: the model's slice axis is each person's own labelled extent, not a length,
+    and a drawn through-plane covariance tilted and stretched structures through the slices
+    unlike anyone (the demo's volumes: off-plane/axial Fréchet ratio 1.55 and 1.52,
+    TSTR/TRTR 0.78; in-plane: 1.20 and 1.12, 0.84)."""
+    out = np.full((len(maps), MOMENTS), np.nan)
     for c, m in enumerate(maps):
-        pts = np.argwhere(m < 0).astype(np.float64)
+        pts = np.argwhere(m < 0)[:, 1:].astype(np.float64)
         if len(pts) < 4:
             continue
-        cov = np.cov(pts.T) + 1e-3 * np.eye(3)  # a flat (one-slice) structure has no z spread
-        out[c, :3] = pts.mean(0)
-        out[c, 3:] = _matrix_power(cov, lambda w: np.log(np.maximum(w, 1e-6)))[_UPPER]
+        cov = np.cov(pts.T) + 1e-3 * np.eye(2)
+        out[c, :2] = pts.mean(0)
+        out[c, 2:] = _matrix_power(cov, lambda w: np.log(np.maximum(w, 1e-6)))[_UPPER]
     return out
 
 
 def move_structures(
     sdm: np.ndarray, which: np.ndarray, template: np.ndarray, drawn: np.ndarray
 ) -> np.ndarray:
-    """Maps (C, Z, H, W) with structure ``which[i]`` moved by the affine that takes its
-    ``template[i]`` moments to ``drawn[i]`` (rows of :func:`structure_moments`): centre onto
-    centre, covariance onto covariance (A = S½ T^-½)."""
+    """Maps (C, Z, H, W) with structure ``which[i]`` moved, in every slice alike, by the
+    in-plane affine that takes its ``template[i]`` moments to ``drawn[i]`` (rows of
+    :func:`structure_moments`): centre onto centre, covariance onto covariance
+    (A = S½ T^-½)."""
     out = sdm.copy()
-    grid = np.indices(sdm.shape[1:]).reshape(3, -1).astype(np.float64)
+    _, depth, h, w = sdm.shape
+    plane = np.indices((h, w)).reshape(2, -1).astype(np.float64)
     for c, t, d in zip(which, template, drawn, strict=True):
-        root = _matrix_power(_symmetric(d[3:]), lambda w: np.exp(w / 2))
-        inv_root = _matrix_power(_symmetric(t[3:]), lambda w: np.exp(-w / 2))
-        a = root @ inv_root
-        src = t[:3, None] + np.linalg.solve(a, grid - d[:3, None])  # where each voxel reads
-        out[c] = ndimage.map_coordinates(sdm[c], src, order=1, mode="constant", cval=CLIP).reshape(
-            sdm.shape[1:]
-        )
+        root = _matrix_power(_symmetric(d[2:]), lambda v: np.exp(v / 2))
+        inv_root = _matrix_power(_symmetric(t[2:]), lambda v: np.exp(-v / 2))
+        src = t[:2, None] + np.linalg.solve(root @ inv_root, plane - d[:2, None])
+        for z in range(depth):  # where each voxel of the slice reads from
+            out[c, z] = ndimage.map_coordinates(
+                sdm[c, z], src, order=1, mode="constant", cval=CLIP
+            ).reshape(h, w)
     return out
 
 
@@ -475,7 +529,7 @@ class AnatomyModel:
     moment_structures: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     moment_mean: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float64))
     moment_cov: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float64))
-    moment_template: np.ndarray = field(default_factory=lambda: np.zeros((0, 9), np.float64))
+    moment_template: np.ndarray = field(default_factory=lambda: np.zeros((0, MOMENTS), np.float64))
 
     @property
     def has_body(self) -> bool:
@@ -514,7 +568,7 @@ class AnatomyModel:
         if len(self.moment_structures):
             drawn = rng.multivariate_normal(self.moment_mean, self.moment_cov)
             sdm = move_structures(
-                sdm, self.moment_structures, self.moment_template, drawn.reshape(-1, 9)
+                sdm, self.moment_structures, self.moment_template, drawn.reshape(-1, MOMENTS)
             )
         spread = float(c.get("body_temperature", 1.0))
         outline = self.has_body and len(self.outline_mean) > 0
@@ -712,7 +766,7 @@ def fit_anatomy(
         _, body_modes, body_sd, _ = _pca(maps[:, -1].reshape(len(maps), -1), cfg.variance)
     moment_structures = np.zeros((0,), np.int64)
     moment_mean, moment_cov = np.zeros((0,)), np.zeros((0, 0))
-    template = np.zeros((0, 9))
+    template = np.zeros((0, MOMENTS))
     if cfg.moments:
         people = np.stack([structure_moments(m[: n_classes - 1]) for m in maps])
         template = structure_moments(mean.reshape(maps.shape[1:])[: n_classes - 1])

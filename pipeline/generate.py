@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.anatomy import (
+    MODEL_FORMAT,
     AnatomyConfig,
     AnatomyModel,
     fit_anatomy,
@@ -175,7 +176,13 @@ def anatomy_model(
     cfg = AnatomyConfig(depth=1 if flat else AnatomyConfig.depth, shell=shell_classes(schema))
     key = hashlib.sha256(
         repr(
-            (cfg, body, schema.names, sorted(zip(patients, (v.shape for v in vols), strict=True)))
+            (
+                MODEL_FORMAT,
+                cfg,
+                body,
+                schema.names,
+                sorted(zip(patients, (v.shape for v in vols), strict=True)),
+            )
         ).encode()
         + b"".join(v.tobytes() for v in (*vols, *outlines))
     ).hexdigest()[:16]

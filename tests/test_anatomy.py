@@ -129,8 +129,7 @@ def test_a_wall_stays_a_wall_when_people_are_blended():
 
 def test_samples_are_plausible_and_no_training_patients_own(phantom_volumes):
     """Item 1's requirements, measured on 6 training patients: raw draws pass the plausibility
-    checks (≥ 80% here, 93% of 60: a structure moved on its own can leave its wall, and the
-    sampler draws again; 100% of 48 on the 24-patient phantom), every kept sample is farther
+    checks (≥ 90% here; 100% of 48 on the 24-patient phantom), every kept sample is farther
     from each training patient than that patient's nearest other person is, the seed fixes
     the sample, and the sizes are spread like the real ones (W1 of each structure's size
     under a fifth of the real mean)."""
@@ -138,7 +137,7 @@ def test_samples_are_plausible_and_no_training_patients_own(phantom_volumes):
     model = fit_anatomy(train, patients, 8, AnatomyConfig(depth=16, shell=(MYO, LV)))
     rng = np.random.default_rng(0)
     raw = [plausibility(model.draw(rng), model, myo=MYO, lv=LV) for _ in range(20)]
-    assert np.mean([r["plausible"] for r in raw]) >= 0.8
+    assert np.mean([r["plausible"] for r in raw]) >= 0.9
     kept = [sample_anatomy(model, [7, i], myo=MYO, lv=LV) for i in range(12)]
     for s in kept:
         assert plausibility(s.labels, model, myo=MYO, lv=LV)["plausible"]
@@ -159,9 +158,10 @@ def test_samples_leave_the_span_of_the_training_people(phantom_volumes):
     """Issue 24's finding: a sample that is the mean plus weights on the modes lies in the
     span of the n training people's maps, so they are nearer it than a new person is (a new
     person's own part outside that span is distance no sample can make up). A sample moved
-    structure by structure (``moments``: each structure's centre, size and orientation drawn
-    like a person's) is not: before any warp, most of how it differs from the mean lies
-    outside the span, and its structures' moments spread like the training people's."""
+    structure by structure (opt-in ``moments``: each structure's centre, size and in-plane
+    orientation drawn like a person's) is not: before any warp, most of how it differs from
+    the mean lies outside the span, and its structures' moments spread like the training
+    people's."""
     (train, patients), _ = phantom_volumes
     centred = np.stack([signed_distances(align(v, 16), 8, (MYO, LV)) for v in train])
 
@@ -173,15 +173,16 @@ def test_samples_leave_the_span_of_the_training_people(phantom_volumes):
 
     still = {"alpha": 0.0, "z_blur": 0.0}  # no warp, no blur: the model's own variation
     linear = AnatomyConfig(depth=16, shell=(MYO, LV), temperature=1.0, moments=False, **still)
-    model = fit_anatomy(train, patients, 8, AnatomyConfig(depth=16, shell=(MYO, LV), **still))
-    # measured: 0.64 for the linear model (the rest is fit_sizes' level shifts), 0.16
+    moved = AnatomyConfig(depth=16, shell=(MYO, LV), temperature=0.0, moments=True, **still)
+    model = fit_anatomy(train, patients, 8, moved)
+    # measured: 0.64 for the linear model (the rest is fit_sizes' level shifts), 0.22
     assert inside(fit_anatomy(train, patients, 8, linear)) > 0.5
     assert inside(model) < 0.3
     assert len(model.moment_structures) == 7  # every structure, each on its own
     rng = np.random.default_rng(4)
     drawn = np.stack([structure_moments(model.draw_maps(rng)) for _ in range(24)])
     real = np.stack([structure_moments(m[:7]) for m in centred])
-    spread, real_spread = drawn[:, :, :3].std(0), real[:, :, :3].std(0)  # centres, voxels
+    spread, real_spread = drawn[:, :, :2].std(0), real[:, :, :2].std(0)  # centres, voxels
     assert np.all(spread > 0.3 * real_spread) and np.all(spread < 3 * real_spread + 0.5)
 
 
