@@ -444,16 +444,15 @@ def move_structures(
     :func:`structure_moments`): centre onto centre, covariance onto covariance
     (A = S½ T^-½)."""
     out = sdm.copy()
-    _, depth, h, w = sdm.shape
-    plane = np.indices((h, w)).reshape(2, -1).astype(np.float64)
     for c, t, d in zip(which, template, drawn, strict=True):
         root = _matrix_power(_symmetric(d[2:]), lambda v: np.exp(v / 2))
         inv_root = _matrix_power(_symmetric(t[2:]), lambda v: np.exp(-v / 2))
-        src = t[:2, None] + np.linalg.solve(root @ inv_root, plane - d[:2, None])
-        for z in range(depth):  # where each voxel of the slice reads from
-            out[c, z] = ndimage.map_coordinates(
-                sdm[c, z], src, order=1, mode="constant", cval=CLIP
-            ).reshape(h, w)
+        back = np.linalg.inv(root @ inv_root)  # where each output pixel reads from
+        offset = t[:2] - back @ d[:2]
+        for z, plane in enumerate(sdm[c]):  # slice by slice: bilinear, not trilinear
+            out[c, z] = ndimage.affine_transform(
+                plane, back, offset, order=1, mode="constant", cval=CLIP
+            )
     return out
 
 

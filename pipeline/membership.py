@@ -87,10 +87,11 @@ def patient_statistics(similarity: np.ndarray, owners: list[str]) -> dict[str, d
     n = similarity.shape[0]
     if n == 0:
         return {p: {"best": 0.0, "share": 0.0} for p in names}
+    columns = [owners_arr == p for p in names]
     at_max = similarity >= similarity.max(1, keepdims=True)
-    nearest = np.stack([at_max[:, owners_arr == p].any(1) for p in names], 1).astype(float)
+    nearest = np.stack([at_max[:, cols].any(1) for cols in columns], 1).astype(float)
     weight = nearest / nearest.sum(1, keepdims=True)
-    best = [float(similarity[:, owners_arr == p].max()) for p in names]
+    best = [float(similarity[:, cols].max()) for cols in columns]
     return {p: {"best": best[i], "share": float(weight[:, i].mean())} for i, p in enumerate(names)}
 
 
