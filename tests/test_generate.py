@@ -162,6 +162,39 @@ def test_generate_provenance_files_determinism_and_resume(ws):
     assert clash.exit_code == 2 and "exists with other settings (seed)" in clash.stderr
 
 
+def test_a_model_file_written_by_other_code_is_fitted_again_not_read(ws, monkeypatch):
+    """The anatomy model is kept in the run's folder under a key of its inputs. A file that
+    code of another format wrote under the same inputs (3-D moments: nine numbers per
+    structure, read by this code as five) was read back, and the first draw crashed. The
+    key carries MODEL_FORMAT, so such a file is not this code's and the model is fitted
+    again."""
+    import pipeline.generate as generate
+    from pipeline.anatomy import MODEL_FORMAT, sample_anatomy
+    from pipeline.labels import LabelSchema
+
+    schema = LabelSchema.mmwhs()
+    w = open_workspace(ws)
+    try:
+        monkeypatch.setattr(generate, "MODEL_FORMAT", MODEL_FORMAT - 1)
+        old, old_path = generate.anatomy_model(w, "good", schema, 32)
+        other = dataclasses.replace(
+            old,
+            moment_structures=np.array([0]),
+            moment_mean=np.zeros(9),
+            moment_cov=np.eye(9),
+            moment_template=np.zeros((1, 9)),
+        )
+        old_path.write_bytes(other.to_bytes())
+        monkeypatch.setattr(generate, "MODEL_FORMAT", MODEL_FORMAT)
+        model, path = generate.anatomy_model(w, "good", schema, 32)
+    finally:
+        w.close()
+    assert path != old_path and path.exists() and old_path.exists()
+    assert len(model.moment_structures) == 0
+    myo, lv = generate.shell_classes(schema)
+    assert sample_anatomy(model, [0, 0], myo=myo, lv=lv).labels.any()
+
+
 @pytest.mark.numerics
 def test_generation_on_another_cpu_family_is_within_one_hu(ws):
     """What the README promises across machines: the same generator, seed and index give voxels
