@@ -993,6 +993,13 @@ def filter_cmd(
     "slices).",
 )
 @click.option(
+    "--anatomy-from",
+    type=click.Path(path_type=Path),
+    help="synthetic: fit the shape model on every patient of this workspace (label volumes "
+    "from outside the training set, e.g. a public atlas run through 'pipeline ingest') "
+    "instead of the training patients, whom a model of few people points at.",
+)
+@click.option(
     "--filter",
     "run_filter",
     is_flag=True,
@@ -1010,6 +1017,7 @@ def generate_cmd(
     drop_structures: float,
     volumes: bool,
     noise: str,
+    anatomy_from: Path | None,
     run_filter: bool,
     as_json: bool,
     **gates: Any,
@@ -1026,6 +1034,7 @@ def generate_cmd(
         drop_structures=drop_structures,
         volumes=volumes,
         noise=noise,
+        anatomy_from=None if anatomy_from is None else str(anatomy_from),
     )
     with opened_workspace(workspace, create=False) as ws:
         report = generate(ws, cfg, progress=progress_bar("generate", "batch"))

@@ -61,6 +61,8 @@ DERIVED_ANATOMY = {
     "augmented": "deformed training slices",
     "heldout": "held-out patients' own label maps",
 }
+#: Who a synthetic batch's shape model was fitted on without ``--anatomy-from``.
+TRAINING_PEOPLE = {"who": "the training patients"}
 #: Out-of-plane spacing of a single-slice case: nnU-Net v2's convention for 2-D data, so its
 #: planner treats the slice axis as the one not to convolve over (the real slice spacing is
 #: in the manifest).
@@ -335,6 +337,12 @@ def _build(ws: Workspace, cfg: ExportConfig, out: Path, progress: Progress) -> E
                 # the index fingerprint hashes source cache names: not for release
                 "privacy": {k: v for k, v in (b.privacy or {}).items() if k != "index_catalog"},
                 "mask_source": b.masks,
+                # whose label volumes a synthetic batch's shape model was fitted on
+                **(
+                    {"anatomy_people": (b.config or {}).get("anatomy_people") or TRAINING_PEOPLE}
+                    if b.masks == "synthetic"
+                    else {}
+                ),
                 # per-slice scanner noise (two numbers fitted on the training volumes), if any
                 "noise": (b.config or {}).get("noise_model"),
             }
@@ -727,6 +735,13 @@ def _datasheet(manifest: dict[str, Any], dataset: dict[str, Any]) -> str:
         "patient's anatomy, each sample checked against every training patient), or were "
         "training patients' masks deformed, held-out patients' masks, or user-provided masks "
         "(see `mask_source` and `anatomy` in `manifest.json`)."
+        + "".join(
+            f" The shape model of batch {name} was fitted on {b['anatomy_people']['patients']} "
+            "people from outside the training set (`--anatomy-from`): no training patient's "
+            "label volume went into its label maps."
+            for name, b in sorted(manifest["batches"].items())
+            if (b.get("anatomy_people") or {}).get("patients")
+        )
         + (
             " Volumes were painted slice by slice, each slice seeing its neighbours' label "
             "maps; a volume is released only when every one of its slices passed the privacy "

@@ -263,6 +263,98 @@ def test_generate_from_heldout_and_user_masks(ws, tmp_path):
     assert missing.exit_code == 2 and "no trained run 'nope'" in missing.stderr
 
 
+def _atlas(root: Path, *, seed: int, volumes: int = 6, zoom: float = 1.0) -> Path:
+    """``root/ws``: phantom people (64² × 16, ingested at 32², every one in the train split)
+    as a workspace of label volumes from outside; ``zoom`` scales their voxel size."""
+    from pipeline.phantom import write_phantom
+
+    write_phantom(root / "src", volumes=volumes, seed=seed, size=64, n_slices=16, workers=1)
+    if zoom != 1.0:
+        for f in (root / "src").glob("*.nii.gz"):
+            img = nib.load(f)
+            affine = img.affine @ np.diag([zoom, zoom, 1.0, 1.0])
+            nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), affine, img.header), f)
+    ingest = run("ingest", root / "src", "-w", root / "ws", "--size", 32, "--split", "1,0,0")
+    assert ingest.exit_code == 0, ingest.stderr
+    return root / "ws"
+
+
+def test_anatomy_from_people_outside_the_training_set(ws, tmp_path):
+    """``--anatomy-from``: the synthetic masks' shape model fitted on a workspace of people from
+    outside the training set (a model of few training patients points at them: on 12 + 12 the
+    mask-share AUC read 0.64–0.73, a model of 12 outsiders 0.34–0.56). Provenance says so;
+    a workspace that is not one, is this one, holds one of its patients, has another field of
+    view, or comes with another mask source is refused in one line with nothing written."""
+    atlas = _atlas(tmp_path / "atlas", seed=91)
+    made = run("generate", "-w", ws, "--run", "good", "--count", 4, "--anatomy-from", atlas)
+    assert made.exit_code == 0, made.stderr
+    assert "anatomy model: 6 people outside the training set" in made.stderr
+    rows, _, _ = _rows(ws, "good-synthetic")
+    assert all(r["transform"]["anatomy_people"] == "outside the training set" for r in rows)
+    assert _configs(ws)["good-synthetic"]["anatomy_people"] == {
+        "who": "outside the training set",
+        "patients": 6,
+    }
+    from pipeline.anatomy import load_model
+
+    digest = rows[0]["transform"]["anatomy_model_sha256"]
+    (model_file,) = [
+        f
+        for f in (Path(ws) / "runs" / "good").glob("anatomy-*.npz")
+        if hashlib.sha256(f.read_bytes()).hexdigest() == digest
+    ]
+    model = load_model(model_file)
+    # fitted on the atlas's six people, not the run's four training patients
+    from pipeline.workspace import open_workspace as _open
+
+    w = _open(atlas, create=False)
+    try:
+        from pipeline.generate import training_volumes
+        from pipeline.slices import load_slices, planar_files, workspace_refs
+
+        refs = workspace_refs(w)
+        _, masks = load_slices(w, refs, 32)
+        theirs = training_volumes(refs, masks, planar_files(w))[0]
+    finally:
+        w.close()
+    assert model.config["patients"] == 6 and len(model.train) == len(theirs)
+    before = sorted((Path(ws) / "runs" / "good").glob("anatomy-*"))
+
+    def refused(*args: object, batch: str) -> str:
+        out = run("generate", "-w", ws, "--run", "good", "--count", 2, "--batch-name", batch,
+                  *args)  # fmt: skip
+        assert out.exit_code == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert not (Path(ws) / "candidates" / batch).exists()
+        assert sorted((Path(ws) / "runs" / "good").glob("anatomy-*")) == before
+        return out.stderr
+
+    assert "no workspace here" in refused("--anatomy-from", tmp_path / "nope", batch="a")
+    assert "is this workspace" in refused("--anatomy-from", ws, batch="b")
+    ours = _atlas(tmp_path / "ours", seed=5, volumes=4)  # the run's own phantom: its first four
+    assert "whose label volume is this workspace's patient" in refused(
+        "--anatomy-from", ours, batch="c"
+    )
+    wide = _atlas(tmp_path / "wide", seed=91, zoom=1.5)
+    assert "field of view (570 mm)" in refused("--anatomy-from", wide, batch="d")
+    assert "not for --masks augmented" in refused(
+        "--anatomy-from", atlas, "--masks", "augmented", batch="e"
+    )
+    empty = tmp_path / "empty"
+    _open(empty).close()
+    assert "has no labels" in refused("--anatomy-from", empty, batch="f")
+    assert set(_configs(ws)).isdisjoint("abcdef")
+
+
+def _configs(ws) -> dict:
+    """Batch name → its stored generate config."""
+    w = open_workspace(ws, create=False)
+    try:
+        with read_session(w.engine) as s:
+            return {b.name: b.config for b in s.scalars(select(CandidateBatch))}
+    finally:
+        w.close()
+
+
 def _case_volumes(ws, batch):
     """{case: (images, masks, spacing, zs)} of a volume batch, slices in z order (HU and
     class indices, in display orientation)."""

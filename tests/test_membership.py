@@ -271,6 +271,45 @@ def test_derived_anatomy_needs_a_reason_and_says_so(tmp_path):
     assert run("verify", bundle).exit_code == 0
 
 
+def test_the_release_says_whose_label_volumes_its_anatomy_model_was_fitted_on(tmp_path):
+    """A synthetic batch drawn with ``--anatomy-from`` (a shape model of people from outside
+    the training set) says so in the manifest and the datasheet; one drawn from the training
+    patients' model says whose it is too; neither needs an admin's reason."""
+    from tests.conftest import run
+    from tests.test_release import fake_workspace
+
+    outside = {"who": "outside the training set", "patients": 12}
+    ws, _ = fake_workspace(
+        tmp_path,
+        [
+            {
+                "honeypot": False,
+                "gates": True,
+                "masks": "synthetic",
+                "config": {"anatomy_people": outside},
+                "cands": [(False, ("accept", None))] * 2,
+            },
+            {
+                "honeypot": False,
+                "gates": True,
+                "masks": "synthetic",
+                "cands": [(False, ("accept", None))] * 2,
+            },
+        ],
+    )
+    ok = run("export", "-w", ws, "--out", tmp_path / "o")
+    assert ok.exit_code == 0, ok.stderr
+    bundle = tmp_path / "o" / "Dataset500_CardiacSynth"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["batches"]["b0"]["anatomy_people"] == outside
+    assert manifest["batches"]["b1"]["anatomy_people"] == {"who": "the training patients"}
+    assert not manifest["anatomy"]["derived_from_real_patients"]
+    sheet = (bundle / "DATASHEET.md").read_text()
+    assert "batch b0 was fitted on 12 people from outside the training set" in sheet
+    assert "batch b1 was fitted" not in sheet
+    assert run("verify", bundle).exit_code == 0
+
+
 def test_the_memorisation_gate_reads_the_patient_level_test():
     """The gate fails a synthetic batch only when the balanced share is over its bound and the
     patient-level test says chance does not explain it; a test that could not run (too few

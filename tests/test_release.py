@@ -54,7 +54,10 @@ def fake_workspace(root: Path, batches: list[dict]) -> tuple[Path, dict[int, int
                 generator_sha256="a" * 64,
                 # made-up files: a folder of user masks, not a patient's anatomy
                 masks="honeypot" if spec["honeypot"] else spec.get("masks", "dir"),
-                config={"volumes": True} if spec.get("depth") else {},
+                config={
+                    **({"volumes": True} if spec.get("depth") else {}),
+                    **spec.get("config", {}),
+                },
                 units="HU",
                 gates_passed=spec["gates"],
                 gates={
