@@ -100,6 +100,14 @@ per setting), and why each part is there:
   0.19–0.53. On the demo its one field read mask and image share 0.81 with TSTR/TRTR 0.77.
   On the 6 + 6 phantom a shared rotation and scale (±8°, ±8%) and fewer modes (30% of the
   variance) left the lean where it was.
+* whose lean it is (2026-11-30, masks alone, 128 per seed, seeds 0–4, 24-patient run): the
+  same model fitted on the 12 training patients read mask share 0.64–0.73 (mean 0.68);
+  fitted on 12 phantom people from outside the workspace, two sets, 0.44–0.56 and
+  0.34–0.53 (means 0.48, 0.44); fitted on the 12 held-out patients 0.25–0.53 (mean 0.39, the
+  mirror image). So the lean is the model's (a model of n people sits nearer them), not
+  the split's; and a model of people from outside the training set removes it
+  (``generate --anatomy-from``: painted, audited batches of both sets passed every gate on
+  ten of ten, largest AUC ≤ 0.65 on nine, one 0.69 at joint p 0.17, as chance allows).
 * tried and dropped: placing each sample by its own centre of mass at a heart centre drawn
   like a new person's (its hearts spread 0.96 / 0.42 px about the centre against real
   0.30 / 0.56, a blend's centre of mass not being the grid's). It made the placement real
