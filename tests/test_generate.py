@@ -130,6 +130,7 @@ def test_generate_provenance_files_determinism_and_resume(ws):
     assert [r["transform"]["seed"] for r in rows] == [[0, i] for i in range(10)]
     assert all(r["transform"]["margin"] <= 0 for r in rows)  # no training patient's own
     assert "anatomy model: 4 training patients" in result.stderr
+    assert "a shape model of 4 training patients points at them" in result.stderr
     img = nib.load(folder / "images" / "cand_00000.nii.gz")
     msk = nib.load(folder / "masks" / "cand_00000.nii.gz")
     assert img.get_data_dtype() == np.int16 and img.shape == (32, 32, 1)
@@ -289,6 +290,7 @@ def test_anatomy_from_people_outside_the_training_set(ws, tmp_path):
     made = run("generate", "-w", ws, "--run", "good", "--count", 4, "--anatomy-from", atlas)
     assert made.exit_code == 0, made.stderr
     assert "anatomy model: 6 people outside the training set" in made.stderr
+    assert "points at them" not in made.stderr
     rows, _, _ = _rows(ws, "good-synthetic")
     assert all(r["transform"]["anatomy_people"] == "outside the training set" for r in rows)
     assert _configs(ws)["good-synthetic"]["anatomy_people"] == {
