@@ -304,7 +304,8 @@ def _not_our_patients(
     refs = workspace_refs(ws)
     _, masks = load_slices(ws, refs, grid)
     ours, names, _ = training_volumes(refs, masks, planar_files(ws))
-    depth = AnatomyConfig.depth
+    # 2-D sources are 1-slice volumes: compared as slices, not stretched to a volume's depth
+    depth = 1 if all(len(v) == 1 for v in (*vols, *ours)) else AnatomyConfig.depth
     a = np.stack([align(v, depth) for v in vols]).reshape(len(vols), depth * grid, grid)
     b = np.stack([align(v, depth) for v in ours]).reshape(len(ours), depth * grid, grid)
     dice = mask_similarity(a, b, int(max(a.max(), b.max())) + 1)

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from pipeline.augment import deform_mask
 from pipeline.catalog import CandidateBatch, Slice, read_session
+from pipeline.generate import GenerateConfig, source_masks
 from pipeline.preprocess import ras_to_display
 from pipeline.workspace import open_workspace
 from tests.conftest import copy_workspace, indexed_workspace, run, thin_vessel
@@ -345,6 +346,55 @@ def test_anatomy_from_people_outside_the_training_set(ws, tmp_path):
     _open(empty).close()
     assert "has no labels" in refused("--anatomy-from", empty, batch="f")
     assert set(_configs(ws)).isdisjoint("abcdef")
+
+
+def test_anatomy_from_people_outside_works_on_2d_slices(tmp_path):
+    """PNG sources (2-D, per-slice model): ``--anatomy-from`` a workspace of other people's
+    slices fits the model on them, per slice; the same slices ingested again are refused."""
+    from pipeline.errors import PipelineError
+    from pipeline.generate import synthetic_anatomy
+    from pipeline.ingest import IngestConfig, ingest
+    from pipeline.labels import MMWHS_LABELS
+    from pipeline.phantom import make_volume
+
+    def slices(folder: Path, seeds: range) -> Path:
+        (folder / "images").mkdir(parents=True)
+        (folder / "masks").mkdir()
+        for s in seeds:
+            v = make_volume(s, size=64, n_slices=16)
+            for z in range(5, 11):
+                labels = np.zeros(v.labels[z].shape, np.uint8)
+                for i, code in enumerate(list(MMWHS_LABELS.values())[1:]):
+                    labels[v.labels[z] == code] = i + 1
+                grey = np.clip((v.hu[z] + 1000) / 3000 * 255, 0, 255).astype(np.uint8)
+                Image.fromarray(grey).save(folder / "images" / f"p{s}_{z}.png")
+                Image.fromarray(labels).save(folder / "masks" / f"p{s}_{z}.png")
+        names = {n: i for i, n in enumerate(MMWHS_LABELS)}
+        (folder / "labels.json").write_text(json.dumps(names))
+        return folder
+
+    def workspace(name: str, src: Path, split: tuple[float, float, float]) -> Path:
+        w = open_workspace(tmp_path / name)
+        ingest(w, src, IngestConfig(size=32, split=split))
+        w.close()
+        return tmp_path / name
+
+    ours = slices(tmp_path / "ours", range(8))
+    ws = workspace("ws", ours, (0.5, 0.5, 0.0))
+    atlas = workspace("atlas", slices(tmp_path / "theirs", range(100, 106)), (1.0, 0.0, 0.0))
+    again = workspace("again", ours, (1.0, 0.0, 0.0))
+    w = open_workspace(ws, create=False)
+    try:
+        schema = w.label_schema()
+        cfg = GenerateConfig(run="r", anatomy_from=str(atlas))
+        model, path = synthetic_anatomy(w, cfg, schema, 32)
+        assert model.shape[1] == 1 and model.config["patients"] == 6
+        spec = source_masks(w, cfg, schema, 32, anatomy=(model, path))(0)
+        assert spec.mask.any() and spec.transform["anatomy_people"] == "outside the training set"
+        with pytest.raises(PipelineError, match="whose label volume is this workspace's"):
+            synthetic_anatomy(w, GenerateConfig(run="r", anatomy_from=str(again)), schema, 32)
+    finally:
+        w.close()
 
 
 def _configs(ws) -> dict:
