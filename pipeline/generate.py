@@ -205,7 +205,8 @@ def anatomy_model(
     model = fit_anatomy(vols, patients, len(schema.names), cfg, outlines if body else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_bytes(model.to_bytes()))
-    _write_anatomy_picture(model, schema, path.with_suffix(".png"))
+    who = "training" if people is None else "outside"  # a title as wide as a panel
+    _write_anatomy_picture(model, schema, path.with_suffix(".png"), f"real ({who})")
     return model, path
 
 
@@ -321,9 +322,12 @@ def _not_our_patients(
         )
 
 
-def _write_anatomy_picture(model: AnatomyModel, schema: LabelSchema, path: Path) -> None:
-    """Four training volumes beside four kept samples, three planes each: what the model
-    makes, next to what it learnt from (in the run's folder, beside the model)."""
+def _write_anatomy_picture(
+    model: AnatomyModel, schema: LabelSchema, path: Path, title: str = "real (training)"
+) -> None:
+    """Four of the model's people (``title``: whose) beside four kept samples, three planes
+    each: what the model makes, next to what it learnt from (in the run's folder, beside the
+    model)."""
     shell = shell_classes(schema)
     myo, lv = shell if shell else (None, None)
     n = min(4, len(model.train))
@@ -343,7 +347,7 @@ def _write_anatomy_picture(model: AnatomyModel, schema: LabelSchema, path: Path)
         shown(t, model.bodies[j] > 0 if model.has_body else None)
         for j, t in enumerate(model.train[:n])
     ]
-    rows = [("real (training)", real)]
+    rows = [(title, real)]
     if samples:
         rows.append(("synthetic", samples))
     picture = planes_picture(rows)
