@@ -86,11 +86,13 @@ per setting), and why each part is there:
     0.36–0.72, joint p 0.095–0.35, memorisation 70–83 of 128, four of five seeds passing
     every gate — no better than the modes on the channel it was built for.
 
-  What is left to try: the 3-D form without the through-plane tilt (each structure's extent
-  and position along the slices drawn, its in-plane affine drawn, no shear between them).
-  Raw draws plausible on the 8-person test phantom: in-plane 100% of 60; 3-D 93% (a
-  structure moved on its own can leave its wall; 100% of 48 at 12 + 12); the LV cavity
-  moved with its wall (3-D, one affine for both) read mask best up to 0.82 (p 0.003).
+  Measured after and dropped: the 3-D form without the through-plane tilt (each structure's
+  in-plane affine plus its own extent and position along the slices, no shear between
+  them): 24-patient mask share 0.55–0.76, every gate on five of five, but the demo's
+  volumes TSTR/TRTR 0.78 — most of the 3-D form's gain was the tilt that makes volumes
+  unlike real ones. Raw draws plausible on the 8-person test phantom: in-plane 100% of 60;
+  3-D 93% (a structure moved on its own can leave its wall; 100% of 48 at 12 + 12); the LV
+  cavity moved with its wall (3-D, one affine for both) read mask best up to 0.82 (p 0.003).
 * tried and dropped, 2026-11-30: the mean moved by one smooth field shared by a whole
   batch (drawn once from the batch seed, or once per fit from a hash of the data), noise
   that would hide the 2σ²/n by which any sampler centred on the training mean sits nearer

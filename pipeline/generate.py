@@ -43,7 +43,7 @@ from pipeline.candidates import (
     write_batch_json,
     write_candidate,
 )
-from pipeline.catalog import Candidate, Slice, write_session
+from pipeline.catalog import Candidate, Slice, Source, write_session
 from pipeline.errors import PipelineError
 from pipeline.imageio import image_files, read_nifti_slices, read_png
 from pipeline.labels import LabelSchema
@@ -289,10 +289,12 @@ def anatomy_people(ws: Workspace, path: str | Path, schema: LabelSchema) -> Work
 def _field_of_view(ws: Workspace, refs: list[SliceRef]) -> float | None:
     """The median in-plane field of view (mm) of the volumes behind ``refs`` (None: unknown,
     as for PNG slices)."""
-    planar, spacing = planar_files(ws), slice_spacings(ws)
-    first = {r.cache_file: r.slice_id for r in refs if r.cache_file not in planar}
-    store = SliceStore(ws.cache_dir, refs)
-    fov = [spacing[f][0] * store.masks([i]).shape[-1] for f, i in first.items() if f in spacing]
+    files = {r.cache_file for r in refs}
+    with Session(ws.engine) as session:
+        rows = session.execute(
+            select(Source.cache_file, Source.spacing, Source.size).where(Source.format != "png")
+        ).all()
+    fov = [spacing[0] * size for f, spacing, size in rows if f in files and spacing]
     return float(np.median(fov)) if fov else None
 
 
@@ -775,8 +777,9 @@ def generate(ws: Workspace, cfg: GenerateConfig, *, progress: Progress = iter) -
             anatomy = synthetic_anatomy(ws, cfg, schema, size, body=model_cfg.body)
             model = anatomy[0]
             stored["anatomy_model_sha256"] = model.sha256()
-            people = "training patients" if cfg.anatomy_from is None else f"people {OUTSIDE}"
+            people = "training patients"
             if cfg.anatomy_from is not None:
+                people = f"people {OUTSIDE}"
                 stored["anatomy_people"] = {"who": OUTSIDE, "patients": model.config["patients"]}
             notes.append(
                 f"anatomy model: {model.config['patients']} {people}, "
